@@ -1,0 +1,87 @@
+"""Conversions between the eps, x and v parameterisations, and the "both" mixture.
+
+With z = alpha x + sigma eps and v = alpha eps - sigma x (alpha^2 + sigma^2 = 1):
+x = alpha z - sigma v, eps = sigma z + alpha v, x = (z - sigma eps) / alpha.
+"both" means the network outputs an x prediction and an eps prediction stacked on the last
+axis; they are mixed as x = sigma^2 x_direct + alpha^2 x_from_eps, which trusts the direct x
+where noise dominates and the eps route where signal dominates (as in progressive distillation).
+All samplers and losses work on x-hat, so `xhat_from_output` is the single entry point.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax.diffusion.schedule import alpha_sigma, expand_to
+
+PARAMETERISATIONS = ("eps", "x", "v", "both")
+
+
+def check_parameterisation(name: str) -> str:
+    """Return `name` if it is a known parameterisation, else raise a ValueError naming them."""
+    if name not in PARAMETERISATIONS:
+        raise ValueError(
+            f"parameterisation={name!r} is unknown: accepted {', '.join(PARAMETERISATIONS)}."
+        )
+    return name
+
+
+def output_channels(name: str, data_channels: int) -> int:
+    """Channels the network must output for `name` ('both' needs x and eps)."""
+    check_parameterisation(name)
+    return 2 * data_channels if name == "both" else data_channels
+
+
+def x_from_eps(z: jax.Array, eps: jax.Array, logsnr: jax.Array) -> jax.Array:
+    """x = (z - sigma eps) / alpha; logsnr [B] or scalar, z and eps [B, ...]."""
+    alpha, sigma = alpha_sigma(logsnr)
+    return (z - expand_to(sigma, z) * eps) / expand_to(alpha, z)
+
+
+def eps_from_x(z: jax.Array, x: jax.Array, logsnr: jax.Array) -> jax.Array:
+    """eps = (z - alpha x) / sigma."""
+    alpha, sigma = alpha_sigma(logsnr)
+    return (z - expand_to(alpha, z) * x) / expand_to(sigma, z)
+
+
+def x_from_v(z: jax.Array, v: jax.Array, logsnr: jax.Array) -> jax.Array:
+    """x = alpha z - sigma v."""
+    alpha, sigma = alpha_sigma(logsnr)
+    return expand_to(alpha, z) * z - expand_to(sigma, z) * v
+
+
+def eps_from_v(z: jax.Array, v: jax.Array, logsnr: jax.Array) -> jax.Array:
+    """eps = sigma z + alpha v."""
+    alpha, sigma = alpha_sigma(logsnr)
+    return expand_to(sigma, z) * z + expand_to(alpha, z) * v
+
+
+def v_from_x_eps(x: jax.Array, eps: jax.Array, logsnr: jax.Array) -> jax.Array:
+    """v = alpha eps - sigma x."""
+    alpha, sigma = alpha_sigma(logsnr)
+    return expand_to(alpha, x) * eps - expand_to(sigma, x) * x
+
+
+def xhat_from_output(
+    output: jax.Array, z: jax.Array, logsnr: jax.Array, *, parameterisation: str
+) -> jax.Array:
+    """Turn a network output into x-hat.
+
+    Args:
+      output: [B, ..., C] for 'eps', 'x', 'v'; [B, ..., 2C] for 'both' (x first, then eps).
+      z: the noisy input [B, ..., C].
+      logsnr: [B] or scalar log-SNR of z.
+      parameterisation: one of 'eps', 'x', 'v', 'both'.
+    """
+    check_parameterisation(parameterisation)
+    output = output.astype(z.dtype)
+    if parameterisation == "x":
+        return output
+    if parameterisation == "eps":
+        return x_from_eps(z, output, logsnr)
+    if parameterisation == "v":
+        return x_from_v(z, output, logsnr)
+    x_direct, eps = jnp.split(output, 2, axis=-1)
+    w_direct = expand_to(jax.nn.sigmoid(-jnp.asarray(logsnr, jnp.float32)), z)
+    return w_direct * x_direct + (1.0 - w_direct) * x_from_eps(z, eps, logsnr)

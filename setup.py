@@ -1,0 +1,42 @@
+"""Packaging for distill_jax: guided diffusion distillation in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="distill_jax",
+    version="0.1.0",
+    description=(
+        "Guided diffusion distillation (Meng et al. 2022) in JAX/Flax: "
+        "teacher training, stage-one and progressive stage-two distillation."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["distill_jax", "distill_jax.*"]),
+    package_data={"distill_jax": ["py.typed"]},
+    install_requires=[
+        "jax>=0.7,<0.13",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11.20,<0.13",
+        "chex>=0.1.90,<0.2",
+        "ml-collections>=1.0,<2",
+        "tensorflow-datasets>=4.9.8,<5",
+        "array-record>=0.7,<0.9",
+        "grain>=0.2.10,<0.3",
+        "absl-py>=2.1,<3",
+        "numpy>=1.26,<3",
+        "pillow>=10,<14",
+        "matplotlib>=3.8,<4",
+        "scikit-learn>=1.4,<2",
+        "tensorboardX>=2.6,<3",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "ruff>=0.6,<1"],
+        # Preparing standard TFDS image datasets (cifar10, mnist, imagenet_resized)
+        # from their original archives needs TensorFlow; the bundled digits do not.
+        "tfds-prepare": ["tensorflow-cpu>=2.16"],
+    },
+    entry_points={"console_scripts": ["distill-jax=distill_jax.cli:run_main"]},
+)
