@@ -91,11 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.stage1 = ml_collections.ConfigDict()
     c.stage1.batch_size = 128
+    c.stage1.dropout = 0.0  # distilled students train without dropout (diffusion_distillation)
     c.stage1.num_steps = 1000
     c.stage1.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=100)
 
     c.stage2 = ml_collections.ConfigDict()
     c.stage2.batch_size = 128
+    c.stage2.dropout = 0.0
     c.stage2.n_start = 256
     c.stage2.n_end = 1
     c.stage2.steps_per_round = 500
@@ -144,9 +146,46 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if config[stage].batch_size < 1:
             _fail(f"{stage}.batch_size", config[stage].batch_size, "a positive integer")
         if config[stage].optimizer.learning_rate <= 0:
-            _fail(f"{stage}.optimizer.learning_rate", config[stage].optimizer.learning_rate,
-                  "a positive number")
+            _fail(
+                f"{stage}.optimizer.learning_rate",
+                config[stage].optimizer.learning_rate,
+                "a positive number",
+            )
     n_start, n_end = config.stage2.n_start, config.stage2.n_end
-    if n_end < 1 or n_start < n_end or n_start % n_end or ((n_start // n_end) & (n_start // n_end - 1)):
-        _fail("stage2.n_start", (n_start, n_end),
-              "n_start = n_end * 2**k with n_end >= 1 and k >= 0")
+    if (
+        n_end < 1
+        or n_start < n_end
+        or n_start % n_end
+        or ((n_start // n_end) & (n_start // n_end - 1))
+    ):
+        _fail(
+            "stage2.n_start", (n_start, n_end), "n_start = n_end * 2**k with n_end >= 1 and k >= 0"
+        )
+
+
+def load_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Load `path/to/config.py[:variant]` the way --config does, then apply dotted overrides.
+
+    Args:
+      spec: a config file path, optionally followed by ':variant' (passed to get_config).
+      overrides: {'teacher.num_steps': 10, ...} applied after loading.
+    """
+    import importlib.util
+    import pathlib
+
+    path, _, variant = spec.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"Config file {path!r} does not exist.")
+    module_spec = importlib.util.spec_from_file_location("distill_jax_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    for key, value in (overrides or {}).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"config has no key {key!r}.")
+        node[leaf] = value
+    return config

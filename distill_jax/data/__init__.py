@@ -1,0 +1,38 @@
+"""Data: the bundled digits TFDS builder, sources by name, the grain loader, global batches.
+
+Importing this package registers the 'distill_jax_digits' TFDS builder.
+"""
+
+from distill_jax.data.digits import DistillJaxDigits, digits_arrays, prepare_digits
+from distill_jax.data.loader import (
+    iterator_checkpoint_args,
+    make_eval_arrays,
+    make_train_loader,
+    to_global_batch,
+)
+from distill_jax.data.sources import (
+    ArraySource,
+    DatasetInfo,
+    DatasetNotPreparedError,
+    gmm_arrays,
+    load_source,
+    preprocess_example,
+    resize_image,
+)
+
+__all__ = [
+    "ArraySource",
+    "DatasetInfo",
+    "DatasetNotPreparedError",
+    "DistillJaxDigits",
+    "digits_arrays",
+    "gmm_arrays",
+    "iterator_checkpoint_args",
+    "load_source",
+    "make_eval_arrays",
+    "make_train_loader",
+    "preprocess_example",
+    "prepare_digits",
+    "resize_image",
+    "to_global_batch",
+]

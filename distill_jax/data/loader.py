@@ -1,0 +1,155 @@
+"""The grain training pipeline, evaluation arrays, and host-local -> global batches.
+
+Training pipeline (`make_train_loader`), all index-based and deterministic for a seed:
+
+    MapDataset.source(source) -> shuffle(seed) -> repeat() -> [process_index::process_count]
+    -> map(preprocess_example) -> batch(global_batch // process_count, drop_remainder=True)
+    -> to_iter_dataset -> (mp_prefetch when data.worker_count > 0)
+
+Sharding by process: the shuffled, endlessly repeated stream of examples is the same on every
+process; process p reads the elements p, p + P, p + 2P, ... of it. Global batch k is thus the
+contiguous chunk [k * B, (k + 1) * B) of the stream and every process holds a disjoint, strided
+slice of it (B / P examples); each epoch is reshuffled (grain folds the epoch into the seed).
+Changing data.worker_count changes nothing but speed.
+
+Checkpointing: the returned iterator is a `grain.DatasetIterator`; its `get_state()` is a small
+JSON-able dict and `set_state()` resumes the exact data order. With Orbax, put
+`iterator_checkpoint_args(iterator, restore=False)` in an `ocp.args.Composite` next to the
+train state when saving and `iterator_checkpoint_args(fresh_iterator, restore=True)` when
+restoring (grain's `CheckpointHandler` writes one JSON file per process).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+
+from distill_jax.data.sources import load_source, preprocess_example
+
+# Batches are the pipeline's elements: a few threads and a few batches ahead keep one host busy
+# without holding hundreds of large batches in memory.
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+
+
+def _check_batch_size(batch_size: int, process_count: int) -> int:
+    """The per-process batch size; fails unless batch_size is a positive multiple of it."""
+    if batch_size < 1 or process_count < 1 or batch_size % process_count:
+        raise ValueError(
+            f"The global batch size {batch_size} must be a positive multiple of the number of "
+            f"processes {process_count}, so that every process loads the same number of "
+            "examples."
+        )
+    return batch_size // process_count
+
+
+def make_train_loader(
+    data_config: ml_collections.ConfigDict,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """An endless iterator of this process's share of each global training batch.
+
+    Args:
+      data_config: config.data; reads data_config.train_split, image_size, worker_count.
+      batch_size: the GLOBAL batch size B, a multiple of process_count.
+      seed: shuffle seed; the same seed gives the same batches.
+      process_index: this process (default jax.process_index()).
+      process_count: number of processes (default jax.process_count()).
+
+    Returns:
+      A `grain.DatasetIterator` yielding {'x': float32 [B / P, ...], 'label': int32 [B / P]}
+      numpy batches, with get_state()/set_state() (see the module docstring for Orbax).
+
+    Raises:
+      ValueError: batch_size is not a positive multiple of process_count, or a data error
+        from `load_source`.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    local_batch = _check_batch_size(batch_size, process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
+    source, _ = load_source(data_config, split=data_config.train_split, seed=seed)
+    image_size = int(data_config.image_size)
+    dataset = (
+        grain.MapDataset.source(source)
+        .shuffle(seed=seed)
+        .repeat()
+        .slice(slice(process_index, None, process_count))
+        .map(functools.partial(preprocess_example, image_size=image_size))
+        .batch(local_batch, drop_remainder=True)
+        .to_iter_dataset(READ_OPTIONS)
+    )
+    if data_config.worker_count > 0:
+        # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
+        # are unparsed and reading them fails, so accept their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=int(data_config.worker_count))
+        )
+    return iter(dataset)
+
+
+def iterator_checkpoint_args(
+    iterator: grain.DatasetIterator, *, restore: bool
+) -> grain.checkpoint.CheckpointSave | grain.checkpoint.CheckpointRestore:
+    """Orbax args that save (restore=False) or restore into (restore=True) `iterator`.
+
+    Use inside `ocp.args.Composite`, e.g.
+    `manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    data=iterator_checkpoint_args(it, restore=False)))` and
+    `manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+    data=iterator_checkpoint_args(fresh_it, restore=True)))`; the restored `fresh_it`
+    continues exactly where `it` was at save time.
+    """
+    if restore:
+        return grain.checkpoint.CheckpointRestore(iterator)
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def make_eval_arrays(
+    data_config: ml_collections.ConfigDict,
+    *,
+    split: str,
+    max_examples: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first `max_examples` (all if None) of `split`, preprocessed, in source order.
+
+    Returns:
+      (x float32 [N, ...] in the model's input range, labels int32 [N]).
+    """
+    source, _ = load_source(data_config, split=split, seed=seed)
+    num = len(source) if max_examples is None else min(int(max_examples), len(source))
+    image_size = int(data_config.image_size)
+    examples = [preprocess_example(source[i], image_size=image_size) for i in range(num)]
+    if not examples:
+        raise ValueError(f"Split {split!r} of {data_config.name!r} has no examples to evaluate.")
+    x = np.stack([e["x"] for e in examples]).astype(np.float32)
+    labels = np.stack([e["label"] for e in examples]).astype(np.int32)
+    return x, labels
+
+
+def to_global_batch(
+    local_batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding
+) -> dict[str, jax.Array]:
+    """Assemble each process's local batch into global arrays sharded by `sharding`.
+
+    With `sharding = NamedSharding(mesh, PartitionSpec('data'))` the leading (batch) axis of
+    every leaf is split over the mesh's 'data' axis: a local [B / P, ...] leaf becomes a global
+    [B, ...] jax.Array. Every process must call this with batches of the same shapes.
+    """
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in local_batch.items()
+    }

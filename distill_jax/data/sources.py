@@ -1,0 +1,264 @@
+"""Random-access data sources by name, their metadata, and per-example preprocessing.
+
+`load_source(data_config, split=..., seed=...)` returns a sequence (`len`, `[i]`) of example
+dicts plus a `DatasetInfo`:
+
+- 'digits': the bundled scikit-learn digits (`distill_jax.data.digits`), prepared offline into
+  `data_dir` on first use; examples {'image': uint8 [8, 8, 1], 'label': int}.
+- 'gmm': a Gaussian mixture from `distill_jax.diffusion.gmm`; examples
+  {'x': float32 [D], 'label': int32}.
+- any other name: a TFDS image classification dataset already prepared in array_record format
+  under `data_dir`, read with `builder.as_data_source`; nothing is downloaded at run time.
+
+`preprocess_example` turns an example into the model's input {'x': float32, 'label': int32}:
+images go to [-1, 1] (x / 127.5 - 1), optionally resized to a square `image_size`; gray-scale
+images keep one channel. `DatasetInfo.shape` is the shape after this preprocessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from distill_jax.data.digits import prepare_digits
+from distill_jax.diffusion.gmm import make_gmm
+
+BUNDLED_NAMES = ("digits", "gmm")
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """A TFDS dataset is requested that is not prepared (array_record) in the data_dir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a training run need to know about a dataset.
+
+    Attributes:
+      name: the config's dataset name ('digits', 'gmm' or a TFDS name).
+      shape: shape of one preprocessed example, (H, W, C) for images or (D,) for vectors.
+      num_classes: number of classes; labels are in [0, num_classes).
+      num_train: examples in the train split, or None where TFDS does not know it.
+      num_eval: examples in the eval split, or None where TFDS does not know it.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    num_classes: int
+    num_train: int | None
+    num_eval: int | None
+
+
+class ArraySource(Sequence):
+    """Random-access source over in-memory arrays: element i is {key: array[i]}."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        lengths = {len(a) for a in arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"Arrays differ in length: { {k: len(a) for k, a in arrays.items()} }")
+        self.arrays = dict(arrays)
+        self._length = lengths.pop()
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        return {key: value[index] for key, value in self.arrays.items()}
+
+
+def gmm_arrays(
+    gmm_config: ml_collections.ConfigDict, *, num: int, seed: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw `num` mixture samples with numpy: x float32 [num, D], labels int32 [num].
+
+    The mixture comes from `make_gmm` with `gmm_config`; `seed` is anything
+    `numpy.random.default_rng` accepts, so the same seed gives the same samples.
+    """
+    gmm = make_gmm(
+        num_classes=gmm_config.num_classes,
+        dim=gmm_config.dim,
+        radius=gmm_config.radius,
+        std=gmm_config.std,
+        seed=gmm_config.seed,
+    )
+    means, stds = np.asarray(gmm.means), np.asarray(gmm.stds)
+    weights = np.asarray(gmm.weights, np.float64)
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(gmm.num_classes, size=num, p=weights / weights.sum()).astype(np.int32)
+    noise = rng.standard_normal((num, gmm.dim))
+    x = (means[labels] + stds[labels] * noise).astype(np.float32)
+    return x, labels
+
+
+def _gmm_source(
+    data_config: ml_collections.ConfigDict, split: str, seed: int
+) -> tuple[ArraySource, DatasetInfo]:
+    """The train split is drawn from (gmm.seed, seed); the eval split is fixed by gmm.seed."""
+    g = data_config.gmm
+    if split == data_config.train_split:
+        rng_seed = (g.seed, seed, 0)
+    elif split == data_config.eval_split:
+        rng_seed = (g.seed, 1)  # independent of the run seed: every run evaluates alike
+    else:
+        raise ValueError(
+            f"config.data.name='gmm' has the splits {data_config.train_split!r} (train) and "
+            f"{data_config.eval_split!r} (eval), not {split!r}."
+        )
+    x, labels = gmm_arrays(g, num=g.num_examples, seed=rng_seed)
+    info = DatasetInfo(
+        name="gmm",
+        shape=(g.dim,),
+        num_classes=g.num_classes,
+        num_train=g.num_examples,
+        num_eval=g.num_examples,
+    )
+    return ArraySource({"x": x, "label": labels}), info
+
+
+def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int | None:
+    """Examples in `split` according to builder.info, or None when TFDS does not know."""
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _image_info(
+    builder: tfds.core.DatasetBuilder, data_config: ml_collections.ConfigDict, name: str
+) -> DatasetInfo:
+    """Shape and classes from builder.info; fails clearly without 'image'/'label' features."""
+    features = builder.info.features
+    image = features["image"] if "image" in features else None
+    label = features["label"] if "label" in features else None
+    if not isinstance(image, tfds.features.Image) or not isinstance(
+        label, tfds.features.ClassLabel
+    ):
+        raise ValueError(
+            f"Dataset {name!r} must have an 'image' (tfds.features.Image) and a 'label' "
+            f"(tfds.features.ClassLabel) feature; its features are {features}."
+        )
+    if np.dtype(image.np_dtype) != np.uint8:
+        raise ValueError(f"Dataset {name!r} has {image.np_dtype} images; only uint8 is supported.")
+    height, width, channels = image.shape
+    if data_config.image_size:
+        height = width = int(data_config.image_size)
+    elif height is None or width is None:
+        raise ValueError(
+            f"Dataset {name!r} has images of varying size {image.shape}; set "
+            "config.data.image_size to resize them to a square."
+        )
+    return DatasetInfo(
+        name=name,
+        shape=(height, width, channels),
+        num_classes=label.num_classes,
+        num_train=_split_size(builder, data_config.train_split),
+        num_eval=_split_size(builder, data_config.eval_split),
+    )
+
+
+def _not_prepared_message(name: str, data_dir: str) -> str:
+    where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    message = (
+        f"TFDS dataset {name!r} is not prepared in array_record format in {where}. "
+        "distill_jax never downloads data at run time: prepare it first, e.g.\n"
+        f'  python -c "import tensorflow_datasets as tfds; tfds.builder({name!r}, '
+        f"data_dir={data_dir or None!r}).download_and_prepare(file_format='array_record')\""
+    )
+    if importlib.util.find_spec("tensorflow") is None:
+        message += (
+            "\nPreparing TFDS datasets from their original archives needs TensorFlow, which "
+            "is not installed: pip install -e .[tfds-prepare]"
+        )
+    return message
+
+
+def _tfds_source(
+    data_config: ml_collections.ConfigDict, split: str
+) -> tuple[Sequence, DatasetInfo]:
+    """An already prepared TFDS dataset read by `as_data_source` (array_record)."""
+    name, data_dir = data_config.name, data_config.data_dir
+    try:
+        builder = tfds.builder(name, data_dir=data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(
+            f"Unknown dataset config.data.name={name!r}: accepted 'digits' (bundled), 'gmm' "
+            "(toy Gaussian mixture), or any TFDS image classification dataset name "
+            "(e.g. 'mnist', 'cifar10')."
+        ) from error
+    info = _image_info(builder, data_config, name)
+    try:
+        source = builder.as_data_source(split)
+    except (ValueError, NotImplementedError, FileNotFoundError, AssertionError) as error:
+        if not builder.is_prepared():
+            raise DatasetNotPreparedError(_not_prepared_message(name, data_dir)) from error
+        raise ValueError(
+            f"TFDS dataset {name!r} is prepared in {builder.data_dir} but cannot be read "
+            f"randomly for split {split!r} ({error}). distill_jax needs the array_record "
+            "format: prepare it again with download_and_prepare(file_format='array_record') "
+            "into another data_dir."
+        ) from error
+    # Mocked or freshly listed datasets may lack split sizes in builder.info; the source knows.
+    if split == data_config.train_split and info.num_train is None:
+        info = dataclasses.replace(info, num_train=len(source))
+    if split == data_config.eval_split and info.num_eval is None:
+        info = dataclasses.replace(info, num_eval=len(source))
+    return source, info
+
+
+def load_source(
+    data_config: ml_collections.ConfigDict, *, split: str, seed: int = 0
+) -> tuple[Sequence, DatasetInfo]:
+    """A random-access source of example dicts for `split`, and the dataset's `DatasetInfo`.
+
+    Args:
+      data_config: config.data (name, data_dir, train_split, eval_split, image_size, gmm).
+      split: a split name, e.g. data_config.train_split; TFDS slicing ('train[:10%]') works
+        for TFDS datasets.
+      seed: the run seed; only the 'gmm' train split depends on it.
+
+    Returns:
+      (source, info): source[i] is {'image': uint8 [H, W, C], 'label': int} for image
+      datasets or {'x': float32 [D], 'label': int32} for 'gmm'; pass it through
+      `preprocess_example` to get model inputs.
+
+    Raises:
+      ValueError: unknown name, a dataset without 'image'/'label', or an unreadable format.
+      DatasetNotPreparedError: a TFDS dataset that has not been prepared in data_dir.
+    """
+    if data_config.name == "gmm":
+        return _gmm_source(data_config, split, seed)
+    if data_config.name == "digits":
+        builder = prepare_digits(data_config.data_dir)
+        return builder.as_data_source(split), _image_info(builder, data_config, "digits")
+    return _tfds_source(data_config, split)
+
+
+def preprocess_example(example: Mapping[str, Any], *, image_size: int = 0) -> dict[str, np.ndarray]:
+    """One example to model inputs: {'x': float32, 'label': int32 scalar}.
+
+    Images (uint8 [H, W, C]) are resized to [image_size, image_size, C] when image_size > 0
+    (bicubic, on the uint8 image, via PIL) and mapped to [-1, 1] by x / 127.5 - 1; vector
+    examples ('x') pass through as float32.
+    """
+    label = np.asarray(example["label"], np.int32)
+    if "x" in example:
+        return {"x": np.asarray(example["x"], np.float32), "label": label}
+    image = np.asarray(example["image"])
+    if image_size and image.shape[:2] != (image_size, image_size):
+        image = resize_image(image, image_size)
+    return {"x": image.astype(np.float32) / 127.5 - 1.0, "label": label}
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize a uint8 [H, W, C] image (C in 1, 3, 4) to [size, size, C] with bicubic PIL."""
+    channels = image.shape[-1]
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+    resized = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC), np.uint8)
+    return resized.reshape(size, size, channels)

@@ -1,0 +1,1 @@
+"""Train state, the generic training loop and the stage step functions."""

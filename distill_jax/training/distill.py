@@ -1,0 +1,161 @@
+"""Guided distillation: the stage-one and stage-two losses and the halving rounds.
+
+Stage one (Meng et al. Sec. 3.1): the student xhat_eta(z_t, c, w) - the teacher's network plus
+the guidance branch - regresses the guided teacher (1 + w) xhat(z_t, c) - w xhat(z_t, null),
+with w ~ U[w_min, w_max] per example and t ~ U[0, 1]. The teacher is frozen: its params are the
+step's `frozen` argument and its two halves are one batched call.
+
+Stage two (Sec. 3.2, progressive distillation): in the round whose student has N steps, the
+teacher is the previous round's result (stage one's for the first round, used as a 2N-step
+sampler). i ~ U{1..N}, t = i/N; the teacher takes two DDIM steps t -> t - 0.5/N -> t - 1/N and
+the student regresses the xtilde that makes one of its DDIM steps land on the teacher's result.
+
+Stochastic variant (config stage2.stochastic; the reading implemented here): the stochastic
+sampler steps deterministically from t = i/N to (i - 2)/N and re-noises to (i - 1)/N, and the
+last step goes from 1/N to 0. So for i >= 2 the student is trained for a jump of 2/N, matching
+two teacher jumps of 1/N (t -> t - 1/N -> t - 2/N; the teacher, trained the same way on its 2N
+grid, was trained for exactly those jumps). For i = 1 the student jumps 1/N to 0: in the first
+round (a continuous-time teacher) it matches two teacher half-steps 1/N -> 0.5/N -> 0; in later
+rounds the teacher was trained at t = 1/N only for the jump straight to 0, so the target is
+that jump (the teacher's own x-hat at t = 1/N).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from distill_jax.diffusion import schedule, targets, weighting
+from distill_jax.models import denoiser
+from distill_jax.training.state import LossFn
+
+PyTree = Any
+
+
+def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigDict):
+    x, labels = batch["x"], batch["label"]
+    w_rng, eps_rng, rest = jax.random.split(rng, 3)
+    w = jax.random.uniform(
+        w_rng, (x.shape[0],), minval=float(guidance.w_min), maxval=float(guidance.w_max)
+    )
+    eps = jax.random.normal(eps_rng, x.shape, x.dtype)
+    return x, labels, w, eps, rest
+
+
+def make_stage_one_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    *,
+    num_classes: int,
+    diffusion: ml_collections.ConfigDict,
+    guidance: ml_collections.ConfigDict,
+) -> LossFn:
+    """Loss (params, batch, rng, teacher_params) -> (loss, metrics) of stage one."""
+    bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
+
+    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher_params: PyTree):
+        x, labels, w, eps, rest = _sample_common(batch, rng, guidance)
+        t_rng, dropout_rng = jax.random.split(rest)
+        t = jax.random.uniform(t_rng, (x.shape[0],))
+        z = schedule.q_sample(x, t, eps, **bounds)
+        teacher_fn = denoiser.make_denoise_fn(teacher, teacher_params)
+        target = targets.stage_one_target(teacher_fn, z, t, labels, w, null_label=num_classes)
+        target = jax.lax.stop_gradient(target)
+        student_fn = denoiser.make_denoise_fn(student, params, train=True, dropout_rng=dropout_rng)
+        xhat = student_fn(z, t, labels, w)
+        logsnr = schedule.logsnr_schedule_cosine(t, **bounds)
+        per_example = weighting.weighted_mse(
+            xhat, target, logsnr, weighting=diffusion.loss_weighting
+        )
+        return jnp.mean(per_example), {"target_mse": jnp.mean((xhat - target) ** 2)}
+
+    return loss_fn
+
+
+def round_times(
+    i: jax.Array, *, steps: int, stochastic: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(t, t_mid, t_end) [B] of the teacher's two steps for student step indices i in 1..N."""
+    t, t_mid, t_end = targets.student_grid_times(i, steps=steps)
+    if not stochastic:
+        return t, t_mid, t_end
+    i = jnp.asarray(i, jnp.float32)
+    jump = i >= 2  # jumps of 2/N, made of two teacher jumps of 1/N
+    return (
+        t,
+        jnp.where(jump, (i - 1.0) / steps, t_mid),
+        jnp.where(jump, (i - 2.0) / steps, t_end),
+    )
+
+
+def make_stage_two_loss(
+    student: nn.Module,
+    *,
+    steps: int,
+    stochastic: bool,
+    first_round: bool,
+    diffusion: ml_collections.ConfigDict,
+    guidance: ml_collections.ConfigDict,
+) -> LossFn:
+    """Loss (params, batch, rng, teacher_params) -> (loss, metrics) of the round with N=steps.
+
+    The teacher has the student's architecture (the previous round's student, or stage one's).
+    """
+    bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
+
+    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher_params: PyTree):
+        x, labels, w, eps, rest = _sample_common(batch, rng, guidance)
+        i_rng, dropout_rng = jax.random.split(rest)
+        i = jax.random.randint(i_rng, (x.shape[0],), 1, steps + 1)
+        t, t_mid, t_end = round_times(i, steps=steps, stochastic=stochastic)
+        z_t = schedule.q_sample(x, t, eps, **bounds)
+        teacher_fn = denoiser.make_denoise_fn(student, teacher_params)
+        target, _ = targets.progressive_target(
+            teacher_fn, z_t, labels, w, t=t, t_mid=t_mid, t_end=t_end, **bounds
+        )
+        if stochastic and not first_round:
+            direct = teacher_fn(z_t, t, labels, w)
+            target = jnp.where(schedule.expand_to(i == 1, x), direct, target)
+        target = jax.lax.stop_gradient(target)
+        student_fn = denoiser.make_denoise_fn(student, params, train=True, dropout_rng=dropout_rng)
+        xhat = student_fn(z_t, t, labels, w)
+        logsnr = schedule.logsnr_schedule_cosine(t, **bounds)
+        per_example = weighting.weighted_mse(
+            xhat, target, logsnr, weighting=diffusion.loss_weighting
+        )
+        return jnp.mean(per_example), {"target_mse": jnp.mean((xhat - target) ** 2)}
+
+    return loss_fn
+
+
+def round_schedule(stage2: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """[(student steps N, training steps)] of every halving round, from n_start/2 to n_end.
+
+    The last `final_rounds` rounds train `final_steps_per_round` steps (the paper trains the
+    last, hardest rounds longer), the others `steps_per_round`.
+    """
+    n_start, n_end = int(stage2.n_start), int(stage2.n_end)
+    ratio = n_start // n_end if n_end >= 1 and n_start % n_end == 0 else 0
+    if ratio < 1 or ratio & (ratio - 1):
+        raise ValueError(
+            f"stage2.n_start={n_start} and stage2.n_end={n_end} are invalid: accepted "
+            "n_start = n_end * 2**k with n_end >= 1."
+        )
+    steps, n = [], n_start
+    while n > n_end:
+        n //= 2
+        steps.append(n)
+    final = int(stage2.final_rounds)
+    return [
+        (
+            n,
+            int(
+                stage2.final_steps_per_round if k >= len(steps) - final else stage2.steps_per_round
+            ),
+        )
+        for k, n in enumerate(steps)
+    ]

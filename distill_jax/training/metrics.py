@@ -1,0 +1,85 @@
+"""Metrics output: a JSONL file and TensorBoard event files in the workdir, and progress.
+
+Only process 0 writes. Each JSONL record is {"stage", "step", <metric>: value, ...}; TensorBoard
+events go to workdir/logs/<stage>/. On a terminal a tqdm bar shows progress; otherwise a log line
+is printed every log interval.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class MetricsWriter:
+    """Writes scalar metrics of one stage; a no-op on processes other than 0."""
+
+    def __init__(
+        self, workdir: str | pathlib.Path, stage: str, *, total_steps: int, start_step: int
+    ):
+        self.stage = stage
+        self.enabled = jax.process_index() == 0
+        self.total_steps = total_steps
+        self._last_time = time.perf_counter()
+        self._last_step = start_step
+        self._bar = None
+        if not self.enabled:
+            return
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._tb = SummaryWriter(str(workdir / "logs" / stage))
+        if sys.stderr.isatty():
+            self._bar = tqdm.tqdm(
+                total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True
+            )
+
+    def rates(self, step: int, batch_size: int) -> dict[str, float]:
+        """steps/s, images/s and ETA (s) since the previous call."""
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        steps_per_s = (step - self._last_step) / elapsed
+        self._last_time, self._last_step = now, step
+        remaining = self.total_steps - step
+        eta = remaining / steps_per_s if steps_per_s > 0 else math.inf
+        return {"steps_per_s": steps_per_s, "images_per_s": steps_per_s * batch_size, "eta_s": eta}
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Record scalars at `step` in JSONL and TensorBoard and update the progress display."""
+        if not self.enabled:
+            return
+        record = {"stage": self.stage, "step": int(step)}
+        record.update({k: float(v) for k, v in metrics.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in metrics.items():
+            self._tb.add_scalar(key, float(value), int(step))
+        self._tb.flush()
+        shown = {k: f"{float(v):.4g}" for k, v in metrics.items() if k in ("loss", "grad_norm")}
+        if self._bar is not None:
+            self._bar.n = int(step)
+            self._bar.set_postfix(shown, refresh=True)
+        else:
+            eta = metrics.get("eta_s", math.nan)
+            extras = " ".join(f"{k}={v}" for k, v in shown.items())
+            print(
+                f"[{self.stage}] step {step}/{self.total_steps} {extras} "
+                f"{metrics.get('steps_per_s', 0.0):.2f} steps/s eta {eta:.0f}s",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        self._jsonl.close()
+        self._tb.close()
