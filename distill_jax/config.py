@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ml_collections
 
-PARAMETERISATIONS = ("eps", "x", "v", "both")
-WEIGHTINGS = ("truncated_snr", "constant", "snr", "v_mse")
+from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
+from distill_jax.diffusion.weighting import WEIGHTINGS
+
 MODEL_KINDS = ("unet", "mlp")
+TEACHER_KINDS = ("trained", "exact_gmm")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -85,6 +87,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.guidance.w_max = 4.0
 
     c.teacher = ml_collections.ConfigDict()
+    # 'trained': a network trained by `distill-jax train`; 'exact_gmm': the exact denoiser of
+    # the Gaussian-mixture data (data.name == 'gmm'), a teacher with zero error.
+    c.teacher.kind = "trained"
     c.teacher.batch_size = 128
     c.teacher.num_steps = 4000
     c.teacher.optimizer = optimizer_config(learning_rate=2e-3, warmup_steps=200)
@@ -142,6 +147,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail("guidance", (config.guidance.w_min, config.guidance.w_max), "w_min <= w_max")
     if config.guidance.w_min < -1.0:
         _fail("guidance.w_min", config.guidance.w_min, "a weight >= -1 (w = -1 is unconditional)")
+    if config.teacher.kind not in TEACHER_KINDS:
+        _fail("teacher.kind", config.teacher.kind, f"one of {TEACHER_KINDS}")
+    if config.teacher.kind == "exact_gmm" and config.data.name != "gmm":
+        _fail("teacher.kind", "exact_gmm", "'exact_gmm' only with data.name='gmm'")
     for stage in ("teacher", "stage1", "stage2"):
         if config[stage].batch_size < 1:
             _fail(f"{stage}.batch_size", config[stage].batch_size, "a positive integer")

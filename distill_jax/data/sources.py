@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from distill_jax.data.digits import prepare_digits
-from distill_jax.diffusion.gmm import make_gmm
+from distill_jax.diffusion.gmm import GaussianMixture, make_gmm
 
 BUNDLED_NAMES = ("digits", "gmm")
 
@@ -73,6 +73,17 @@ class ArraySource(Sequence):
         return {key: value[index] for key, value in self.arrays.items()}
 
 
+def gmm_from_config(gmm_config: ml_collections.ConfigDict) -> GaussianMixture:
+    """The mixture described by `config.data.gmm`."""
+    return make_gmm(
+        num_classes=gmm_config.num_classes,
+        dim=gmm_config.dim,
+        radius=gmm_config.radius,
+        std=gmm_config.std,
+        seed=gmm_config.seed,
+    )
+
+
 def gmm_arrays(
     gmm_config: ml_collections.ConfigDict, *, num: int, seed: Any
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -81,13 +92,7 @@ def gmm_arrays(
     The mixture comes from `make_gmm` with `gmm_config`; `seed` is anything
     `numpy.random.default_rng` accepts, so the same seed gives the same samples.
     """
-    gmm = make_gmm(
-        num_classes=gmm_config.num_classes,
-        dim=gmm_config.dim,
-        radius=gmm_config.radius,
-        std=gmm_config.std,
-        seed=gmm_config.seed,
-    )
+    gmm = gmm_from_config(gmm_config)
     means, stds = np.asarray(gmm.means), np.asarray(gmm.stds)
     weights = np.asarray(gmm.weights, np.float64)
     rng = np.random.default_rng(seed)

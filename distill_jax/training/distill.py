@@ -22,6 +22,7 @@ that jump (the teacher's own x-hat at t = 1/N).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -29,11 +30,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from distill_jax.diffusion import schedule, targets, weighting
+from distill_jax.diffusion import gmm, schedule, targets, weighting
 from distill_jax.models import denoiser
 from distill_jax.training.state import LossFn
 
 PyTree = Any
+TeacherXhat = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigDict):
@@ -46,23 +48,49 @@ def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigD
     return x, labels, w, eps, rest
 
 
+def network_teacher(model: nn.Module) -> TeacherXhat:
+    """A trained network as a stage-one teacher: (params, z, t, labels) -> xhat."""
+
+    def teacher_xhat(params: PyTree, z: jax.Array, t: jax.Array, labels: jax.Array):
+        return denoiser.make_denoise_fn(model, params)(z, t, labels)
+
+    return teacher_xhat
+
+
+def exact_gmm_teacher(diffusion: ml_collections.ConfigDict) -> TeacherXhat:
+    """The exact Gaussian-mixture denoiser as a teacher: (GaussianMixture, z, t, labels) -> xhat.
+
+    A teacher with zero training error, so distillation error is measured exactly.
+    """
+    bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
+
+    def teacher_xhat(mixture: gmm.GaussianMixture, z: jax.Array, t: jax.Array, labels):
+        return gmm.gmm_xhat(mixture, z, t, labels, **bounds)
+
+    return teacher_xhat
+
+
 def make_stage_one_loss(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher_xhat: TeacherXhat,
     *,
     num_classes: int,
     diffusion: ml_collections.ConfigDict,
     guidance: ml_collections.ConfigDict,
 ) -> LossFn:
-    """Loss (params, batch, rng, teacher_params) -> (loss, metrics) of stage one."""
+    """Loss (params, batch, rng, teacher_state) -> (loss, metrics) of stage one.
+
+    `teacher_xhat(teacher_state, z, t, labels)` is the conditional teacher; `teacher_state` (its
+    params, or a GaussianMixture) is the step's frozen argument.
+    """
     bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
 
-    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher_params: PyTree):
+    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher_state: PyTree):
         x, labels, w, eps, rest = _sample_common(batch, rng, guidance)
         t_rng, dropout_rng = jax.random.split(rest)
         t = jax.random.uniform(t_rng, (x.shape[0],))
         z = schedule.q_sample(x, t, eps, **bounds)
-        teacher_fn = denoiser.make_denoise_fn(teacher, teacher_params)
+        teacher_fn = jax.tree_util.Partial(teacher_xhat, teacher_state)
         target = targets.stage_one_target(teacher_fn, z, t, labels, w, null_label=num_classes)
         target = jax.lax.stop_gradient(target)
         student_fn = denoiser.make_denoise_fn(student, params, train=True, dropout_rng=dropout_rng)

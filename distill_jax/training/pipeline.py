@@ -12,6 +12,7 @@ import json
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,6 +28,7 @@ PyTree = Any
 # Keys whose change makes existing checkpoints meaningless (another network or another data).
 MODEL_DEFINING_PREFIXES = (
     "model.",
+    "teacher.kind",
     "data.name",
     "data.image_size",
     "data.gmm.",
@@ -148,6 +150,9 @@ def train_teacher(
 ):
     """Train (or resume, or skip when finished) the teacher of `workdir`."""
     workdir = prepare_workdir(config, workdir, allow_config_change=allow_config_change)
+    if config.teacher.kind == "exact_gmm":
+        print("[teacher] the exact Gaussian-mixture denoiser needs no training.", flush=True)
+        return None
     mesh = parallel.make_mesh(config.train.mesh_data_axis)
     info = dataset_info(config)
     stage = teacher_stage(config, workdir, info)
@@ -203,7 +208,10 @@ def load_teacher_params(
     return params
 
 
-def _student_model(config: ml_collections.ConfigDict, info: sources.DatasetInfo, dropout: float):
+def student_model(
+    config: ml_collections.ConfigDict, info: sources.DatasetInfo, dropout: float = 0.0
+) -> nn.Module:
+    """The distilled student: the teacher's network plus the guidance-weight branch."""
     student_config = ml_collections.ConfigDict(config.model.to_dict())
     student_config.dropout = dropout
     return denoiser.build_model(
@@ -220,18 +228,29 @@ def stage_one_stage(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
     info: sources.DatasetInfo,
-    teacher_params: PyTree,
+    teacher_state: PyTree,
 ) -> loop.Stage:
-    """Stage one: the teacher's network plus a guidance branch, regressing the guided teacher."""
-    teacher_model = build_denoiser_model(config, info, use_guidance=False)
-    student = _student_model(config, info, config.stage1.dropout)
+    """Stage one: the teacher's network plus a guidance branch, regressing the guided teacher.
+
+    With config.teacher.kind == 'exact_gmm', `teacher_state` is the GaussianMixture and the
+    student starts from a fresh initialisation (there are no teacher weights to copy).
+    """
+    student = student_model(config, info, config.stage1.dropout)
     init_rng = jax.random.PRNGKey(config.seed + 1)
+    exact = config.teacher.kind == "exact_gmm"
+    if exact:
+        teacher_xhat = distill.exact_gmm_teacher(config.diffusion)
+    else:
+        teacher_model = build_denoiser_model(config, info, use_guidance=False)
+        teacher_xhat = distill.network_teacher(teacher_model)
 
     def fresh_student():
         return denoiser.init_params(student, init_rng, data_shape=tuple(info.shape))
 
     def init_params():
-        return denoiser.student_params_from_teacher(teacher_params, fresh_student())
+        if exact:
+            return fresh_student()
+        return denoiser.student_params_from_teacher(teacher_state, fresh_student())
 
     return loop.Stage(
         name="stage1",
@@ -241,14 +260,14 @@ def stage_one_stage(
         optimizer=config.stage1.optimizer,
         loss_fn=distill.make_stage_one_loss(
             student,
-            teacher_model,
+            teacher_xhat,
             num_classes=info.num_classes,
             diffusion=config.diffusion,
             guidance=config.guidance,
         ),
         init_params=init_params,
         abstract_params=jax.eval_shape(fresh_student),
-        frozen=teacher_params,
+        frozen=teacher_state,
         seed=config.seed + 1,
     )
 
@@ -269,7 +288,7 @@ def stage_two_stage(
     first_round: bool,
 ) -> loop.Stage:
     """One halving round: the student starts from the teacher's weights, fresh optimiser."""
-    student = _student_model(config, info, config.stage2.dropout)
+    student = student_model(config, info, config.stage2.dropout)
     return loop.Stage(
         name=f"stage2/steps_{steps:04d}",
         directory=round_directory(workdir, steps),
@@ -315,8 +334,11 @@ def distill_stages(
     info = dataset_info(config)
     mesh = parallel.make_mesh(config.train.mesh_data_axis)
     if only != "stage2":
-        teacher_params = load_teacher_params(config, workdir, info, teacher_dir=teacher_dir)
-        stage = stage_one_stage(config, workdir, info, teacher_params)
+        if config.teacher.kind == "exact_gmm":
+            teacher_state = sources.gmm_from_config(config.data.gmm)
+        else:
+            teacher_state = load_teacher_params(config, workdir, info, teacher_dir=teacher_dir)
+        stage = stage_one_stage(config, workdir, info, teacher_state)
         loop.run_stage(stage, config=config, workdir=workdir, mesh=mesh)
     if only == "stage1":
         return
