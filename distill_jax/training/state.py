@@ -114,7 +114,7 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(
