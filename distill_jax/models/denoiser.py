@@ -1,0 +1,226 @@
+"""From a config to a model, its parameters, and the x-hat denoiser the diffusion code uses.
+
+`make_denoise_fn` returns the one callable every sampler and loss takes,
+denoise_fn(z, t, labels, w) -> xhat. It serves teachers and students alike: a model without a
+guidance branch ignores w (None is accepted), a student requires it. The callable is a
+`jax.tree_util.Partial` whose bound arguments are the params (and dropout rng), so it is a
+pytree: jit a function that takes it as an argument and new params are new leaf values, not
+a new trace. The model itself rides in the Partial's static function, compared by value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
+from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
+from distill_jax.models.embeddings import GUIDANCE_BRANCH
+from distill_jax.models.mlp import MLPDenoiser
+from distill_jax.models.unet import UNet, check_image_size
+
+Params = Any
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_KINDS = ("unet", "mlp")
+
+
+def build_model(
+    model_config: ml_collections.ConfigDict,
+    *,
+    data_shape: Sequence[int],
+    num_classes: int,
+    use_guidance: bool,
+    logsnr_min: float = LOGSNR_MIN,
+    logsnr_max: float = LOGSNR_MAX,
+) -> nn.Module:
+    """Build the network named by `model_config.kind` ('unet' or 'mlp').
+
+    Args:
+      model_config: `config.model` (see distill_jax.config.base_config).
+      data_shape: one example's shape, (H, W, C) for 'unet' or (D,) for 'mlp'.
+      num_classes: real classes; the embedding gets one more row for the NULL class.
+      use_guidance: True for a distilled student (adds the guidance-weight branch).
+      logsnr_min: `config.diffusion.logsnr_min`, the schedule's lower bound.
+      logsnr_max: `config.diffusion.logsnr_max`, the schedule's upper bound.
+
+    Raises:
+      ValueError: unknown kind, dtype or parameterisation, a data_shape that does not fit the
+        kind, or an image size the U-Net cannot halve between its levels.
+    """
+    m = model_config
+    if m.kind not in _KINDS:
+        raise ValueError(f"config.model.kind={m.kind!r} is unknown: accepted {_KINDS}.")
+    if m.dtype not in _DTYPES:
+        raise ValueError(f"config.model.dtype={m.dtype!r} is unknown: accepted {tuple(_DTYPES)}.")
+    check_parameterisation(m.parameterisation)
+    data_shape = tuple(int(d) for d in data_shape)
+    common = dict(
+        num_classes=int(num_classes),
+        use_guidance=bool(use_guidance),
+        guidance_fourier_dim=int(m.guidance_fourier_dim),
+        parameterisation=m.parameterisation,
+        emb_dim=int(m.emb_dim),
+        dropout=float(m.dropout),
+        dtype=_DTYPES[m.dtype],
+        logsnr_min=float(logsnr_min),
+        logsnr_max=float(logsnr_max),
+    )
+    if m.kind == "mlp":
+        if len(data_shape) != 1:
+            raise ValueError(
+                f"config.model.kind='mlp' needs data_shape (D,); got {data_shape}."
+            )
+        return MLPDenoiser(hidden=int(m.mlp_hidden), depth=int(m.mlp_depth), **common)
+    if len(data_shape) != 3:
+        raise ValueError(f"config.model.kind='unet' needs data_shape (H, W, C); got {data_shape}.")
+    # Tuples, not lists: the module is hashed when it rides as static data under jit.
+    channel_mult = tuple(int(c) for c in m.channel_mult)
+    check_image_size(data_shape[0], data_shape[1], channel_mult)
+    return UNet(
+        channels=int(m.channels),
+        channel_mult=channel_mult,
+        num_res_blocks=int(m.num_res_blocks),
+        attn_resolutions=tuple(int(r) for r in m.attn_resolutions),
+        num_heads=int(m.num_heads),
+        **common,
+    )
+
+
+def _dummy_inputs(model: nn.Module, data_shape: Sequence[int]) -> tuple:
+    z = jnp.zeros((1, *data_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32)
+    w = jnp.zeros((1,), jnp.float32) if model.use_guidance else None
+    return z, t, labels, w
+
+
+def init_params(model: nn.Module, rng: jax.Array, *, data_shape: Sequence[int]) -> Params:
+    """Initialise the 'params' collection with a dummy batch of one example.
+
+    Pure in `rng`, so `jax.eval_shape(lambda r: init_params(model, r, data_shape=s), rng)`
+    gives the parameter shapes without computing them (for sharded initialisation).
+    """
+    z, t, labels, w = _dummy_inputs(model, data_shape)
+    variables = jax.jit(lambda key: model.init({"params": key}, z, t, labels, w, train=False))(
+        rng
+    )
+    return variables["params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _DenoiserApply:
+    """Static half of a denoise_fn: the module and the train flag, hashed by value."""
+
+    model: nn.Module
+    train: bool
+
+    def __call__(
+        self,
+        params: Params,
+        dropout_rng: jax.Array | None,
+        z: jax.Array,
+        t: jax.Array,
+        labels: jax.Array,
+        w: jax.Array | None = None,
+    ) -> jax.Array:
+        labels = jnp.asarray(labels, jnp.int32)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), labels.shape)
+        rngs = {"dropout": dropout_rng} if self.train else None
+        output = self.model.apply(
+            {"params": params}, z, t, labels, w, train=self.train, rngs=rngs
+        )
+        logsnr = logsnr_schedule_cosine(
+            t, logsnr_min=self.model.logsnr_min, logsnr_max=self.model.logsnr_max
+        )
+        return xhat_from_output(output, z, logsnr, parameterisation=self.model.parameterisation)
+
+
+def make_denoise_fn(
+    model: nn.Module,
+    params: Params,
+    *,
+    train: bool = False,
+    dropout_rng: jax.Array | None = None,
+) -> jax.tree_util.Partial:
+    """The x-hat denoiser of `model` with `params`: denoise_fn(z, t, labels, w=None) -> xhat.
+
+    z [B, ...] noisy data, t [B] (or scalar) times in [0, 1], labels [B] int32 in
+    [0, num_classes], w [B] (or scalar) guidance weights: required for a model with a guidance
+    branch, ignored (may be None) for one without. Returns xhat with z's shape and dtype.
+
+    With train=True dropout is on and uses `dropout_rng` for every call of the returned
+    function; make a new denoise_fn (cheap) with a fresh key per step.
+    """
+    if train and dropout_rng is None:
+        raise ValueError("make_denoise_fn(train=True) needs a dropout_rng.")
+    return jax.tree_util.Partial(
+        _DenoiserApply(model, bool(train)), params, dropout_rng if train else None
+    )
+
+
+def _path_str(path: tuple[str, ...]) -> str:
+    return "/".join(path) or "<root>"
+
+
+def _merge_teacher(teacher: Any, student: Any, path: tuple[str, ...]) -> Any:
+    if isinstance(student, Mapping):
+        if not isinstance(teacher, Mapping):
+            raise ValueError(
+                f"teacher and student params differ at {_path_str(path)}: the student has a "
+                "subtree where the teacher has a leaf."
+            )
+        extra = sorted(set(teacher) - set(student))
+        if extra:
+            raise ValueError(
+                f"teacher params have {_path_str(path + (str(extra[0]),))} which the student "
+                "lacks."
+            )
+        merged = {}
+        for key in student:
+            sub = path + (str(key),)
+            if key not in teacher:
+                if key != GUIDANCE_BRANCH:
+                    raise ValueError(
+                        f"student params have {_path_str(sub)} which the teacher lacks."
+                    )
+                merged[key] = student[key]  # the fresh guidance branch
+            else:
+                merged[key] = _merge_teacher(teacher[key], student[key], sub)
+        return merged
+    if isinstance(teacher, Mapping):
+        raise ValueError(
+            f"teacher and student params differ at {_path_str(path)}: the teacher has a "
+            "subtree where the student has a leaf."
+        )
+    if jnp.shape(teacher) != jnp.shape(student):
+        raise ValueError(
+            f"teacher and student params differ at {_path_str(path)}: shape "
+            f"{jnp.shape(teacher)} vs {jnp.shape(student)}."
+        )
+    return teacher
+
+
+def student_params_from_teacher(teacher_params: Params, student_init_params: Params) -> Params:
+    """Student params = the teacher's weights plus the student's fresh guidance branch.
+
+    Every subtree of the student is taken from the teacher except one named `GUIDANCE_BRANCH`
+    that the teacher lacks, which keeps its initial values (last layer zero, so the student
+    equals the teacher for every w). A teacher that has a guidance branch itself (a distilled
+    student) passes it on, so the copy never throws away what a teacher knows about w.
+
+    Raises:
+      ValueError: naming the first path where the structures or leaf shapes differ.
+    """
+    return _merge_teacher(teacher_params, student_init_params, ())
+
+
+def count_params(params: Params) -> int:
+    """Total number of scalar parameters in a pytree."""
+    return int(sum(jnp.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
