@@ -31,9 +31,18 @@ setup(
         "scikit-learn>=1.4,<2",
         "tensorboardX>=2.6,<3",
         "tqdm>=4.66,<5",
+        # jax.export (de)serialization of the exported sampler (`distill-jax export`).
+        "flatbuffers>=24.3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "ruff>=0.6,<1"],
+        "test": [
+            "pytest>=8,<10",
+            "ruff>=0.6,<1",
+            # executing launch/explore.ipynb in tests/test_notebook.py
+            "nbclient>=0.10,<0.12",
+            "nbformat>=5.10,<6",
+            "ipykernel>=6.29,<8",
+        ],
         # Preparing standard TFDS image datasets (cifar10, mnist, imagenet_resized)
         # from their original archives needs TensorFlow; the bundled digits do not.
         "tfds-prepare": ["tensorflow-cpu>=2.16"],

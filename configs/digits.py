@@ -44,6 +44,8 @@ def get_config(variant: str = ""):
         c.train.checkpoint_every = 10
         c.eval.num_samples = 64
         c.eval.seeds = 1
+        c.eval.guidance_weights = (0.0, 2.0)
+        c.eval.teacher_steps = (2, 8)
     elif variant:
         raise ValueError(f"configs/digits.py variant {variant!r} is unknown: accepted '', 'smoke'.")
     return c

@@ -22,6 +22,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from distill_jax import parallel
+
 FINISHED_FILE = "FINISHED.json"
 PyTree = Any
 
@@ -93,6 +95,9 @@ class StageCheckpointer:
             tmp = self.directory / (FINISHED_FILE + ".tmp")
             tmp.write_text(json.dumps(payload, indent=2))
             tmp.replace(self.directory / FINISHED_FILE)
+        # The other processes may read FINISHED.json next (e.g. to start stage two): none
+        # goes on before process 0 has written it.
+        parallel.sync_processes(f"finished:{self.directory}")
 
     def wait(self) -> None:
         """Block until every pending asynchronous save is committed."""

@@ -4,7 +4,16 @@ Commands:
   train     train (or resume) the teacher
   distill   stage one, then every stage-two halving round (--only=stage1|stage2,
             --teacher=PATH to take a finished teacher stage directory from elsewhere)
-  run       the whole pipeline: every stage, skipping finished ones and resuming the rest
+  run       the whole pipeline: every stage, skipping finished ones and resuming the rest,
+            then the evaluation and workdir/report.md
+  sample    draw samples from a run: --model=teacher|student --steps=N --guidance=W
+            [--stochastic] --num=K [--labels=0,3] --seed=S --out=FILE.npz, plus image-to-image
+            (--init=FILE.npz --t_start=T) and inpainting (--init=FILE.npz --mask=left|...|FILE)
+  evaluate  the table of FD / IS / accuracy of the teacher and every student, plots, grids,
+            and workdir/report.md; reads the workdir's config (a --config replaces its eval
+            section)
+  export    a self-contained sampler of the student with --steps=N at --out=DIR (jax.export
+            function, weights, metadata.json, run_sampler.py needing only jax and numpy)
 
 Also runnable as `python -m distill_jax`. This module only parses flags and calls library code.
 """
@@ -13,11 +22,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ("train", "distill", "run")
+COMMANDS = ("train", "distill", "run", "sample", "evaluate", "export")
+# Commands that read the workdir's recorded config and need no --config.
+WORKDIR_COMMANDS = ("sample", "evaluate", "export")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/digits.py:smoke."
@@ -32,6 +44,27 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     False,
     "Resume a workdir even though its recorded config builds a different model or dataset.",
 )
+_MODEL = flags.DEFINE_enum("model", "student", ["teacher", "student"], "sample: which model.")
+_STEPS = flags.DEFINE_integer("steps", None, "sample: sampling steps N.")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "sample: guidance weight w.")
+_STOCHASTIC = flags.DEFINE_bool(
+    "stochastic", False, "sample: the student's stochastic sampler (ancestral for the teacher)."
+)
+_NUM = flags.DEFINE_integer("num", 64, "sample: number of samples (ignored with --init).")
+_LABELS = flags.DEFINE_list("labels", None, "sample: class labels, cycled (default 0..K-1).")
+_SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
+_OUT = flags.DEFINE_string("out", None, "sample: the .npz to write (a .png is written beside).")
+_INIT = flags.DEFINE_string("init", None, "sample: .npz of start images (images or x, labels).")
+_T_START = flags.DEFINE_float("t_start", 1.0, "sample: image-to-image start time in (0, 1].")
+_MASK = flags.DEFINE_string(
+    "mask", None, "sample: inpainting mask, left|right|top|bottom|center or an .npz ('mask')."
+)
+_FRESH = flags.DEFINE_bool("fresh", False, "evaluate: measure every row again.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "export: a fixed batch size (default: any batch size)."
+)
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "export: lowering targets.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: replace an existing --out.")
 
 
 def _usage_error(message: str) -> None:
@@ -45,10 +78,14 @@ def main(argv: list[str]) -> None:
     command = argv[1]
     if command not in COMMANDS:
         _usage_error(f"Unknown command {command!r}.")
-    if _CONFIG.value is None:
+    if _CONFIG.value is None and command not in WORKDIR_COMMANDS:
         _usage_error("--config is required, e.g. --config=configs/digits.py.")
     if not _WORKDIR.value:
         _usage_error("--workdir is required.")
+    if command == "sample" and (_STEPS.value is None or _GUIDANCE.value is None or not _OUT.value):
+        _usage_error("sample needs --steps, --guidance and --out.")
+    if command == "export" and (_STEPS.value is None or not _OUT.value):
+        _usage_error("export needs --steps and --out.")
     from distill_jax import parallel
     from distill_jax.training import pipeline
 
@@ -57,8 +94,19 @@ def main(argv: list[str]) -> None:
     parallel.initialize_distributed()
     kwargs = dict(allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     try:
+        if command == "sample":
+            _sample()
+            return
+        if command == "evaluate":
+            _evaluate(_CONFIG.value.eval if _CONFIG.value is not None else None)
+            return
+        if command == "export":
+            _export()
+            return
+        start = time.perf_counter()
         if command in ("train", "run"):
-            pipeline.train_teacher(_CONFIG.value, _WORKDIR.value, **kwargs)
+            if pipeline.train_teacher(_CONFIG.value, _WORKDIR.value, **kwargs) is not None:
+                _record("teacher", start)
         if command == "distill":
             pipeline.distill_stages(
                 _CONFIG.value,
@@ -68,14 +116,96 @@ def main(argv: list[str]) -> None:
                 **kwargs,
             )
         if command == "run":
+            start, before = time.perf_counter(), _finished_stages()
             pipeline.distill_stages(_CONFIG.value, _WORKDIR.value, **kwargs)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+            if _finished_stages() != before:
+                _record("distillation", start)
+            _evaluate(None)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         # Bad input and non-finite training are the user's to fix: show the message, not a
         # traceback (set DISTILL_JAX_TRACEBACK=1 to see it).
         if os.environ.get("DISTILL_JAX_TRACEBACK"):
             raise
         print(f"distill-jax {command}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _finished_stages() -> set[str]:
+    """The stage folders of the workdir that hold FINISHED.json."""
+    import pathlib
+
+    return {str(p.parent) for p in pathlib.Path(_WORKDIR.value).glob("**/FINISHED.json")}
+
+
+def _record(phase: str, start: float) -> None:
+    """Print the wall time of a phase that did work and record it in workdir/timings.json."""
+    import jax
+
+    from distill_jax.evaluation import report
+
+    seconds = time.perf_counter() - start
+    if jax.process_index() == 0:
+        print(f"[{phase}] {seconds:.1f}s", flush=True)
+        report.record_timing(_WORKDIR.value, phase, seconds)
+
+
+def _evaluate(eval_config) -> None:
+    """Evaluate the workdir (process 0 only) and write report.md."""
+    import jax
+
+    from distill_jax import parallel
+    from distill_jax.evaluation import evaluate, report
+
+    if jax.process_index() == 0:
+        start = time.perf_counter()
+        evaluate.evaluate_run(_WORKDIR.value, eval_config=eval_config, fresh=_FRESH.value)
+        _record("evaluation", start)
+        path = report.write_report(_WORKDIR.value)
+        print(f"[evaluate] wrote {path}", flush=True)
+    # The other processes wait here rather than exit: an exiting process would wait in JAX's
+    # shutdown barrier, which has a timeout shorter than a long evaluation.
+    parallel.sync_processes("evaluate")
+
+
+def _export() -> None:
+    """The export command: flags -> export.export_sampler."""
+    from distill_jax import export
+
+    metadata = export.export_sampler(
+        _WORKDIR.value,
+        steps=_STEPS.value,
+        out=_OUT.value,
+        stochastic=_STOCHASTIC.value,
+        batch_size=_BATCH_SIZE.value,
+        platforms=tuple(_PLATFORMS.value),
+        overwrite=_OVERWRITE.value,
+    )
+    print(f"[export] wrote {_OUT.value} ({metadata['steps']} steps)", flush=True)
+
+
+def _sample() -> None:
+    """The sample command: flags -> sampling.sample_to_files."""
+    from distill_jax import sampling
+
+    try:
+        labels = [int(v) for v in _LABELS.value] if _LABELS.value else None
+    except ValueError as error:
+        raise ValueError(f"--labels={_LABELS.value!r} is invalid: accepted integers.") from error
+    npz, png = sampling.sample_to_files(
+        _WORKDIR.value,
+        model=_MODEL.value,
+        steps=_STEPS.value,
+        w=_GUIDANCE.value,
+        num=_NUM.value,
+        out=_OUT.value,
+        seed=_SEED.value,
+        labels=labels,
+        stochastic=_STOCHASTIC.value,
+        init=_INIT.value,
+        t_start=_T_START.value,
+        mask=_MASK.value,
+    )
+    print(f"[sample] wrote {npz} and {png}", flush=True)
 
 
 def run_main() -> None:

@@ -98,7 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage1.batch_size = 128
     c.stage1.dropout = 0.0  # distilled students train without dropout (diffusion_distillation)
     c.stage1.num_steps = 1000
-    c.stage1.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=100)
+    # EMA 0.99, not 0.999: the EMA starts at the stage's initial weights and is not debiased, so
+    # after a few hundred steps a 0.999 EMA is still mostly those weights (0.999^300 = 0.74);
+    # the next round's teacher would be the previous one. Long runs set their own (cifar10.py).
+    c.stage1.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=100, ema_decay=0.99)
 
     c.stage2 = ml_collections.ConfigDict()
     c.stage2.batch_size = 128
@@ -109,18 +112,38 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage2.final_rounds = 3  # the last `final_rounds` rounds train `final_steps_per_round`
     c.stage2.final_steps_per_round = 1000
     c.stage2.stochastic = False  # train jumps of 2/N (last 1/N) for the stochastic sampler
-    c.stage2.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=50)
+    c.stage2.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=50, ema_decay=0.99)
 
     c.train = ml_collections.ConfigDict()
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
     c.train.mesh_data_axis = -1  # devices on the 'data' axis; -1 means all of them
+    # Devices on the 'fsdp' axis: params, EMA and optimiser state are split over it (FSDP);
+    # 1 is pure data parallelism. mesh_data_axis * mesh_fsdp_axis devices are used.
+    c.train.mesh_fsdp_axis = 1
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.num_samples = 1000
+    c.eval.num_samples = 500  # generated samples per (sampler, steps, w, seed)
     c.eval.guidance_weights = (0.0, 0.3, 1.0, 2.0, 4.0)
-    c.eval.seeds = 2
+    c.eval.seeds = 2  # independent sample sets; tables report mean and spread over them
+    c.eval.batch_size = 250  # samples per sampler call
+    c.eval.teacher_steps = ()  # guided-DDIM teacher step counts; () = 1, 2, 4, ..., n_start
+    c.eval.student_steps = ()  # student step counts to evaluate; () = every finished one
+    c.eval.grid_rows = 8  # rows of a sample grid (one column per class)
+    c.eval.reference_split = ""  # real data the FD compares with; '' = data.train_split
+    # The feature classifier (FD / IS / accuracy), trained once per dataset and cached.
+    c.eval.classifier = ml_collections.ConfigDict(
+        dict(
+            num_steps=1500,
+            batch_size=128,
+            learning_rate=2e-3,
+            weight_decay=1e-4,
+            features=64,  # width of the penultimate layer (the FD features)
+            seed=0,
+            cache_dir="",  # '' = $DISTILL_JAX_CACHE or ~/.cache/distill_jax
+        )
+    )
     return c
 
 
@@ -160,6 +183,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 config[stage].optimizer.learning_rate,
                 "a positive number",
             )
+    if config.train.mesh_fsdp_axis < 1:
+        _fail("train.mesh_fsdp_axis", config.train.mesh_fsdp_axis, "an integer >= 1")
     n_start, n_end = config.stage2.n_start, config.stage2.n_end
     if (
         n_end < 1

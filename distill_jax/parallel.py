@@ -1,7 +1,11 @@
 """Device mesh, shardings and multi-process start-up.
 
-Training is data parallel over a 1-D mesh whose single axis is named 'data': the batch is
-split along it and the train state is replicated. `initialize_distributed` starts
+Training runs on a 2-D mesh ('data', 'fsdp'). The batch is split over all of its devices. With
+an 'fsdp' axis of size 1 (config.train.mesh_fsdp_axis = 1, the default) this is pure data
+parallelism and the train state is replicated; with a larger 'fsdp' axis each parameter, its EMA
+and its optimiser moments are split along their largest divisible axis over 'fsdp' (FSDP/ZeRO-3
+style: XLA gathers a parameter where it is used and reduce-scatters its gradient), so a model
+too big for one device's memory still trains. `initialize_distributed` starts
 `jax.distributed` from flags or environment variables (or JAX's own auto-detection on TPU pods
 and SLURM) before any other JAX call, so the mesh spans every process's devices.
 """
@@ -9,12 +13,29 @@ and SLURM) before any other JAX call, so the mesh spans every process's devices.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+# The batch is split over every device of the mesh: both axes.
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+PyTree = Any
+
+
+# How long a process may stay silent before the others count it as dead and exit with an
+# error (JAX's default is 100 s), and how long start-up waits for every process to join.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+DEFAULT_INITIALIZATION_TIMEOUT_S = 300
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value else None
 
 
 def initialize_distributed(
@@ -22,20 +43,39 @@ def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    heartbeat_timeout_s: int | None = None,
+    initialization_timeout_s: int | None = None,
 ) -> bool:
     """Start `jax.distributed` when running several processes; return whether it started.
 
     Arguments override the environment variables DISTILL_JAX_COORDINATOR,
-    DISTILL_JAX_NUM_PROCESSES and DISTILL_JAX_PROCESS_ID. With none of them set, a single
-    process on one host runs without it; on a TPU pod or under SLURM (several tasks), JAX
-    auto-detects the cluster when called with no arguments.
+    DISTILL_JAX_NUM_PROCESSES, DISTILL_JAX_PROCESS_ID, DISTILL_JAX_HEARTBEAT_TIMEOUT and
+    DISTILL_JAX_INIT_TIMEOUT (seconds). Without a coordinator, a single process on one host
+    runs without it; under SLURM with several tasks, on a TPU pod whose TPU_WORKER_HOSTNAMES
+    lists several hosts, or with DISTILL_JAX_DISTRIBUTED=auto (set by launch/tpu_pod.py),
+    JAX's own cluster auto-detection supplies them. DISTILL_JAX_DISTRIBUTED=off never starts it.
+
+    Failure behaviour: when a process dies (killed, OOM, lost host), the coordination service
+    stops hearing its heartbeat and, after `heartbeat_timeout_s`, every other process is
+    terminated with an error instead of waiting forever in a collective; a process that cannot
+    reach the others gives up after `initialization_timeout_s`.
+
+    CPU processes exchange collectives over gloo (JAX's default CPU implementation), which is
+    what the local multi-process launcher (launch/local.py) and its test use.
     """
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("DISTILL_JAX_COORDINATOR")
-    if num_processes is None and env.get("DISTILL_JAX_NUM_PROCESSES"):
-        num_processes = int(env["DISTILL_JAX_NUM_PROCESSES"])
-    if process_id is None and env.get("DISTILL_JAX_PROCESS_ID"):
-        process_id = int(env["DISTILL_JAX_PROCESS_ID"])
+    coordinator_address = coordinator_address or os.environ.get("DISTILL_JAX_COORDINATOR")
+    if num_processes is None:
+        num_processes = _env_int("DISTILL_JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("DISTILL_JAX_PROCESS_ID")
+    if heartbeat_timeout_s is None:
+        heartbeat_timeout_s = _env_int("DISTILL_JAX_HEARTBEAT_TIMEOUT")
+    if initialization_timeout_s is None:
+        initialization_timeout_s = _env_int("DISTILL_JAX_INIT_TIMEOUT")
+    timeouts = dict(
+        heartbeat_timeout_seconds=heartbeat_timeout_s or DEFAULT_HEARTBEAT_TIMEOUT_S,
+        initialization_timeout=initialization_timeout_s or DEFAULT_INITIALIZATION_TIMEOUT_S,
+    )
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError(
@@ -46,25 +86,71 @@ def initialize_distributed(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
+            **timeouts,
         )
         return True
-    if int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(","):
-        jax.distributed.initialize()
+    mode = os.environ.get("DISTILL_JAX_DISTRIBUTED", "")
+    if mode not in ("", "auto", "off"):
+        raise ValueError(
+            f"DISTILL_JAX_DISTRIBUTED={mode!r} is invalid: accepted 'auto', 'off' or unset."
+        )
+    if mode == "off":
+        return False
+    env = os.environ
+    several = int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(
+        ","
+    )
+    if mode == "auto" or several:
+        # JAX's cluster auto-detection: Cloud TPU VM metadata, SLURM, Open MPI, Kubernetes.
+        jax.distributed.initialize(**timeouts)
         return True
     return False
 
 
-def make_mesh(num_data_devices: int = -1) -> Mesh:
-    """A 1-D mesh named 'data' over the first `num_data_devices` devices (-1: all)."""
+def sync_processes(name: str) -> None:
+    """Block until every process reaches the barrier `name` (no-op with one process).
+
+    Used after process 0 alone writes a file that the others read next (FINISHED.json), so
+    no process reads it before it exists.
+    """
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def make_mesh(num_data_devices: int = -1, *, fsdp: int = 1) -> Mesh:
+    """A 2-D mesh ('data', 'fsdp') of shape (num_data_devices, fsdp) over the first devices.
+
+    Args:
+      num_data_devices: size of the 'data' axis; -1 uses every device (len(devices) // fsdp).
+      fsdp: size of the 'fsdp' axis, over which parameters and optimiser state are sharded
+        (1: pure data parallelism, everything replicated).
+
+    With several processes the mesh must use every device, so that each process feeds its
+    own devices; devices keep jax.devices() order (process 0's first), so each process holds
+    a contiguous block of the batch.
+    """
     devices = jax.devices()
-    if num_data_devices == -1:
-        num_data_devices = len(devices)
-    if not 1 <= num_data_devices <= len(devices):
+    if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(
-            f"mesh_data_axis={num_data_devices} devices requested, but {len(devices)} exist: "
-            f"accepted -1 (all) or a count in 1..{len(devices)}."
+            f"mesh_fsdp_axis={fsdp} is invalid with {len(devices)} devices: accepted a "
+            f"divisor of {len(devices)}."
         )
-    return Mesh(np.asarray(devices[:num_data_devices]), (DATA_AXIS,))
+    if num_data_devices == -1:
+        num_data_devices = len(devices) // fsdp
+    if not 1 <= num_data_devices * fsdp <= len(devices):
+        raise ValueError(
+            f"mesh_data_axis={num_data_devices} (x mesh_fsdp_axis={fsdp}) devices requested, "
+            f"but {len(devices)} exist: accepted -1 (all) or a count in "
+            f"1..{len(devices) // fsdp}."
+        )
+    used = num_data_devices * fsdp
+    if jax.process_count() > 1 and used != len(devices):
+        raise ValueError(
+            f"mesh_data_axis={num_data_devices} uses {used} of {len(devices)} devices; with "
+            f"{jax.process_count()} processes the mesh must span all of them: accepted -1."
+        )
+    grid = np.asarray(devices[:used]).reshape(num_data_devices, fsdp)
+    return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -73,13 +159,53 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """Sharding that splits the leading (batch) axis over the 'data' axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Sharding that splits the leading (batch) axis over every device ('data' and 'fsdp')."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
+    """Shard the largest axis of `shape` divisible by `fsdp` over 'fsdp' (none: replicate)."""
+    if fsdp == 1:
+        return PartitionSpec()
+    candidates = [(size, -axis) for axis, size in enumerate(shape) if size % fsdp == 0]
+    if not candidates:
+        return PartitionSpec()
+    _, neg_axis = max(candidates)
+    spec = [None] * len(shape)
+    spec[-neg_axis] = FSDP_AXIS
+    return PartitionSpec(*spec)
+
+
+def param_shardings(tree: PyTree, mesh: Mesh) -> PyTree:
+    """FSDP-style shardings for a params-like pytree (params, EMA, optimiser state, teacher).
+
+    Each leaf is split along its largest axis divisible by the mesh's 'fsdp' size and
+    replicated over 'data'; leaves without such an axis (scalars, odd sizes) are replicated.
+    With an 'fsdp' axis of size 1 everything is replicated (pure data parallelism).
+    """
+    fsdp = mesh.shape[FSDP_AXIS]
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(np.shape(leaf), fsdp)), tree)
+
+
+def host_to_global(tree: PyTree, shardings: PyTree) -> PyTree:
+    """Turn a host-local pytree, identical on every process, into global arrays.
+
+    Leaves may be numpy arrays or single-device jax.Arrays (e.g. freshly initialised or
+    restored parameters); each process fills in the shards of its own devices from its copy.
+    This is how parameters enter a multi-process jit: a process-local array cannot be passed
+    to a computation that spans other processes' devices.
+    """
+
+    def put(leaf, sharding):
+        value = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, tree, shardings)
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, *, key: str = "batch_size") -> None:
     """Fail with a clear message unless the global batch splits evenly over the devices."""
-    devices = mesh.shape[DATA_AXIS]
+    devices = mesh.size
     if batch_size % devices or batch_size % jax.process_count():
         raise ValueError(
             f"{key}={batch_size} does not split evenly over {devices} devices and "

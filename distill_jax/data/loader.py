@@ -2,15 +2,19 @@
 
 Training pipeline (`make_train_loader`), all index-based and deterministic for a seed:
 
-    MapDataset.source(source) -> shuffle(seed) -> repeat() -> [process_index::process_count]
-    -> map(preprocess_example) -> batch(global_batch // process_count, drop_remainder=True)
-    -> to_iter_dataset -> (mp_prefetch when data.worker_count > 0)
+    MapDataset.source(source) -> shuffle(seed) -> repeat() -> map(preprocess_example)
+    -> batch(global_batch // process_count, drop_remainder=True)
+    -> [process_index::process_count] -> to_iter_dataset -> (mp_prefetch when worker_count > 0)
 
 Sharding by process: the shuffled, endlessly repeated stream of examples is the same on every
-process; process p reads the elements p, p + P, p + 2P, ... of it. Global batch k is thus the
-contiguous chunk [k * B, (k + 1) * B) of the stream and every process holds a disjoint, strided
-slice of it (B / P examples); each epoch is reshuffled (grain folds the epoch into the seed).
-Changing data.worker_count changes nothing but speed.
+process. It is cut into blocks of B / P examples and process p reads the blocks p, p + P, ...
+(MapDataset is lazy, so a process only reads and preprocesses its own examples). Global batch
+k is thus the contiguous chunk [k * B, (k + 1) * B) of the stream, and process p holds its
+contiguous sub-chunk [k * B + p * B / P, k * B + (p + 1) * B / P): in the same order as the
+devices it feeds, so the global batch that `to_global_batch` assembles is exactly the batch a
+single process would load, and a run on P processes sees the same examples at the same batch
+positions (hence the same per-example noise) as a run on one. Each epoch is reshuffled (grain
+folds the epoch into the seed). Changing data.worker_count changes nothing but speed.
 
 Checkpointing: the returned iterator is a `grain.DatasetIterator`; its `get_state()` is a small
 JSON-able dict and `set_state()` resumes the exact data order. With Orbax, put
@@ -84,9 +88,9 @@ def make_train_loader(
         grain.MapDataset.source(source)
         .shuffle(seed=seed)
         .repeat()
-        .slice(slice(process_index, None, process_count))
         .map(functools.partial(preprocess_example, image_size=image_size))
         .batch(local_batch, drop_remainder=True)
+        .slice(slice(process_index, None, process_count))
         .to_iter_dataset(READ_OPTIONS)
     )
     if data_config.worker_count > 0:

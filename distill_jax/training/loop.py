@@ -111,7 +111,14 @@ def run_stage(
         return state_lib.create_state(params, optimizer, seed=stage.seed)
 
     abstract_state = jax.eval_shape(fresh_state, stage.abstract_params)
-    state_sharding = jax.tree.map(lambda _: repl, abstract_state)
+    params_sharding = parallel.param_shardings(stage.abstract_params, mesh)
+    state_sharding = abstract_state.replace(
+        step=repl,
+        params=params_sharding,
+        ema_params=params_sharding,
+        opt_state=parallel.param_shardings(abstract_state.opt_state, mesh),
+        rng=repl,
+    )
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state,
@@ -132,12 +139,13 @@ def run_stage(
         if jax.process_index() == 0:
             print(f"[{stage.name}] resumed from step {last_saved}.", flush=True)
     else:
-        state = jax.jit(fresh_state, out_shardings=state_sharding)(stage.init_params())
+        # Every process computes the same initial params; host_to_global makes them one
+        # global array (a process-local array cannot enter a jit spanning other processes).
+        params = parallel.host_to_global(stage.init_params(), params_sharding)
+        state = jax.jit(fresh_state, out_shardings=state_sharding)(params)
 
-    frozen = stage.frozen
-    frozen_sharding = jax.tree.map(lambda _: repl, frozen)
-    if frozen is not None:
-        frozen = jax.device_put(frozen, frozen_sharding)
+    frozen_sharding = parallel.param_shardings(stage.frozen, mesh)
+    frozen = parallel.host_to_global(stage.frozen, frozen_sharding)
     step_fn = jax.jit(
         state_lib.make_train_step(
             stage.loss_fn,

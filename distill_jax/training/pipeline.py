@@ -64,20 +64,22 @@ def config_differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return diffs
 
 
-def prepare_workdir(
+def check_workdir_config(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
     *,
     allow_config_change: bool = False,
 ) -> pathlib.Path:
-    """Validate `config`, create `workdir` and record the config in workdir/config.json."""
+    """Validate `config` against itself and workdir/config.json; writes nothing.
+
+    Returns the absolute workdir. Raises ValueError (ConfigMismatchError for a recorded config
+    that builds another model or dataset, unless `allow_config_change`).
+    """
     config_lib.validate_config(config)
     workdir = pathlib.Path(workdir).absolute()
-    new = json.loads(config.to_json())
     path = workdir / "config.json"
     if path.exists():
-        old = json.loads(path.read_text())
-        diffs = config_differences(old, new)
+        diffs = config_differences(json.loads(path.read_text()), json.loads(config.to_json()))
         if diffs and not allow_config_change:
             shown = "; ".join(
                 f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in diffs.items())
@@ -86,6 +88,21 @@ def prepare_workdir(
                 f"{workdir} was created with a different model/data config ({shown}). Use a new "
                 "--workdir, or pass --allow_config_change to resume anyway."
             )
+    return workdir
+
+
+def prepare_workdir(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    allow_config_change: bool = False,
+) -> pathlib.Path:
+    """Validate `config`, create `workdir` and record the config in workdir/config.json."""
+    workdir = check_workdir_config(config, workdir, allow_config_change=allow_config_change)
+    new = json.loads(config.to_json())
+    path = workdir / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
         if old != new and jax.process_index() == 0:
             (workdir / "config.previous.json").write_text(json.dumps(old, indent=2))
     if jax.process_index() == 0:
@@ -153,7 +170,7 @@ def train_teacher(
     if config.teacher.kind == "exact_gmm":
         print("[teacher] the exact Gaussian-mixture denoiser needs no training.", flush=True)
         return None
-    mesh = parallel.make_mesh(config.train.mesh_data_axis)
+    mesh = parallel.make_mesh(config.train.mesh_data_axis, fsdp=config.train.mesh_fsdp_axis)
     info = dataset_info(config)
     stage = teacher_stage(config, workdir, info)
     return loop.run_stage(stage, config=config, workdir=workdir, mesh=mesh, stop_after=stop_after)
@@ -330,14 +347,22 @@ def distill_stages(
     if only not in (None, "stage1", "stage2"):
         raise ValueError(f"only={only!r} is invalid: accepted 'stage1' or 'stage2'.")
     rounds = distill.round_schedule(config.stage2)
-    workdir = prepare_workdir(config, workdir, allow_config_change=allow_config_change)
+    # Every input (config, recorded config, teacher) is checked before anything is written, so
+    # a refused run leaves the workdir exactly as it was.
+    workdir = check_workdir_config(config, workdir, allow_config_change=allow_config_change)
     info = dataset_info(config)
-    mesh = parallel.make_mesh(config.train.mesh_data_axis)
     if only != "stage2":
         if config.teacher.kind == "exact_gmm":
             teacher_state = sources.gmm_from_config(config.data.gmm)
         else:
             teacher_state = load_teacher_params(config, workdir, info, teacher_dir=teacher_dir)
+    elif checkpoints.stage_finished(workdir / "stage1") is None:
+        raise FileNotFoundError(
+            f"Stage two needs a finished stage one in {workdir / 'stage1'}; run --only=stage1."
+        )
+    workdir = prepare_workdir(config, workdir, allow_config_change=allow_config_change)
+    mesh = parallel.make_mesh(config.train.mesh_data_axis, fsdp=config.train.mesh_fsdp_axis)
+    if only != "stage2":
         stage = stage_one_stage(config, workdir, info, teacher_state)
         loop.run_stage(stage, config=config, workdir=workdir, mesh=mesh)
     if only == "stage1":

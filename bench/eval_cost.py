@@ -1,0 +1,64 @@
+"""Project the wall time of `distill-jax evaluate` for a config on this machine.
+
+Measures guided-teacher and student DDIM steps (randomly initialised networks of the config's
+architecture, batch config.eval.batch_size, after compilation) and multiplies by the steps the
+config's evaluation samples. Usage: python bench/eval_cost.py configs/digits.py[:variant]
+"""
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from distill_jax.config import load_config
+from distill_jax.diffusion import guidance, samplers
+from distill_jax.evaluation.evaluate import teacher_step_counts
+from distill_jax.models import denoiser
+from distill_jax.training import distill, pipeline
+
+
+def seconds_per_step(fn, shape, batch, w, steps=8):
+    z = jax.random.normal(jax.random.PRNGKey(0), (batch, *shape))
+    labels = jnp.arange(batch) % 10
+    samplers.ddim_sample(fn, z, labels, w, steps=steps).block_until_ready()
+    start = time.perf_counter()
+    samplers.ddim_sample(fn, z, labels, w, steps=steps).block_until_ready()
+    return (time.perf_counter() - start) / steps
+
+
+def main(spec):
+    config = load_config(spec)
+    info = pipeline.dataset_info(config)
+    batch = min(int(config.eval.batch_size), int(config.eval.num_samples))
+    key = jax.random.PRNGKey(0)
+    teacher = pipeline.build_denoiser_model(config, info, use_guidance=False)
+    student = pipeline.student_model(config, info)
+    shape = tuple(info.shape)
+    teacher_fn = guidance.make_guided_denoise_fn(
+        denoiser.make_denoise_fn(teacher, denoiser.init_params(teacher, key, data_shape=shape)),
+        null_label=info.num_classes,
+    )
+    student_fn = denoiser.make_denoise_fn(
+        student, denoiser.init_params(student, key, data_shape=shape)
+    )
+    t_step = seconds_per_step(teacher_fn, shape, batch, 1.0) / batch
+    s_step = seconds_per_step(student_fn, shape, batch, 1.0) / batch
+    teacher_steps = sum(teacher_step_counts(config))
+    student_steps = int(config.stage2.n_start) + sum(
+        n for n, _ in distill.round_schedule(config.stage2)
+    )
+    runs = int(config.eval.num_samples) * int(config.eval.seeds) * len(config.eval.guidance_weights)
+    print(
+        f"guided teacher step: {1e3 * t_step:.3f} ms/sample; "
+        f"student step: {1e3 * s_step:.3f} ms/sample"
+    )
+    print(
+        f"projected sampling time of evaluate: teacher {runs * teacher_steps * t_step:.0f}s "
+        f"({teacher_steps} steps per sample), students {runs * student_steps * s_step:.0f}s "
+        f"({student_steps} steps per sample), for {runs} samples per row set"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "configs/digits.py")

@@ -1,0 +1,84 @@
+"""Sample-quality metrics in the feature classifier's space: FD, IS analogue, accuracy.
+
+- Frechet distance (FD): ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians
+  fitted to the penultimate features of two sets (as FID does with Inception pool features).
+  Like FID it is biased upwards for small sets, so compare numbers made with equal counts.
+- Inception-Score analogue (IS): exp(E_x KL(p(y | x) || p(y))) of the classifier's softmax;
+  between 1 and the number of classes, higher for confident and diverse samples.
+- Conditional accuracy: fraction of samples classified as the label they were generated for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureStatistics:
+    """Mean [F] and covariance [F, F] of a set of features."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+
+
+def feature_statistics(features: np.ndarray) -> FeatureStatistics:
+    """Mean and (unbiased) covariance of features [N, F], N >= 2, in float64."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features must be [N >= 2, F]; got shape {features.shape}.")
+    return FeatureStatistics(features.mean(axis=0), np.cov(features, rowvar=False))
+
+
+def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix."""
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
+    """Frechet distance between N(a.mean, a.cov) and N(b.mean, b.cov).
+
+    tr((S_a S_b)^(1/2)) is computed as tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)), a symmetric PSD
+    matrix, so no complex square roots appear. Clipped at 0 against rounding.
+    """
+    root_a = _sqrt_psd(a.cov)
+    cross = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ b.cov @ root_a), 0.0, None)))
+    diff = a.mean - b.mean
+    value = diff @ diff + np.trace(a.cov) + np.trace(b.cov) - 2.0 * cross
+    return float(max(value, 0.0))
+
+
+def inception_score(probs: np.ndarray, eps: float = 1e-12) -> float:
+    """exp(mean_x KL(p(y | x) || p(y))) of softmax probabilities [N, K]."""
+    probs = np.asarray(probs, np.float64)
+    marginal = probs.mean(axis=0, keepdims=True)
+    kl = np.sum(probs * (np.log(probs + eps) - np.log(marginal + eps)), axis=1)
+    return float(np.exp(kl.mean()))
+
+
+def conditional_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows of probs [N, K] whose argmax equals labels [N]."""
+    return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
+
+
+def sample_metrics(
+    features: np.ndarray,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    reference: FeatureStatistics,
+) -> dict[str, float]:
+    """{'fd', 'inception_score', 'accuracy'} of one sample set against the reference statistics."""
+    return dict(
+        fd=frechet_distance(feature_statistics(features), reference),
+        inception_score=inception_score(probs),
+        accuracy=conditional_accuracy(probs, labels),
+    )
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and the standard deviation over seeds (ddof = 1; 0 for a single seed)."""
+    values = np.asarray(values, np.float64)
+    spread = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return float(values.mean()), spread

@@ -1,0 +1,100 @@
+"""The evaluation table as CSV, JSON and Markdown, written atomically (temp file, rename).
+
+A row is one (sampler, steps N, guidance weight w) with the mean and seed spread (standard
+deviation over seeds) of FD, IS and conditional accuracy, the network evaluations per sample
+and the sampling time per image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import pathlib
+
+COLUMNS = (
+    "sampler",
+    "steps",
+    "w",
+    "evaluations",
+    "fd",
+    "fd_std",
+    "inception_score",
+    "inception_score_std",
+    "accuracy",
+    "accuracy_std",
+    "seconds_per_image",
+    "num_samples",
+    "seeds",
+    "grid",
+)
+
+
+def write_text_atomic(path: str | pathlib.Path, text: str) -> pathlib.Path:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def csv_text(rows: list[dict]) -> str:
+    """The rows as CSV with the `COLUMNS` header."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _pm(row: dict, key: str, digits: int) -> str:
+    spread = row.get(f"{key}_std", 0.0) or 0.0
+    text = f"{row[key]:.{digits}f}"
+    return f"{text} ± {spread:.{digits}f}" if spread else text
+
+
+def markdown_table(rows: list[dict], data_row: dict | None = None, *, link_grids: str = "") -> str:
+    """A Markdown table of the rows (mean ± seed spread), the real-data row first if given.
+
+    Args:
+      rows: result rows (see `COLUMNS`).
+      data_row: the classifier's metrics on real eval-split data, shown as a reference.
+      link_grids: a path prefix; when given, each row links its sample grid.
+    """
+    header = "| sampler | N | w | evals/sample | FD ↓ | IS ↑ | accuracy ↑ | ms/image |" + (
+        " grid |" if link_grids else ""
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    if data_row is not None:
+        lines.append(
+            f"| real data ({data_row['split']}) | - | - | - | {data_row['fd']:.3f} | "
+            f"{data_row['inception_score']:.3f} | {data_row['accuracy']:.3f} | - |"
+            + (" |" if link_grids else "")
+        )
+    for row in rows:
+        line = (
+            f"| {row['sampler']} | {row['steps']} | {row['w']:g} | {row['evaluations']} | "
+            f"{_pm(row, 'fd', 3)} | {_pm(row, 'inception_score', 3)} | "
+            f"{_pm(row, 'accuracy', 3)} | {1000 * row['seconds_per_image']:.3f} |"
+        )
+        if link_grids:
+            line += f" [png]({link_grids}{row['grid']}) |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(
+    directory: str | pathlib.Path, rows: list[dict], payload: dict, data_row: dict | None
+) -> dict[str, pathlib.Path]:
+    """Write results.csv, results.json (`payload`) and results.md into `directory`."""
+    directory = pathlib.Path(directory)
+    return dict(
+        csv=write_text_atomic(directory / "results.csv", csv_text(rows)),
+        json=write_text_atomic(directory / "results.json", json.dumps(payload, indent=2)),
+        markdown=write_text_atomic(
+            directory / "results.md", markdown_table(rows, data_row, link_grids="")
+        ),
+    )

@@ -1,0 +1,233 @@
+"""Export a distilled student as a self-contained sampler artifact (jax.export, no distill_jax).
+
+`export_sampler(workdir, steps=N, out=DIR)` writes a directory that a serving process loads
+with jax and numpy alone (its `run_sampler.py`, a copy of `distill_jax.export_loader`):
+
+  sampler.jaxexport  jax.export serialization of the whole N-step sampler (every network call
+                     and sampler step), a function
+                     (noise [B, H, W, C] f32, labels [B] i32, w [B] f32[, rng u32[2]], *weights)
+                     -> images [B, H, W, C] f32 clipped to the data range [-1, 1]
+  weights.npz        the student's EMA weights, one array per parameter named by its path
+                     ("Dense_0/kernel"), in the order metadata.json lists them
+  metadata.json      format and version, image shape, classes, guidance range, steps, sampler,
+                     parameterisation, schedule bounds, input/output specs, sha256 checksums
+  run_sampler.py     the loader: `load_exported(DIR)(noise, labels, w)` or a command line
+
+The weights are arguments of the serialized function rather than constants inside it, so the
+function stays small and a damaged weight file is caught by its own checksum. The batch size is
+symbolic by default (any B >= 1 runs the one serialized function); pass `batch_size` to fix it.
+The rng of a stochastic export is a raw threefry key, uint32[2] (jax.random.key_data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax import checkpoints, export_loader, sampling
+from distill_jax.diffusion import samplers
+from distill_jax.models import denoiser
+from distill_jax.training import pipeline
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+FUNCTION_FILE = "sampler.jaxexport"
+WEIGHTS_FILE = "weights.npz"
+LOADER_FILE = "run_sampler.py"
+
+
+def _leaf_name(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _flat_weights(params: Any) -> tuple[list[str], list[np.ndarray], Any]:
+    """Parameter names, float arrays and the treedef, in jax's flattening order."""
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [_leaf_name(path) for path, _ in with_path]
+    arrays = [np.asarray(leaf) for _, leaf in with_path]
+    for name, array in zip(names, arrays, strict=True):
+        if array.dtype not in (np.float32, np.float16, np.float64, np.int32):
+            raise ValueError(
+                f"Parameter {name} has dtype {array.dtype}, which weights.npz cannot hold "
+                "portably; export float32 weights."
+            )
+    return names, arrays, treedef
+
+
+def _sampler_function(run: sampling.Run, treedef: Any, *, steps: int, stochastic: bool):
+    """The jitted (noise, labels, w[, rng], *weights) -> images function that gets exported."""
+    net = pipeline.student_model(run.config, run.info)
+    bounds = run.bounds
+
+    def sample_images(noise, labels, w, *rest):
+        rng, leaves = (rest[0], rest[1:]) if stochastic else (None, rest)
+        fn = denoiser.make_denoise_fn(net, jax.tree_util.tree_unflatten(treedef, leaves))
+        if stochastic:
+            x = samplers.stochastic_sample(fn, noise, labels, w, rng, steps=steps, **bounds)
+        else:
+            x = samplers.ddim_sample(fn, noise, labels, w, steps=steps, **bounds)
+        return jnp.clip(x, -1.0, 1.0)
+
+    return jax.jit(sample_images)
+
+
+def _specs(shape: tuple[int, ...], batch: Any, stochastic: bool) -> list[jax.ShapeDtypeStruct]:
+    specs = [
+        jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.float32),
+    ]
+    if stochastic:
+        specs.append(jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return specs
+
+
+def _io_metadata(shape: tuple[int, ...], batch: int | None, stochastic: bool) -> dict:
+    b = "B" if batch is None else batch
+    inputs = [
+        {
+            "name": "noise",
+            "shape": [b, *shape],
+            "dtype": "float32",
+            "meaning": "N(0, I) start of the sampler at t = 1",
+        },
+        {"name": "labels", "shape": [b], "dtype": "int32", "meaning": "class in [0, classes)"},
+        {"name": "w", "shape": [b], "dtype": "float32", "meaning": "guidance weight in range"},
+    ]
+    if stochastic:
+        inputs.append(
+            {
+                "name": "rng",
+                "shape": [2],
+                "dtype": "uint32",
+                "meaning": "threefry key: jax.random.key_data(jax.random.key(seed))",
+            }
+        )
+    inputs.append({"name": "*weights", "meaning": "weights.npz arrays in weights.leaves order"})
+    output = {"name": "images", "shape": [b, *shape], "dtype": "float32", "range": [-1.0, 1.0]}
+    return {"inputs": inputs, "output": output}
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_sampler(
+    workdir: str | pathlib.Path,
+    *,
+    steps: int,
+    out: str | pathlib.Path,
+    stochastic: bool = False,
+    batch_size: int | None = None,
+    platforms: Sequence[str] = PLATFORMS,
+    overwrite: bool = False,
+) -> dict:
+    """Write the `steps`-step student of `workdir` as a sampler artifact directory at `out`.
+
+    Args:
+      workdir: a run directory with a finished student for `steps` (a stage-two round, or
+        stage one at stage2.n_start).
+      steps: the student's number of sampling steps N.
+      out: the artifact directory to create (see the module docstring for its files).
+      stochastic: export the distilled stochastic sampler (takes an rng) instead of DDIM.
+      batch_size: None for a symbolic batch (any B >= 1), else the one batch size accepted.
+      platforms: the backends the serialized function is lowered for (any of cpu, cuda, tpu;
+        lowering needs no such device).
+      overwrite: replace an existing `out`; otherwise an existing `out` is an error.
+
+    Returns:
+      The metadata written to out/metadata.json.
+
+    Raises:
+      ValueError: no finished student with `steps`, a bad batch size or platform.
+      FileExistsError: `out` exists and overwrite is False.
+    """
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown or not platforms:
+        raise ValueError(
+            f"platforms={tuple(platforms)!r} is invalid: accepted some of {PLATFORMS}."
+        )
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+        raise ValueError(f"batch_size={batch_size!r} is invalid: accepted None or an integer >= 1.")
+    out = pathlib.Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass overwrite=True.")
+    run = sampling.load_run(workdir)
+    shape = tuple(int(d) for d in run.info.shape)
+    if len(shape) != 3:
+        raise ValueError(f"Only image students [H, W, C] can be exported; this run has {shape}.")
+    directory = sampling.model_directory(run, "student", int(steps))
+    params = checkpoints.restore_stage_params(directory, which="ema_params")
+    names, arrays, treedef = _flat_weights(params)
+
+    (batch,) = jax.export.symbolic_shape("B") if batch_size is None else (int(batch_size),)
+    function = _sampler_function(run, treedef, steps=int(steps), stochastic=stochastic)
+    weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+    exported = jax.export.export(function, platforms=tuple(platforms))(
+        *_specs(shape, batch, stochastic), *weight_specs
+    )
+
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        (staging / FUNCTION_FILE).write_bytes(exported.serialize())
+        np.savez(staging / WEIGHTS_FILE, **dict(zip(names, arrays, strict=True)))
+        shutil.copyfile(export_loader.__file__, staging / LOADER_FILE)
+
+        config = run.config
+        metadata = {
+            "format": export_loader.FORMAT,
+            "format_version": export_loader.FORMAT_VERSION,
+            "image_shape": list(shape),
+            "num_classes": int(run.info.num_classes),
+            "guidance": {
+                "w_min": float(config.guidance.w_min),
+                "w_max": float(config.guidance.w_max),
+            },
+            "steps": int(steps),
+            "stochastic": bool(stochastic),
+            "sampler": "stochastic" if stochastic else "ddim",
+            "student_trained_stochastic": bool(config.stage2.stochastic),
+            "batch_size": None if batch_size is None else int(batch_size),
+            "parameterisation": config.model.parameterisation,
+            "schedule": {"kind": "cosine_logsnr", **run.bounds},
+            "data_range": [-1.0, 1.0],
+            **_io_metadata(shape, batch_size, stochastic),
+            "platforms": list(exported.platforms),
+            "function": {
+                "file": FUNCTION_FILE,
+                "sha256": _sha256(staging / FUNCTION_FILE),
+                "calling_convention_version": exported.calling_convention_version,
+            },
+            "weights": {
+                "file": WEIGHTS_FILE,
+                "sha256": _sha256(staging / WEIGHTS_FILE),
+                "count": int(sum(a.size for a in arrays)),
+                "leaves": [
+                    {"name": n, "shape": list(a.shape), "dtype": str(a.dtype)}
+                    for n, a in zip(names, arrays, strict=True)
+                ],
+            },
+            "source": {
+                "workdir": str(run.workdir),
+                "stage": str(directory.relative_to(run.workdir)),
+                "dataset": config.data.name,
+                "jax_version": jax.__version__,
+            },
+        }
+        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.replace(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # never leave a half-written artifact
+        raise
+    return metadata

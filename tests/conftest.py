@@ -1,0 +1,42 @@
+"""Shared pytest fixtures: one smoke run of the whole pipeline per test session."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(tmp_path_factory):
+    """A session-wide cache folder for feature classifiers (DISTILL_JAX_CACHE)."""
+    return tmp_path_factory.mktemp("distill_jax_cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory, classifier_cache):
+    """A workdir made by `distill-jax run --config=configs/digits.py:smoke` (all stages,
+    evaluation and report), shared by every test of the session; read-only for tests."""
+    workdir = tmp_path_factory.mktemp("smoke") / "run"
+    env = dict(os.environ, DISTILL_JAX_CACHE=str(classifier_cache))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distill_jax",
+            "run",
+            f"--config={SMOKE_CONFIG}",
+            f"--workdir={workdir}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return workdir

@@ -1,0 +1,277 @@
+"""Multi-process training: 2 local processes equal 1, a dead process ends the job, FSDP.
+
+The end-to-end runs go through launch/local.py (2 processes x 2 fake CPU devices, gloo
+collectives) on the Gaussian-mixture smoke config, whose MLP keeps them to seconds of compute.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from distill_jax import checkpoints, parallel
+from distill_jax.config import load_config
+from distill_jax.data.loader import make_train_loader
+from distill_jax.training import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GMM_SMOKE = str(ROOT / "configs" / "gmm.py") + ":smoke"
+# One stage-two round only (8 -> 4 sampling steps).
+ONE_ROUND = {"stage2.n_end": 4}
+STAGES = ("teacher", "stage1", "stage2/steps_0004")
+
+
+def _load_local_launcher():
+    spec = importlib.util.spec_from_file_location("launch_local", ROOT / "launch" / "local.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+local = _load_local_launcher()
+
+
+def _launch(*command: str, processes: int = 2, devices: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "local.py"),
+            f"--num_processes={processes}",
+            f"--devices_per_process={devices}",
+            "--grace_s=60",
+            "--",
+            *command,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+def _leaves(stage_dir: pathlib.Path, which: str) -> list[np.ndarray]:
+    params = checkpoints.restore_stage_params(stage_dir, which=which)
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_through_teacher_stage_one_and_stage_two(tmp_path):
+    multi = tmp_path / "two_processes"
+    flags = [f"--config={GMM_SMOKE}", f"--workdir={multi}", "--config.stage2.n_end=4"]
+    train = _launch("train", *flags)
+    assert train.returncode == 0, train.stdout + train.stderr
+    assert "[p0] [teacher] step 20/20" in train.stdout
+    # Stage one and the stage-two round also shard params over a 2-wide 'fsdp' axis
+    # (mesh 2 x 2 across both processes): the result must not change.
+    distill = _launch("distill", *flags, "--config.train.mesh_fsdp_axis=2")
+    assert distill.returncode == 0, distill.stdout + distill.stderr
+
+    single = tmp_path / "one_process"
+    config = load_config(GMM_SMOKE, ONE_ROUND)
+    pipeline.train_teacher(config, single)
+    pipeline.distill_stages(config, single)
+
+    for stage in STAGES:
+        assert checkpoints.stage_finished(multi / stage)["final_step"] > 0
+        for which in ("params", "ema_params"):
+            got, want = _leaves(multi / stage, which), _leaves(single / stage, which)
+            assert len(got) == len(want) > 4
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=f"{stage} {which}")
+    # Each process saved its own data-iterator position.
+    final = max(int(p.name) for p in (multi / "teacher").iterdir() if p.name.isdigit())
+    data_files = sorted(p.name for p in (multi / "teacher" / str(final) / "data").glob("*.json"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+    # Only process 0 wrote metrics: every (stage, step) once, the same records as one process.
+    records = [json.loads(line) for line in (multi / "metrics.jsonl").open()]
+    keys = [(r["stage"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys))
+    single_keys = [
+        (r["stage"], r["step"]) for r in map(json.loads, (single / "metrics.jsonl").open())
+    ]
+    assert keys == single_keys
+    assert json.loads((multi / "config.json").read_text())["train"]["mesh_fsdp_axis"] == 2
+
+
+@pytest.mark.slow
+def test_killed_process_makes_the_other_exit_with_an_error(tmp_path):
+    # Killing process 1 leaves process 0 waiting in a collective until the coordination
+    # service (hosted by process 0) misses process 1's heartbeats; killing process 0 instead
+    # ends process 1 at once (its coordinator connection drops), so this is the slower case.
+    victim = 1
+    lines: list[str] = []
+
+    class Sink:
+        def write(self, text):
+            lines.append(text)
+
+        def flush(self):
+            pass
+
+    job = local.start(
+        [
+            "train",
+            f"--config={GMM_SMOKE}",
+            f"--workdir={tmp_path}",
+            "--config.teacher.num_steps=1000000",
+            "--config.train.log_every=5",
+        ],
+        num_processes=2,
+        devices_per_process=1,
+        heartbeat_timeout_s=5,
+        cwd=str(ROOT),
+        sink=Sink(),
+    )
+    survivor = job.processes[1 - victim]
+    try:
+        deadline = time.monotonic() + 180
+        while not any("[teacher] step 5/" in line for line in lines):
+            assert time.monotonic() < deadline, "training did not start:\n" + "".join(lines)
+            assert all(p.poll() is None for p in job.processes), "".join(lines)
+            time.sleep(0.1)
+        os.kill(job.pids[victim], signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = survivor.wait(timeout=90)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for proc in job.processes:
+            if proc.poll() is None:
+                proc.kill()
+    assert code != 0
+    assert elapsed < 60
+    assert "JAX distributed service detected fatal errors" in "".join(lines)
+
+
+FSDP_WORKER = """
+import json, sys
+import jax, numpy as np
+from distill_jax import parallel
+from distill_jax.config import load_config
+from distill_jax.training import loop, pipeline
+
+config = load_config(sys.argv[1], {"teacher.num_steps": 15, "model.mlp_hidden": 64})
+info = pipeline.dataset_info(config)
+out = {}
+for fsdp in (1, 2):
+    workdir = pipeline.pathlib.Path(sys.argv[2]) / f"fsdp{fsdp}"
+    config.train.mesh_fsdp_axis = fsdp
+    mesh = parallel.make_mesh(-1, fsdp=fsdp)
+    stage = pipeline.teacher_stage(config, workdir, info)
+    state = loop.run_stage(stage, config=config, workdir=workdir, mesh=mesh)
+    specs = [str(leaf.sharding.spec) for leaf in jax.tree.leaves(state.opt_state)
+             if hasattr(leaf, "sharding")]
+    out[fsdp] = {
+        "mesh": dict(mesh.shape),
+        "params": [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)],
+        "specs": [str(x.sharding.spec) for x in jax.tree.leaves(state.params)],
+        "opt_specs": specs,
+    }
+json.dump(out, open(pipeline.pathlib.Path(sys.argv[2]) / "out.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_on_a_2x2_mesh_trains_and_matches_data_parallelism(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run(
+        [sys.executable, "-c", FSDP_WORKER, GMM_SMOKE, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    dp, fsdp = out["1"], out["2"]
+    assert dp["mesh"] == {"data": 4, "fsdp": 1} and fsdp["mesh"] == {"data": 2, "fsdp": 2}
+    assert not any("fsdp" in spec for spec in dp["specs"])
+    # Every weight matrix and the Adam moments are split over 'fsdp'.
+    assert sum("fsdp" in spec for spec in fsdp["specs"]) >= len(fsdp["specs"]) // 2
+    assert any("fsdp" in spec for spec in fsdp["opt_specs"])
+    for a, b in zip(dp["params"], fsdp["params"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
+    assert checkpoints.stage_finished(tmp_path / "fsdp2" / "teacher")["final_step"] == 15
+
+
+def test_process_batches_are_contiguous_blocks_of_the_single_process_batch():
+    data = load_config(GMM_SMOKE).data
+    single = make_train_loader(data, batch_size=8, seed=3, process_index=0, process_count=1)
+    shards = [
+        make_train_loader(data, batch_size=8, seed=3, process_index=p, process_count=4)
+        for p in range(4)
+    ]
+    for _ in range(50):
+        full = next(single)
+        parts = [next(s) for s in shards]
+        for key in ("x", "label"):
+            # Concatenated in process order, exactly the batch one process would load.
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
+
+
+@pytest.mark.parametrize(
+    ("shape", "fsdp", "spec"),
+    [
+        ((32, 64), 2, PartitionSpec(None, "fsdp")),
+        ((64, 32), 2, PartitionSpec("fsdp", None)),
+        ((3, 3, 16, 16), 4, PartitionSpec(None, None, "fsdp", None)),
+        ((5, 7), 2, PartitionSpec()),
+        ((), 2, PartitionSpec()),
+        ((32, 64), 1, PartitionSpec()),
+    ],
+)
+def test_fsdp_spec_splits_the_largest_divisible_axis(shape, fsdp, spec):
+    assert parallel.fsdp_spec(shape, fsdp) == spec
+
+
+def test_make_mesh_refuses_an_fsdp_size_that_does_not_divide_the_devices():
+    with pytest.raises(ValueError, match="mesh_fsdp_axis=0"):
+        parallel.make_mesh(-1, fsdp=0)
+    with pytest.raises(ValueError, match=f"mesh_fsdp_axis={len(jax.devices()) + 1}"):
+        parallel.make_mesh(-1, fsdp=len(jax.devices()) + 1)
+
+
+def test_initialize_distributed_reads_the_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "DISTILL_JAX_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DISTILL_JAX_COORDINATOR", "host0:1234")
+    monkeypatch.setenv("DISTILL_JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("DISTILL_JAX_PROCESS_ID", "3")
+    monkeypatch.setenv("DISTILL_JAX_HEARTBEAT_TIMEOUT", "7")
+    assert parallel.initialize_distributed()
+    assert calls[-1] == dict(
+        coordinator_address="host0:1234",
+        num_processes=4,
+        process_id=3,
+        heartbeat_timeout_seconds=7,
+        initialization_timeout=parallel.DEFAULT_INITIALIZATION_TIMEOUT_S,
+    )
+    assert parallel.initialize_distributed(process_id=1, initialization_timeout_s=9)
+    assert calls[-1]["process_id"] == 1 and calls[-1]["initialization_timeout"] == 9
+
+    monkeypatch.delenv("DISTILL_JAX_COORDINATOR")
+    assert not parallel.initialize_distributed()  # one process: nothing to start
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # several SLURM tasks: JAX auto-detection
+    assert parallel.initialize_distributed()
+    assert "coordinator_address" not in calls[-1]
+    monkeypatch.setenv("DISTILL_JAX_DISTRIBUTED", "off")
+    assert not parallel.initialize_distributed()
+    monkeypatch.setenv("DISTILL_JAX_DISTRIBUTED", "yes")
+    with pytest.raises(ValueError, match="DISTILL_JAX_DISTRIBUTED"):
+        parallel.initialize_distributed()
+    monkeypatch.delenv("DISTILL_JAX_PROCESS_ID")
+    monkeypatch.delenv("DISTILL_JAX_DISTRIBUTED")
+    with pytest.raises(ValueError, match="process_id"):
+        parallel.initialize_distributed(coordinator_address="host0:1")

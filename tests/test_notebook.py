@@ -1,0 +1,24 @@
+"""The exploration notebook (launch/explore.ipynb) executes top to bottom on the smoke run."""
+
+import pathlib
+
+import nbformat
+from nbclient import NotebookClient
+
+NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "launch" / "explore.ipynb"
+
+
+def test_explore_notebook_runs_on_the_smoke_workdir(smoke_workdir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_JAX_WORKDIR", str(smoke_workdir))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
+    )
+    client.execute()  # raises CellExecutionError, with the cell's traceback, on any failure
+
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+    text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
+    assert "finished students" in text and "teacher N= 16" in text
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    assert len(images) == 2  # the sample grids and the trade-off plot
