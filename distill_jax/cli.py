@@ -92,6 +92,7 @@ def main(argv: list[str]) -> None:
     # Orbax and grain log every file operation at INFO; keep the console to our progress lines.
     logging.set_verbosity(logging.WARNING)
     parallel.initialize_distributed()
+    parallel.enable_compilation_cache()
     kwargs = dict(allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     try:
         if command == "sample":

@@ -212,3 +212,18 @@ def check_batch_size(batch_size: int, mesh: Mesh, *, key: str = "batch_size") ->
             f"{jax.process_count()} processes: accepted a multiple of {devices} "
             f"(and of the process count)."
         )
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache; return its directory (None when off).
+
+    Every stage-two round compiles to the same program, and reruns of a config recompile
+    nothing, so on CPU this saves most of a short run's time. The directory is `directory`,
+    else $DISTILL_JAX_COMPILATION_CACHE ('off' disables it), else ~/.cache/distill_jax/xla.
+    """
+    directory = directory or os.environ.get("DISTILL_JAX_COMPILATION_CACHE", "")
+    if directory == "off":
+        return None
+    directory = directory or os.path.join(os.path.expanduser("~"), ".cache", "distill_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return directory

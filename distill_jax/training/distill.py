@@ -105,13 +105,19 @@ def make_stage_one_loss(
 
 
 def round_times(
-    i: jax.Array, *, steps: int, stochastic: bool
+    i: jax.Array, *, steps: int | jax.Array, stochastic: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(t, t_mid, t_end) [B] of the teacher's two steps for student step indices i in 1..N."""
-    t, t_mid, t_end = targets.student_grid_times(i, steps=steps)
+    """(t, t_mid, t_end) [B] of the teacher's two steps for student step indices i in 1..N.
+
+    `steps` (N) may be traced, so every round of a run shares one compiled train step.
+    Standard rounds: (i/N, (i - 0.5)/N, (i - 1)/N), as `targets.student_grid_times`.
+    """
+    i = jnp.asarray(i, jnp.float32)
+    steps = jnp.asarray(steps, jnp.float32)
+    # i - 1 and i - 0.5 are exact in float32, so t_end is exactly 0 for i = 1.
+    t, t_mid, t_end = i / steps, (i - 0.5) / steps, (i - 1.0) / steps
     if not stochastic:
         return t, t_mid, t_end
-    i = jnp.asarray(i, jnp.float32)
     jump = i >= 2  # jumps of 2/N, made of two teacher jumps of 1/N
     return (
         t,
@@ -123,19 +129,22 @@ def round_times(
 def make_stage_two_loss(
     student: nn.Module,
     *,
-    steps: int,
     stochastic: bool,
     first_round: bool,
     diffusion: ml_collections.ConfigDict,
     guidance: ml_collections.ConfigDict,
 ) -> LossFn:
-    """Loss (params, batch, rng, teacher_params) -> (loss, metrics) of the round with N=steps.
+    """Loss (params, batch, rng, frozen) -> (loss, metrics) of a halving round.
 
-    The teacher has the student's architecture (the previous round's student, or stage one's).
+    frozen = {'teacher': the teacher's params, 'steps': the student's N as an int32 scalar}.
+    N is an argument, not a constant, so all rounds (of one `first_round` value) compile to
+    the same program and reuse it through the compilation cache. The teacher has the
+    student's architecture (the previous round's student, or stage one's).
     """
     bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
 
-    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher_params: PyTree):
+    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, frozen: PyTree):
+        teacher_params, steps = frozen["teacher"], frozen["steps"]
         x, labels, w, eps, rest = _sample_common(batch, rng, guidance)
         i_rng, dropout_rng = jax.random.split(rest)
         i = jax.random.randint(i_rng, (x.shape[0],), 1, steps + 1)

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from distill_jax import checkpoints, parallel
 from distill_jax import config as config_lib
@@ -314,7 +315,6 @@ def stage_two_stage(
         optimizer=config.stage2.optimizer,
         loss_fn=distill.make_stage_two_loss(
             student,
-            steps=steps,
             stochastic=bool(config.stage2.stochastic),
             first_round=first_round,
             diffusion=config.diffusion,
@@ -322,7 +322,7 @@ def stage_two_stage(
         ),
         init_params=lambda: jax.tree.map(jnp.copy, teacher_params),
         abstract_params=jax.eval_shape(lambda: teacher_params),
-        frozen=teacher_params,
+        frozen={"teacher": teacher_params, "steps": np.int32(steps)},
         seed=config.seed + 2 + steps,
     )
 
