@@ -11,6 +11,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"
 
 
+def pytest_configure(config):
+    """Keep the CLI's persistent XLA compilation cache inside the test session's temp area."""
+    import tempfile
+
+    cache = pathlib.Path(tempfile.gettempdir()) / f"distill_jax_test_xla_{os.getpid()}"
+    os.environ.setdefault("DISTILL_JAX_COMPILATION_CACHE", str(cache))
+
+
 @pytest.fixture(scope="session")
 def classifier_cache(tmp_path_factory):
     """A session-wide cache folder for feature classifiers (DISTILL_JAX_CACHE)."""
