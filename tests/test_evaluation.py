@@ -109,6 +109,13 @@ def test_run_wrote_the_evaluation_and_a_report_whose_links_exist(smoke_workdir):
         assert np.isfinite(row["fd"]) and 1.0 <= row["inception_score"] <= 10.0 + 1e-6
         assert 0.0 <= row["accuracy"] <= 1.0 and row["seconds_per_image"] > 0
         assert (out / row["grid"]).is_file()
+        assert np.isfinite(row["fd_teacher"]) and row["fd_teacher"] >= 0.0
+    by_key = {(r["sampler"], r["steps"], r["w"]): r for r in rows}
+    for w in weights:
+        # FD to teacher compares with the 8-step teacher's own samples (same noise): zero there,
+        # positive for its coarser 2-step samples.
+        assert by_key[("teacher_ddim", 8, w)]["fd_teacher"] < 1e-3
+        assert by_key[("teacher_ddim", 2, w)]["fd_teacher"] > 1e-2
     assert results["classifier"]["test_accuracy"] >= 0.97
     assert len((out / "results.csv").read_text().splitlines()) == len(rows) + 1
 

@@ -6,7 +6,10 @@ For each w in config.eval.guidance_weights it measures
 - every finished student (or those in config.eval.student_steps), deterministic (DDIM) at its
   N (stage one's student at n_start);
 - the students with the distilled stochastic sampler when config.stage2.stochastic is set;
-with FD, IS and conditional accuracy (mean and spread over config.eval.seeds sample sets of
+with FD against real data, FD against the full-step guided teacher's samples at the same w and
+seed ("FD to teacher": how faithfully a sampler reproduces the guided distribution, which FD to
+data cannot say at large w, where guidance itself moves samples away from the data), IS and
+conditional accuracy (mean and spread over config.eval.seeds sample sets of
 config.eval.num_samples; every sampler sees the same noise and labels for a seed, so
 differences between samplers are paired) and the sampling time per image (after a warm-up call,
 so compilation is excluded).
@@ -99,6 +102,7 @@ def _row_key(run: sampling.Run, entry: Entry, classifier_id: str) -> dict:
         classifier=classifier_id,
         model=_model_identity(run, entry),
         reference_split=e.reference_split or run.config.data.train_split,
+        metrics_version=2,  # 2: rows carry fd_teacher
     )
 
 
@@ -171,6 +175,31 @@ def evaluate_run(
     labels = sampling.class_labels(num, info.num_classes)
     batch_size = min(int(config.eval.batch_size), num)
     rows, loaded = [], {}
+    reference_steps = max(teacher_step_counts(config))
+    teacher_refs: dict[tuple[float, int], metrics.FeatureStatistics] = {}
+    teacher_fn = []  # the full-step teacher's denoise_fn, built on first use
+
+    def teacher_reference(w: float, seed: int) -> metrics.FeatureStatistics:
+        """Feature statistics of the full-step guided teacher's samples for (w, seed)."""
+        if (w, seed) not in teacher_refs:
+            if not teacher_fn:
+                teacher_fn.append(sampling.denoise_fn(run, "teacher", reference_steps))
+            x = sampling.sample(
+                run,
+                model="teacher",
+                steps=reference_steps,
+                stochastic=False,
+                batch_size=batch_size,
+                w=w,
+                labels=labels,
+                seed=1000 + seed,
+                fn=teacher_fn[0],
+            )
+            teacher_refs[(w, seed)] = metrics.feature_statistics(
+                classifier.features_and_probs(x)[0]
+            )
+        return teacher_refs[(w, seed)]
+
     for index, entry in enumerate(entries):
         key = _row_key(run, entry, classifier.identity)
         key_text = json.dumps(key, sort_keys=True)
@@ -200,6 +229,11 @@ def evaluate_run(
             seconds += time.perf_counter() - start
             feats, probs = classifier.features_and_probs(x)
             per_seed.append(metrics.sample_metrics(feats, probs, labels, reference))
+            if entry == Entry("teacher_ddim", reference_steps, entry.w):
+                teacher_refs[(entry.w, seed)] = metrics.feature_statistics(feats)
+            per_seed[-1]["fd_teacher"] = metrics.frechet_distance(
+                metrics.feature_statistics(feats), teacher_reference(entry.w, seed)
+            )
             if seed == 0:
                 plots.save_samples_png(
                     grids / entry.grid_name,
@@ -219,14 +253,15 @@ def evaluate_run(
             seeds=seeds,
             grid=f"grids/{entry.grid_name}",
         )
-        for name in ("fd", "inception_score", "accuracy"):
+        for name in ("fd", "fd_teacher", "inception_score", "accuracy"):
             row[name], row[f"{name}_std"] = metrics.mean_and_spread([m[name] for m in per_seed])
         rows.append(row)
         with progress_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(dict(key=key, row=row)) + "\n")
         log(
             f"[evaluate] {index + 1}/{len(entries)} {entry.sampler} N={entry.steps} "
-            f"w={entry.w:g}: FD {row['fd']:.3f} IS {row['inception_score']:.2f} "
+            f"w={entry.w:g}: FD {row['fd']:.3f} FD-to-teacher {row['fd_teacher']:.3f} "
+            f"IS {row['inception_score']:.2f} "
             f"acc {row['accuracy']:.3f}"
         )
 

@@ -129,6 +129,7 @@ def plot_fd_vs_evaluations(
     if data_fd is not None:
         ax.axhline(data_fd, color="grey", linestyle=":", label="real test data")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # one-step teachers sit orders of magnitude above the rest
     ax.set_xlabel("network evaluations per sample")
     ax.set_ylabel("FD (classifier features)")
     ax.legend(fontsize=6, ncol=2)
@@ -163,6 +164,7 @@ def plot_metrics_vs_guidance(rows: list[dict], path: str | pathlib.Path) -> path
         )
     acc_ax.set_xlabel("guidance weight w")
     acc_ax.set_ylabel("conditional accuracy")
+    fd_ax.set_yscale("log")
     fd_ax.set_xlabel("guidance weight w")
     fd_ax.set_ylabel("FD (classifier features)")
     fd_ax.legend(fontsize=6, ncol=2)

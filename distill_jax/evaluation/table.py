@@ -1,8 +1,9 @@
 """The evaluation table as CSV, JSON and Markdown, written atomically (temp file, rename).
 
 A row is one (sampler, steps N, guidance weight w) with the mean and seed spread (standard
-deviation over seeds) of FD, IS and conditional accuracy, the network evaluations per sample
-and the sampling time per image.
+deviation over seeds) of FD (to real data), FD to the full-step guided teacher's samples at the
+same w, IS and conditional accuracy, the network evaluations per sample and the sampling time
+per image.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ COLUMNS = (
     "evaluations",
     "fd",
     "fd_std",
+    "fd_teacher",
+    "fd_teacher_std",
     "inception_score",
     "inception_score_std",
     "accuracy",
@@ -64,20 +67,21 @@ def markdown_table(rows: list[dict], data_row: dict | None = None, *, link_grids
       data_row: the classifier's metrics on real eval-split data, shown as a reference.
       link_grids: a path prefix; when given, each row links its sample grid.
     """
-    header = "| sampler | N | w | evals/sample | FD ↓ | IS ↑ | accuracy ↑ | ms/image |" + (
-        " grid |" if link_grids else ""
-    )
+    header = (
+        "| sampler | N | w | evals/sample | FD ↓ | FD to teacher ↓ | IS ↑ | accuracy ↑ | ms/image |"
+    ) + (" grid |" if link_grids else "")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     if data_row is not None:
         lines.append(
-            f"| real data ({data_row['split']}) | - | - | - | {data_row['fd']:.3f} | "
+            f"| real data ({data_row['split']}) | - | - | - | {data_row['fd']:.3f} | - | "
             f"{data_row['inception_score']:.3f} | {data_row['accuracy']:.3f} | - |"
             + (" |" if link_grids else "")
         )
     for row in rows:
         line = (
             f"| {row['sampler']} | {row['steps']} | {row['w']:g} | {row['evaluations']} | "
-            f"{_pm(row, 'fd', 3)} | {_pm(row, 'inception_score', 3)} | "
+            f"{_pm(row, 'fd', 3)} | {_pm(row, 'fd_teacher', 3) if 'fd_teacher' in row else '-'} | "
+            f"{_pm(row, 'inception_score', 3)} | "
             f"{_pm(row, 'accuracy', 3)} | {1000 * row['seconds_per_image']:.3f} |"
         )
         if link_grids:

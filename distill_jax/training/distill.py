@@ -48,6 +48,29 @@ def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigD
     return x, labels, w, eps, rest
 
 
+def _student_regression(
+    student: nn.Module,
+    params: PyTree,
+    z: jax.Array,
+    t: jax.Array,
+    labels: jax.Array,
+    w: jax.Array,
+    target: jax.Array,
+    dropout_rng: jax.Array,
+    *,
+    diffusion: ml_collections.ConfigDict,
+) -> tuple[jax.Array, dict]:
+    """The loss both stages share: weight(lambda_t) * ||xhat_student(z, t, c, w) - target||^2."""
+    target = jax.lax.stop_gradient(target)
+    student_fn = denoiser.make_denoise_fn(student, params, train=True, dropout_rng=dropout_rng)
+    xhat = student_fn(z, t, labels, w)
+    logsnr = schedule.logsnr_schedule_cosine(
+        t, logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max
+    )
+    per_example = weighting.weighted_mse(xhat, target, logsnr, weighting=diffusion.loss_weighting)
+    return jnp.mean(per_example), {"target_mse": jnp.mean((xhat - target) ** 2)}
+
+
 def network_teacher(model: nn.Module) -> TeacherXhat:
     """A trained network as a stage-one teacher: (params, z, t, labels) -> xhat."""
 
@@ -92,14 +115,9 @@ def make_stage_one_loss(
         z = schedule.q_sample(x, t, eps, **bounds)
         teacher_fn = jax.tree_util.Partial(teacher_xhat, teacher_state)
         target = targets.stage_one_target(teacher_fn, z, t, labels, w, null_label=num_classes)
-        target = jax.lax.stop_gradient(target)
-        student_fn = denoiser.make_denoise_fn(student, params, train=True, dropout_rng=dropout_rng)
-        xhat = student_fn(z, t, labels, w)
-        logsnr = schedule.logsnr_schedule_cosine(t, **bounds)
-        per_example = weighting.weighted_mse(
-            xhat, target, logsnr, weighting=diffusion.loss_weighting
+        return _student_regression(
+            student, params, z, t, labels, w, target, dropout_rng, diffusion=diffusion
         )
-        return jnp.mean(per_example), {"target_mse": jnp.mean((xhat - target) ** 2)}
 
     return loss_fn
 
@@ -157,14 +175,9 @@ def make_stage_two_loss(
         if stochastic and not first_round:
             direct = teacher_fn(z_t, t, labels, w)
             target = jnp.where(schedule.expand_to(i == 1, x), direct, target)
-        target = jax.lax.stop_gradient(target)
-        student_fn = denoiser.make_denoise_fn(student, params, train=True, dropout_rng=dropout_rng)
-        xhat = student_fn(z_t, t, labels, w)
-        logsnr = schedule.logsnr_schedule_cosine(t, **bounds)
-        per_example = weighting.weighted_mse(
-            xhat, target, logsnr, weighting=diffusion.loss_weighting
+        return _student_regression(
+            student, params, z_t, t, labels, w, target, dropout_rng, diffusion=diffusion
         )
-        return jnp.mean(per_example), {"target_mse": jnp.mean((xhat - target) ** 2)}
 
     return loss_fn
 
