@@ -217,9 +217,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, *, key: str = "batch_size") ->
 def enable_compilation_cache(directory: str | None = None) -> str | None:
     """Turn on JAX's persistent compilation cache; return its directory (None when off).
 
-    Every stage-two round compiles to the same program, and reruns of a config recompile
-    nothing, so on CPU this saves most of a short run's time. The directory is `directory`,
-    else $DISTILL_JAX_COMPILATION_CACHE ('off' disables it), else ~/.cache/distill_jax/xla.
+    Stage-two rounds of equal length compile to the same program, and reruns of a config
+    recompile nothing, so on CPU this saves much of a short run's time. The directory is
+    `directory`, else $DISTILL_JAX_COMPILATION_CACHE ('off' disables it), else
+    ~/.cache/distill_jax/xla.
     """
     directory = directory or os.environ.get("DISTILL_JAX_COMPILATION_CACHE", "")
     if directory == "off":

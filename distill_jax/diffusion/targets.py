@@ -52,6 +52,7 @@ def progressive_target(
     t: jax.Array,
     t_mid: jax.Array,
     t_end: jax.Array,
+    single_jump: jax.Array | None = None,
     logsnr_min: float = LOGSNR_MIN,
     logsnr_max: float = LOGSNR_MAX,
 ) -> tuple[jax.Array, jax.Array]:
@@ -71,6 +72,8 @@ def progressive_target(
       t: [B] start times.
       t_mid: [B] intermediate times, t_end < t_mid < t.
       t_end: [B] end times, 0 <= t_end.
+      single_jump: optional [B] bool; where True the target is the teacher's own x-hat at
+        (z_t, t) (its single jump, already computed as the first step) instead of xtilde.
       logsnr_min: the schedule's lower log-SNR clip.
       logsnr_max: the schedule's upper log-SNR clip.
 
@@ -89,6 +92,8 @@ def progressive_target(
     ratio = sigma_end / sigma_t
     xtilde = (z_end - expand_to(ratio, z_t) * z_t) / expand_to(alpha_end - ratio * alpha_t, z_t)
     xtilde = jnp.where(expand_to(t_end == 0, z_t), z_end, xtilde)
+    if single_jump is not None:
+        xtilde = jnp.where(expand_to(single_jump, z_t), x_first, xtilde)
     return xtilde.astype(z_t.dtype), z_end
 
 

@@ -155,8 +155,9 @@ def make_stage_two_loss(
     """Loss (params, batch, rng, frozen) -> (loss, metrics) of a halving round.
 
     frozen = {'teacher': the teacher's params, 'steps': the student's N as an int32 scalar}.
-    N is an argument, not a constant, so all rounds (of one `first_round` value) compile to
-    the same program and reuse it through the compilation cache. The teacher has the
+    N is an argument, not a constant, so rounds with the same number of training steps (which
+    the learning-rate schedule bakes in) and the same `first_round` value compile to the same
+    program and reuse it through the compilation cache. The teacher has the
     student's architecture (the previous round's student, or stage one's).
     """
     bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
@@ -169,12 +170,19 @@ def make_stage_two_loss(
         t, t_mid, t_end = round_times(i, steps=steps, stochastic=stochastic)
         z_t = schedule.q_sample(x, t, eps, **bounds)
         teacher_fn = denoiser.make_denoise_fn(student, teacher_params)
+        # Later stochastic rounds: at i = 1 the target is the teacher's own jump to 0.
+        single_jump = (i == 1) if stochastic and not first_round else None
         target, _ = targets.progressive_target(
-            teacher_fn, z_t, labels, w, t=t, t_mid=t_mid, t_end=t_end, **bounds
+            teacher_fn,
+            z_t,
+            labels,
+            w,
+            t=t,
+            t_mid=t_mid,
+            t_end=t_end,
+            single_jump=single_jump,
+            **bounds,
         )
-        if stochastic and not first_round:
-            direct = teacher_fn(z_t, t, labels, w)
-            target = jnp.where(schedule.expand_to(i == 1, x), direct, target)
         return _student_regression(
             student, params, z_t, t, labels, w, target, dropout_rng, diffusion=diffusion
         )
