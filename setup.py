@@ -25,6 +25,8 @@ setup(
         "array-record>=0.7,<0.9",
         "grain>=0.2.10,<0.3",
         "absl-py>=2.1,<3",
+        # etils.epath: workdir paths, local or gs:// (also an Orbax dependency)
+        "etils[epath]>=1.7,<2",
         "numpy>=1.26,<3",
         "pillow>=10,<14",
         "matplotlib>=3.8,<4",
@@ -38,6 +40,8 @@ setup(
         "test": [
             "pytest>=8,<10",
             "ruff>=0.6,<1",
+            # the layers contract of .importlinter (imports flow one way), run by scripts/test.sh
+            "import-linter>=2.1,<3",
             # executing launch/explore.ipynb in tests/test_notebook.py
             "nbclient>=0.10,<0.12",
             "nbformat>=5.10,<6",

@@ -1,7 +1,8 @@
 """Stage-one and stage-two train-step time relative to a teacher train step.
 
 For the digits config (U-Net on 8x8x1) and the same network on 32x32x3 images, builds the real
-stages (`pipeline.teacher_stage`, `stage_one_stage`, `stage_two_stage`), wraps their losses with
+stages (`pipeline.BUILDERS` for the teacher, stage one and a stage-two round of a `Run` on the
+given shape), wraps their losses with
 `state.make_train_step`, jits each step with the state donated, and times it on the same batch
 and device after a warm-up, with `block_until_ready`. Timings are interleaved (teacher, stage
 one, stage two, repeated) and the median is kept, so load from other processes hits all three
@@ -17,21 +18,22 @@ Usage: python bench/bench_distill.py [--steps 10] [--repeats 3] [--batch 128]
 """
 
 import argparse
-import pathlib
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from distill_jax import parallel
 from distill_jax.config import load_config
 from distill_jax.data import loader
 from distill_jax.data.sources import DatasetInfo
+from distill_jax.run import Run, plan_stages, round_name
 from distill_jax.training import pipeline
 from distill_jax.training import state as state_lib
 
-NOWHERE = pathlib.Path("/nonexistent")  # the stages are only built, never run or saved
+NOWHERE = epath.Path("/nonexistent")
 
 
 class TimedStep:
@@ -41,9 +43,9 @@ class TimedStep:
         optimizer = state_lib.make_optimizer(stage.optimizer, 1000)
         # A copy: a student's initial weights may be the frozen teacher's own buffers, and the
         # donated state must not alias the frozen argument (run_stage copies via its jit).
-        params = jax.tree.map(jnp.copy, stage.init_params())
+        params = jax.tree.map(jnp.copy, stage.init_params(stage.teacher))
         self.state = state_lib.create_state(params, optimizer, seed=0)
-        self.batch, self.frozen = batch, stage.frozen
+        self.batch, self.frozen = batch, stage.teacher
         step = jax.jit(
             state_lib.make_train_step(
                 stage.loss_fn, optimizer, ema_decay=float(stage.optimizer.ema_decay)
@@ -76,19 +78,13 @@ def bench_config(name, config, info, batch_size, steps, repeats, round_steps):
     for stage_config in (config.teacher, config.stage1, config.stage2):
         stage_config.batch_size = batch_size
 
-    teacher_stage = pipeline.teacher_stage(config, NOWHERE, info)
-    teacher_params = teacher_stage.init_params()
-    stage_one = pipeline.stage_one_stage(config, NOWHERE, info, teacher_params)
-    student_params = stage_one.init_params()
-    stage_two = pipeline.stage_two_stage(
-        config,
-        NOWHERE,
-        info,
-        student_params,
-        steps=round_steps,
-        num_steps=1000,
-        first_round=False,
-    )
+    # The stages are only built, never run or saved: the workdir is never touched.
+    run = Run(NOWHERE, config, info, plan_stages(config))
+    teacher_stage = pipeline.BUILDERS["teacher"](run, run.stage("teacher"), None)
+    teacher_params = teacher_stage.init_params(None)
+    stage_one = pipeline.BUILDERS["stage1"](run, run.stage("stage1"), teacher_params)
+    student_params = stage_one.init_params(teacher_params)
+    stage_two = pipeline.BUILDERS["stage2"](run, run.stage(round_name(round_steps)), student_params)
     timed = {
         "teacher": TimedStep(teacher_stage, batch),
         "stage1": TimedStep(stage_one, batch),

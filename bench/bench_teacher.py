@@ -15,11 +15,13 @@ import time
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from distill_jax import parallel
 from distill_jax.config import load_config
 from distill_jax.data import loader
 from distill_jax.data.sources import DatasetInfo
+from distill_jax.run import Run, plan_stages
 from distill_jax.training import pipeline
 from distill_jax.training import state as state_lib
 
@@ -37,9 +39,10 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
 
 def bench_config(name: str, config, info: DatasetInfo, batch_size: int, steps: int) -> None:
     mesh = parallel.make_mesh(-1)
-    stage = pipeline.teacher_stage(config, pipeline.pathlib.Path("/nonexistent"), info)
+    run = Run(epath.Path("/nonexistent"), config, info, plan_stages(config))  # never written
+    stage = pipeline.BUILDERS["teacher"](run, run.stage("teacher"), None)
     optimizer = state_lib.make_optimizer(stage.optimizer, 1000)
-    state = state_lib.create_state(stage.init_params(), optimizer, seed=0)
+    state = state_lib.create_state(stage.init_params(None), optimizer, seed=0)
     step = jax.jit(
         state_lib.make_train_step(stage.loss_fn, optimizer, ema_decay=0.999),
         donate_argnums=(0,),

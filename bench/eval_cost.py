@@ -11,11 +11,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from distill_jax.config import load_config
+from distill_jax.config import load_config, round_schedule
 from distill_jax.diffusion import guidance, samplers
 from distill_jax.evaluation.evaluate import teacher_step_counts
-from distill_jax.models import denoiser
-from distill_jax.training import distill, pipeline
+from distill_jax.run import Run
 
 
 def seconds_per_step(fn, shape, batch, w, steps=8):
@@ -29,25 +28,19 @@ def seconds_per_step(fn, shape, batch, w, steps=8):
 
 def main(spec):
     config = load_config(spec)
-    info = pipeline.dataset_info(config)
+    run = Run.create(config, "/nonexistent")  # only models are built: nothing is written
     batch = min(int(config.eval.batch_size), int(config.eval.num_samples))
     key = jax.random.PRNGKey(0)
-    teacher = pipeline.build_denoiser_model(config, info, use_guidance=False)
-    student = pipeline.student_model(config, info)
-    shape = tuple(info.shape)
+    shape = tuple(run.info.shape)
+    teacher, student = run.stage("teacher"), run.stage("stage1")
     teacher_fn = guidance.make_guided_denoise_fn(
-        denoiser.make_denoise_fn(teacher, denoiser.init_params(teacher, key, data_shape=shape)),
-        null_label=info.num_classes,
+        run.denoise_fn(teacher, run.init_params(teacher, key)), null_label=run.info.num_classes
     )
-    student_fn = denoiser.make_denoise_fn(
-        student, denoiser.init_params(student, key, data_shape=shape)
-    )
+    student_fn = run.denoise_fn(student, run.init_params(student, key))
     t_step = seconds_per_step(teacher_fn, shape, batch, 1.0) / batch
     s_step = seconds_per_step(student_fn, shape, batch, 1.0) / batch
     teacher_steps = sum(teacher_step_counts(config))
-    student_steps = int(config.stage2.n_start) + sum(
-        n for n, _ in distill.round_schedule(config.stage2)
-    )
+    student_steps = int(config.stage2.n_start) + sum(n for n, _ in round_schedule(config.stage2))
     runs = int(config.eval.num_samples) * int(config.eval.seeds) * len(config.eval.guidance_weights)
     print(
         f"guided teacher step: {1e3 * t_step:.3f} ms/sample; "

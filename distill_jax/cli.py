@@ -27,7 +27,10 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import distill_jax
+
 COMMANDS = ("train", "distill", "run", "sample", "evaluate", "export")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(distill_jax.__file__))
 # Commands that read the workdir's recorded config and need no --config.
 WORKDIR_COMMANDS = ("sample", "evaluate", "export")
 
@@ -71,8 +74,8 @@ def _usage_error(message: str) -> None:
     raise app.UsageError(f"{message}\nCommands: {', '.join(COMMANDS)}.")
 
 
-def main(argv: list[str]) -> None:
-    """Dispatch the command named by the first positional argument."""
+def _check_flags(argv: list[str]) -> str:
+    """The command named by the first positional argument, with its required flags checked."""
     if len(argv) != 2:
         _usage_error(f"Expected exactly one command, got {argv[1:]!r}.")
     command = argv[1]
@@ -86,83 +89,100 @@ def main(argv: list[str]) -> None:
         _usage_error("sample needs --steps, --guidance and --out.")
     if command == "export" and (_STEPS.value is None or not _OUT.value):
         _usage_error("export needs --steps and --out.")
-    from distill_jax import parallel
-    from distill_jax.training import pipeline
+    return command
 
-    # Orbax and grain log every file operation at INFO; keep the console to our progress lines.
-    logging.set_verbosity(logging.WARNING)
+
+def _own_info_only(record) -> bool:
+    """Log filter: distill_jax's INFO lines; other libraries' (Orbax, grain) from WARNING up."""
+    return record.levelno >= logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def main(argv: list[str]) -> None:
+    """Dispatch the command named by the first positional argument."""
+    command = _check_flags(argv)
+    from distill_jax import parallel
+
+    # Orbax and grain log every file operation at INFO; the console keeps our progress lines.
+    logging.set_verbosity(logging.INFO)
+    # ABSLHandler.handle delegates to its python_handler, so the filter goes there.
+    logging.get_absl_handler().python_handler.addFilter(_own_info_only)
     parallel.initialize_distributed()
     parallel.enable_compilation_cache()
-    kwargs = dict(allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     try:
-        if command == "sample":
-            _sample()
-            return
-        if command == "evaluate":
-            _evaluate(_CONFIG.value.eval if _CONFIG.value is not None else None)
-            return
-        if command == "export":
-            _export()
-            return
-        start = time.perf_counter()
-        if command in ("train", "run"):
-            if pipeline.train_teacher(_CONFIG.value, _WORKDIR.value, **kwargs) is not None:
-                _record("teacher", start)
-        if command == "distill":
-            pipeline.distill_stages(
-                _CONFIG.value,
-                _WORKDIR.value,
-                only=_ONLY.value,
-                teacher_dir=_TEACHER.value,
-                **kwargs,
-            )
-        if command == "run":
-            start, before = time.perf_counter(), _finished_stages()
-            pipeline.distill_stages(_CONFIG.value, _WORKDIR.value, **kwargs)
-            if _finished_stages() != before:
-                _record("distillation", start)
-            _evaluate(None)
+        COMMAND_FUNCTIONS[command]()
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
         # Bad input and non-finite training are the user's to fix: show the message, not a
         # traceback (set DISTILL_JAX_TRACEBACK=1 to see it).
         if os.environ.get("DISTILL_JAX_TRACEBACK"):
             raise
-        print(f"distill-jax {command}: error: {error}", file=sys.stderr)
+        sys.stderr.write(f"distill-jax {command}: error: {error}\n")
         sys.exit(2)
 
 
-def _finished_stages() -> set[str]:
-    """The stage folders of the workdir that hold FINISHED.json."""
-    import pathlib
+def _train() -> None:
+    """The train command (and the first phase of run): the teacher."""
+    from distill_jax.training import pipeline
 
-    return {str(p.parent) for p in pathlib.Path(_WORKDIR.value).glob("**/FINISHED.json")}
+    start = time.perf_counter()
+    state = pipeline.train_teacher(
+        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
+    if state is not None:
+        _record("teacher", start)
+
+
+def _distill() -> None:
+    """The distill command (and the second phase of run): stage one and every round."""
+    from distill_jax.training import pipeline
+
+    start = time.perf_counter()
+    trained = pipeline.distill_stages(
+        _CONFIG.value,
+        _WORKDIR.value,
+        only=_ONLY.value,
+        teacher_dir=_TEACHER.value,
+        allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+    )
+    if trained:
+        _record("distillation", start)
+
+
+def _run() -> None:
+    """The run command: teacher, distillation, evaluation and report."""
+    _train()
+    _distill()
+    _evaluate()
 
 
 def _record(phase: str, start: float) -> None:
-    """Print the wall time of a phase that did work and record it in workdir/timings.json."""
+    """Log the wall time of a phase that did work and record it in workdir/timings.json."""
     import jax
 
     from distill_jax.evaluation import report
 
     seconds = time.perf_counter() - start
     if jax.process_index() == 0:
-        print(f"[{phase}] {seconds:.1f}s", flush=True)
+        logging.info("[%s] %.1fs", phase, seconds)
         report.record_timing(_WORKDIR.value, phase, seconds)
 
 
-def _evaluate(eval_config) -> None:
-    """Evaluate the workdir (process 0 only) and write report.md."""
+def _evaluate() -> None:
+    """Evaluate the workdir (process 0 only) and write report.md.
+
+    A --config replaces the recorded config's eval section.
+    """
     import jax
 
     from distill_jax import parallel
     from distill_jax.evaluation import evaluate, report
 
     if jax.process_index() == 0:
+        eval_config = _CONFIG.value.eval if _CONFIG.value is not None else None
         start = time.perf_counter()
         evaluate.evaluate_run(_WORKDIR.value, eval_config=eval_config, fresh=_FRESH.value)
         _record("evaluation", start)
         path = report.write_report(_WORKDIR.value)
-        print(f"[evaluate] wrote {path}", flush=True)
+        logging.info("[evaluate] wrote %s", path)
     # The other processes wait here rather than exit: an exiting process would wait in JAX's
     # shutdown barrier, which has a timeout shorter than a long evaluation.
     parallel.sync_processes("evaluate")
@@ -181,7 +201,7 @@ def _export() -> None:
         platforms=tuple(_PLATFORMS.value),
         overwrite=_OVERWRITE.value,
     )
-    print(f"[export] wrote {_OUT.value} ({metadata['steps']} steps)", flush=True)
+    logging.info("[export] wrote %s (%d steps)", _OUT.value, metadata["steps"])
 
 
 def _sample() -> None:
@@ -206,7 +226,17 @@ def _sample() -> None:
         t_start=_T_START.value,
         mask=_MASK.value,
     )
-    print(f"[sample] wrote {npz} and {png}", flush=True)
+    logging.info("[sample] wrote %s and %s", npz, png)
+
+
+COMMAND_FUNCTIONS = {
+    "train": _train,
+    "distill": _distill,
+    "run": _run,
+    "sample": _sample,
+    "evaluate": _evaluate,
+    "export": _export,
+}
 
 
 def run_main() -> None:

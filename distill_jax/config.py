@@ -12,10 +12,10 @@ import ml_collections
 
 from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
 from distill_jax.diffusion.weighting import WEIGHTINGS
+from distill_jax.models.denoiser import DTYPES, MODEL_KINDS
 
-MODEL_KINDS = ("unet", "mlp")
 TEACHER_KINDS = ("trained", "exact_gmm")
-DTYPES = ("float32", "bfloat16", "float16")
+DECAYS = ("cosine", "linear", "constant")
 
 
 def optimizer_config(
@@ -27,7 +27,7 @@ def optimizer_config(
     grad_clip: float = 1.0,
     ema_decay: float = 0.999,
 ) -> ml_collections.ConfigDict:
-    """AdamW with linear warmup then `decay` ('cosine' or 'constant'), clipping and EMA."""
+    """AdamW with linear warmup then `decay` (one of DECAYS), global-norm clipping and EMA."""
     return ml_collections.ConfigDict(
         dict(
             learning_rate=learning_rate,
@@ -44,96 +44,125 @@ def optimizer_config(
     )
 
 
-def base_config() -> ml_collections.ConfigDict:
-    """Every key the library reads, with defaults suited to the bundled digits dataset."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # 'digits' (bundled), 'gmm' (toy), or any TFDS image dataset name
-    c.data.data_dir = ""  # TFDS data_dir; '' means the library default (~/tensorflow_datasets)
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.image_size = 0  # 0 keeps the dataset's own size; otherwise resize to this square
-    c.data.worker_count = 0  # grain worker processes; 0 reads in the main process
+def _data_config() -> ml_collections.ConfigDict:
+    """The dataset and its input pipeline."""
+    data = ml_collections.ConfigDict()
+    data.name = "digits"  # 'digits' (bundled), 'gmm' (toy), or any TFDS image dataset name
+    data.data_dir = ""  # TFDS data_dir; '' means the library default (~/tensorflow_datasets)
+    data.train_split = "train"
+    data.eval_split = "test"
+    data.image_size = 0  # 0 keeps the dataset's own size; otherwise resize to this square
+    data.worker_count = 0  # grain worker processes; 0 reads in the main process
     # Gaussian-mixture toy data (data.name == 'gmm'): class = component.
-    c.data.gmm = ml_collections.ConfigDict(
+    data.gmm = ml_collections.ConfigDict(
         dict(num_classes=4, dim=2, num_examples=8192, radius=1.0, std=0.15, seed=0)
     )
+    return data
 
-    c.model = ml_collections.ConfigDict()
-    c.model.kind = "unet"
-    c.model.parameterisation = "v"
-    c.model.dtype = "float32"  # compute dtype; parameters stay float32
-    c.model.channels = 64
-    c.model.channel_mult = (1, 2)
-    c.model.num_res_blocks = 2
-    c.model.attn_resolutions = (4,)
-    c.model.num_heads = 4
-    c.model.dropout = 0.1
-    c.model.emb_dim = 0  # 0 means 4 * channels
-    c.model.mlp_hidden = 256  # model.kind == 'mlp'
-    c.model.mlp_depth = 4
-    c.model.guidance_fourier_dim = 32  # Fourier features of w in the student's guidance branch
 
-    c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.logsnr_min = -20.0
-    c.diffusion.logsnr_max = 20.0
-    c.diffusion.loss_weighting = "truncated_snr"
-    c.diffusion.p_uncond = 0.1
+def _model_config() -> ml_collections.ConfigDict:
+    """The network (teacher and students share it; students add the w branch)."""
+    model = ml_collections.ConfigDict()
+    model.kind = "unet"
+    model.parameterisation = "v"
+    model.dtype = "float32"  # compute dtype; parameters stay float32
+    model.channels = 64
+    model.channel_mult = (1, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (4,)
+    model.num_heads = 4
+    model.dropout = 0.1
+    model.emb_dim = 0  # 0 means 4 * channels
+    model.mlp_hidden = 256  # model.kind == 'mlp'
+    model.mlp_depth = 4
+    model.guidance_fourier_dim = 32  # Fourier features of w in the student's guidance branch
+    return model
 
-    c.guidance = ml_collections.ConfigDict()
-    c.guidance.w_min = 0.0
-    c.guidance.w_max = 4.0
 
-    c.teacher = ml_collections.ConfigDict()
+def _diffusion_config() -> ml_collections.ConfigDict:
+    """Schedule bounds, loss weighting and label dropout."""
+    diffusion = ml_collections.ConfigDict()
+    diffusion.logsnr_min = -20.0
+    diffusion.logsnr_max = 20.0
+    diffusion.loss_weighting = "truncated_snr"
+    diffusion.p_uncond = 0.1
+    return diffusion
+
+
+def _guidance_config() -> ml_collections.ConfigDict:
+    """The trained guidance range [w_min, w_max]."""
+    guidance = ml_collections.ConfigDict()
+    guidance.w_min = 0.0
+    guidance.w_max = 4.0
+    return guidance
+
+
+def _teacher_config() -> ml_collections.ConfigDict:
+    """Teacher training."""
+    teacher = ml_collections.ConfigDict()
     # 'trained': a network trained by `distill-jax train`; 'exact_gmm': the exact denoiser of
     # the Gaussian-mixture data (data.name == 'gmm'), a teacher with zero error.
-    c.teacher.kind = "trained"
-    c.teacher.batch_size = 128
-    c.teacher.num_steps = 4000
-    c.teacher.optimizer = optimizer_config(learning_rate=2e-3, warmup_steps=200)
+    teacher.kind = "trained"
+    teacher.batch_size = 128
+    teacher.num_steps = 4000
+    teacher.optimizer = optimizer_config(learning_rate=2e-3, warmup_steps=200)
+    return teacher
 
-    c.stage1 = ml_collections.ConfigDict()
-    c.stage1.batch_size = 128
-    c.stage1.dropout = 0.0  # distilled students train without dropout (diffusion_distillation)
-    c.stage1.num_steps = 1000
+
+def _stage1_config() -> ml_collections.ConfigDict:
+    """Stage one: the w-conditioned student regressing the guided teacher."""
+    stage1 = ml_collections.ConfigDict()
+    stage1.batch_size = 128
+    stage1.dropout = 0.0  # distilled students train without dropout (diffusion_distillation)
+    stage1.num_steps = 1000
     # EMA 0.99, not 0.999: the EMA starts at the stage's initial weights and is not debiased, so
     # after a few hundred steps a 0.999 EMA is still mostly those weights (0.999^300 = 0.74);
     # the next round's teacher would be the previous one. Long runs set their own (cifar10.py).
-    c.stage1.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=100, ema_decay=0.99)
+    stage1.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=100, ema_decay=0.99)
+    return stage1
 
-    c.stage2 = ml_collections.ConfigDict()
-    c.stage2.batch_size = 128
-    c.stage2.dropout = 0.0
-    c.stage2.n_start = 256
-    c.stage2.n_end = 1
-    c.stage2.steps_per_round = 500
-    c.stage2.final_rounds = 3  # the last `final_rounds` rounds train `final_steps_per_round`
-    c.stage2.final_steps_per_round = 1000
-    c.stage2.stochastic = False  # train jumps of 2/N (last 1/N) for the stochastic sampler
-    c.stage2.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=50, ema_decay=0.99)
 
-    c.train = ml_collections.ConfigDict()
-    c.train.log_every = 50
-    c.train.checkpoint_every = 500
-    c.train.keep_checkpoints = 2
-    c.train.mesh_data_axis = -1  # devices on the 'data' axis; -1 means all of them
+def _stage2_config() -> ml_collections.ConfigDict:
+    """Stage two: the halving rounds."""
+    stage2 = ml_collections.ConfigDict()
+    stage2.batch_size = 128
+    stage2.dropout = 0.0
+    stage2.n_start = 256
+    stage2.n_end = 1
+    stage2.steps_per_round = 500
+    stage2.final_rounds = 3  # the last `final_rounds` rounds train `final_steps_per_round`
+    stage2.final_steps_per_round = 1000
+    stage2.stochastic = False  # train jumps of 2/N (last 1/N) for the stochastic sampler
+    stage2.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=50, ema_decay=0.99)
+    return stage2
+
+
+def _train_config() -> ml_collections.ConfigDict:
+    """Logging, checkpointing and the device mesh."""
+    train = ml_collections.ConfigDict()
+    train.log_every = 50
+    train.checkpoint_every = 500
+    train.keep_checkpoints = 2
+    train.mesh_data_axis = -1  # devices on the 'data' axis; -1 means all of them
     # Devices on the 'fsdp' axis: params, EMA and optimiser state are split over it (FSDP);
     # 1 is pure data parallelism. mesh_data_axis * mesh_fsdp_axis devices are used.
-    c.train.mesh_fsdp_axis = 1
+    train.mesh_fsdp_axis = 1
+    return train
 
-    c.eval = ml_collections.ConfigDict()
-    c.eval.num_samples = 500  # generated samples per (sampler, steps, w, seed)
-    c.eval.guidance_weights = (0.0, 0.3, 1.0, 2.0, 4.0)
-    c.eval.seeds = 2  # independent sample sets; tables report mean and spread over them
-    c.eval.batch_size = 250  # samples per sampler call
-    c.eval.teacher_steps = ()  # guided-DDIM teacher step counts; () = 1, 2, 4, ..., n_start
-    c.eval.student_steps = ()  # student step counts to evaluate; () = every finished one
-    c.eval.grid_rows = 8  # rows of a sample grid (one column per class)
-    c.eval.reference_split = ""  # real data the FD compares with; '' = data.train_split
+
+def _eval_config() -> ml_collections.ConfigDict:
+    """`distill-jax evaluate`."""
+    eval = ml_collections.ConfigDict()
+    eval.num_samples = 500  # generated samples per (sampler, steps, w, seed)
+    eval.guidance_weights = (0.0, 0.3, 1.0, 2.0, 4.0)
+    eval.seeds = 2  # independent sample sets; tables report mean and spread over them
+    eval.batch_size = 250  # samples per sampler call
+    eval.teacher_steps = ()  # guided-DDIM teacher step counts; () = 1, 2, 4, ..., n_start
+    eval.student_steps = ()  # student step counts to evaluate; () = every finished one
+    eval.grid_rows = 8  # rows of a sample grid (one column per class)
+    eval.reference_split = ""  # real data the FD compares with; '' = data.train_split
     # The feature classifier (FD / IS / accuracy), trained once per dataset and cached.
-    c.eval.classifier = ml_collections.ConfigDict(
+    eval.classifier = ml_collections.ConfigDict(
         dict(
             num_steps=1500,
             batch_size=128,
@@ -144,6 +173,22 @@ def base_config() -> ml_collections.ConfigDict:
             cache_dir="",  # '' = $DISTILL_JAX_CACHE or ~/.cache/distill_jax
         )
     )
+    return eval
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the library reads, with defaults suited to the bundled digits dataset."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = _data_config()
+    c.model = _model_config()
+    c.diffusion = _diffusion_config()
+    c.guidance = _guidance_config()
+    c.teacher = _teacher_config()
+    c.stage1 = _stage1_config()
+    c.stage2 = _stage2_config()
+    c.train = _train_config()
+    c.eval = _eval_config()
     return c
 
 
@@ -159,7 +204,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if m.parameterisation not in PARAMETERISATIONS:
         _fail("model.parameterisation", m.parameterisation, f"one of {PARAMETERISATIONS}")
     if m.dtype not in DTYPES:
-        _fail("model.dtype", m.dtype, f"one of {DTYPES}")
+        _fail("model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
     if config.diffusion.loss_weighting not in WEIGHTINGS:
         _fail("diffusion.loss_weighting", config.diffusion.loss_weighting, f"one of {WEIGHTINGS}")
     if not 0.0 <= config.diffusion.p_uncond < 1.0:
@@ -185,16 +230,42 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
     if config.train.mesh_fsdp_axis < 1:
         _fail("train.mesh_fsdp_axis", config.train.mesh_fsdp_axis, "an integer >= 1")
-    n_start, n_end = config.stage2.n_start, config.stage2.n_end
-    if (
-        n_end < 1
-        or n_start < n_end
-        or n_start % n_end
-        or ((n_start // n_end) & (n_start // n_end - 1))
-    ):
+    for stage in ("teacher", "stage1", "stage2"):
+        decay = config[stage].optimizer.decay
+        if decay not in DECAYS:
+            _fail(f"{stage}.optimizer.decay", decay, f"one of {DECAYS}")
+    round_schedule(config.stage2)
+
+
+def round_schedule(stage2: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """[(student steps N, training steps)] of every halving round, from n_start/2 to n_end.
+
+    The last `final_rounds` rounds train `final_steps_per_round` steps (the paper trains the
+    last, hardest rounds longer), the others `steps_per_round`.
+
+    Raises:
+      ValueError: n_start is not n_end * 2**k with n_end >= 1.
+    """
+    n_start, n_end = int(stage2.n_start), int(stage2.n_end)
+    ratio = n_start // n_end if n_end >= 1 and n_start % n_end == 0 else 0
+    if ratio < 1 or ratio & (ratio - 1):
         _fail(
             "stage2.n_start", (n_start, n_end), "n_start = n_end * 2**k with n_end >= 1 and k >= 0"
         )
+    steps, n = [], n_start
+    while n > n_end:
+        n //= 2
+        steps.append(n)
+    final = int(stage2.final_rounds)
+    return [
+        (
+            n,
+            int(
+                stage2.final_steps_per_round if k >= len(steps) - final else stage2.steps_per_round
+            ),
+        )
+        for k, n in enumerate(steps)
+    ]
 
 
 def load_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-from distill_jax import checkpoints, export_loader, sampling
+from distill_jax import export_loader, files, trees
 from distill_jax.diffusion import samplers
 from distill_jax.models import denoiser
-from distill_jax.training import pipeline
+from distill_jax.run import Run
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 FUNCTION_FILE = "sampler.jaxexport"
@@ -43,14 +42,10 @@ WEIGHTS_FILE = "weights.npz"
 LOADER_FILE = "run_sampler.py"
 
 
-def _leaf_name(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def _flat_weights(params: Any) -> tuple[list[str], list[np.ndarray], Any]:
     """Parameter names, float arrays and the treedef, in jax's flattening order."""
     with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    names = [_leaf_name(path) for path, _ in with_path]
+    names = [trees.leaf_name(path) for path, _ in with_path]
     arrays = [np.asarray(leaf) for _, leaf in with_path]
     for name, array in zip(names, arrays, strict=True):
         if array.dtype not in (np.float32, np.float16, np.float64, np.int32):
@@ -61,18 +56,14 @@ def _flat_weights(params: Any) -> tuple[list[str], list[np.ndarray], Any]:
     return names, arrays, treedef
 
 
-def _sampler_function(run: sampling.Run, treedef: Any, *, steps: int, stochastic: bool):
+def _sampler_function(net, treedef: Any, bounds: dict, *, steps: int, stochastic: bool):
     """The jitted (noise, labels, w[, rng], *weights) -> images function that gets exported."""
-    net = pipeline.student_model(run.config, run.info)
-    bounds = run.bounds
+    sampler = "stochastic" if stochastic else "ddim"
 
     def sample_images(noise, labels, w, *rest):
         rng, leaves = (rest[0], rest[1:]) if stochastic else (None, rest)
         fn = denoiser.make_denoise_fn(net, jax.tree_util.tree_unflatten(treedef, leaves))
-        if stochastic:
-            x = samplers.stochastic_sample(fn, noise, labels, w, rng, steps=steps, **bounds)
-        else:
-            x = samplers.ddim_sample(fn, noise, labels, w, steps=steps, **bounds)
+        x = samplers.run_sampler(sampler, fn, noise, labels, w, rng, steps=steps, **bounds)
         return jnp.clip(x, -1.0, 1.0)
 
     return jax.jit(sample_images)
@@ -115,15 +106,83 @@ def _io_metadata(shape: tuple[int, ...], batch: int | None, stochastic: bool) ->
     return {"inputs": inputs, "output": output}
 
 
-def _sha256(path: pathlib.Path) -> str:
+def _sha256(path: epath.Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _check_arguments(platforms: Sequence[str], batch_size: int | None, out: epath.Path, overwrite):
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown or not platforms:
+        raise ValueError(
+            f"platforms={tuple(platforms)!r} is invalid: accepted some of {PLATFORMS}."
+        )
+    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
+        raise ValueError(f"batch_size={batch_size!r} is invalid: accepted None or an integer >= 1.")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass overwrite=True.")
+    if out.exists() and not _is_artifact(out):
+        raise FileExistsError(
+            f"{out} exists and is not a distill_jax sampler artifact (no metadata.json of format "
+            f"{export_loader.FORMAT!r}); --overwrite only replaces an earlier export."
+        )
+
+
+def _is_artifact(directory: epath.Path) -> bool:
+    """Whether `directory` holds an exported sampler (so replacing it loses nothing else)."""
+    try:
+        metadata = json.loads((directory / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metadata, dict) and metadata.get("format") == export_loader.FORMAT
+
+
+def _metadata(run: Run, spec, exported, *, batch_size, stochastic, arrays, names, staging):
+    """metadata.json's content (see the module docstring)."""
+    config, shape = run.config, tuple(int(d) for d in run.info.shape)
+    return {
+        "format": export_loader.FORMAT,
+        "format_version": export_loader.FORMAT_VERSION,
+        "image_shape": list(shape),
+        "num_classes": int(run.info.num_classes),
+        "guidance": {"w_min": float(config.guidance.w_min), "w_max": float(config.guidance.w_max)},
+        "steps": int(spec.steps),
+        "stochastic": bool(stochastic),
+        "sampler": "stochastic" if stochastic else "ddim",
+        "student_trained_stochastic": bool(config.stage2.stochastic),
+        "batch_size": None if batch_size is None else int(batch_size),
+        "parameterisation": config.model.parameterisation,
+        "schedule": {"kind": "cosine_logsnr", **run.bounds},
+        "data_range": [-1.0, 1.0],
+        **_io_metadata(shape, batch_size, stochastic),
+        "platforms": list(exported.platforms),
+        "function": {
+            "file": FUNCTION_FILE,
+            "sha256": _sha256(staging / FUNCTION_FILE),
+            "calling_convention_version": exported.calling_convention_version,
+        },
+        "weights": {
+            "file": WEIGHTS_FILE,
+            "sha256": _sha256(staging / WEIGHTS_FILE),
+            "count": int(sum(a.size for a in arrays)),
+            "leaves": [
+                {"name": n, "shape": list(a.shape), "dtype": str(a.dtype)}
+                for n, a in zip(names, arrays, strict=True)
+            ],
+        },
+        "source": {
+            "workdir": str(run.workdir),
+            "stage": spec.name,
+            "dataset": config.data.name,
+            "jax_version": jax.__version__,
+        },
+    }
+
+
 def export_sampler(
-    workdir: str | pathlib.Path,
+    workdir: epath.PathLike,
     *,
     steps: int,
-    out: str | pathlib.Path,
+    out: epath.PathLike,
     stochastic: bool = False,
     batch_size: int | None = None,
     platforms: Sequence[str] = PLATFORMS,
@@ -140,94 +199,45 @@ def export_sampler(
       batch_size: None for a symbolic batch (any B >= 1), else the one batch size accepted.
       platforms: the backends the serialized function is lowered for (any of cpu, cuda, tpu;
         lowering needs no such device).
-      overwrite: replace an existing `out`; otherwise an existing `out` is an error.
+      overwrite: replace an existing `out` that holds an earlier export (never anything else).
 
     Returns:
       The metadata written to out/metadata.json.
 
     Raises:
       ValueError: no finished student with `steps`, a bad batch size or platform.
-      FileExistsError: `out` exists and overwrite is False.
+      FileExistsError: `out` exists and overwrite is False, or it is not an artifact.
     """
-    unknown = sorted(set(platforms) - set(PLATFORMS))
-    if unknown or not platforms:
-        raise ValueError(
-            f"platforms={tuple(platforms)!r} is invalid: accepted some of {PLATFORMS}."
-        )
-    if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) < 1):
-        raise ValueError(f"batch_size={batch_size!r} is invalid: accepted None or an integer >= 1.")
-    out = pathlib.Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass overwrite=True.")
-    run = sampling.load_run(workdir)
+    out = epath.Path(out).absolute()
+    _check_arguments(platforms, batch_size, out, overwrite)
+    run = Run.open(workdir)
     shape = tuple(int(d) for d in run.info.shape)
     if len(shape) != 3:
         raise ValueError(f"Only image students [H, W, C] can be exported; this run has {shape}.")
-    directory = sampling.model_directory(run, "student", int(steps))
-    params = checkpoints.restore_stage_params(directory, which="ema_params")
-    names, arrays, treedef = _flat_weights(params)
-
+    spec = run.student(int(steps))
+    names, arrays, treedef = _flat_weights(run.load_params(spec))
     (batch,) = jax.export.symbolic_shape("B") if batch_size is None else (int(batch_size),)
-    function = _sampler_function(run, treedef, steps=int(steps), stochastic=stochastic)
+    function = _sampler_function(
+        run.model(spec), treedef, run.bounds, steps=int(steps), stochastic=stochastic
+    )
     weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
     exported = jax.export.export(function, platforms=tuple(platforms))(
         *_specs(shape, batch, stochastic), *weight_specs
     )
-
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with files.atomic_directory(out, replace=overwrite) as staging:
         (staging / FUNCTION_FILE).write_bytes(exported.serialize())
-        np.savez(staging / WEIGHTS_FILE, **dict(zip(names, arrays, strict=True)))
-        shutil.copyfile(export_loader.__file__, staging / LOADER_FILE)
-
-        config = run.config
-        metadata = {
-            "format": export_loader.FORMAT,
-            "format_version": export_loader.FORMAT_VERSION,
-            "image_shape": list(shape),
-            "num_classes": int(run.info.num_classes),
-            "guidance": {
-                "w_min": float(config.guidance.w_min),
-                "w_max": float(config.guidance.w_max),
-            },
-            "steps": int(steps),
-            "stochastic": bool(stochastic),
-            "sampler": "stochastic" if stochastic else "ddim",
-            "student_trained_stochastic": bool(config.stage2.stochastic),
-            "batch_size": None if batch_size is None else int(batch_size),
-            "parameterisation": config.model.parameterisation,
-            "schedule": {"kind": "cosine_logsnr", **run.bounds},
-            "data_range": [-1.0, 1.0],
-            **_io_metadata(shape, batch_size, stochastic),
-            "platforms": list(exported.platforms),
-            "function": {
-                "file": FUNCTION_FILE,
-                "sha256": _sha256(staging / FUNCTION_FILE),
-                "calling_convention_version": exported.calling_convention_version,
-            },
-            "weights": {
-                "file": WEIGHTS_FILE,
-                "sha256": _sha256(staging / WEIGHTS_FILE),
-                "count": int(sum(a.size for a in arrays)),
-                "leaves": [
-                    {"name": n, "shape": list(a.shape), "dtype": str(a.dtype)}
-                    for n, a in zip(names, arrays, strict=True)
-                ],
-            },
-            "source": {
-                "workdir": str(run.workdir),
-                "stage": str(directory.relative_to(run.workdir)),
-                "dataset": config.data.name,
-                "jax_version": jax.__version__,
-            },
-        }
+        with (staging / WEIGHTS_FILE).open("wb") as handle:
+            np.savez(handle, **dict(zip(names, arrays, strict=True)))
+        (staging / LOADER_FILE).write_text(epath.Path(export_loader.__file__).read_text())
+        metadata = _metadata(
+            run,
+            spec,
+            exported,
+            batch_size=batch_size,
+            stochastic=stochastic,
+            arrays=arrays,
+            names=names,
+            staging=staging,
+        )
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.replace(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # never leave a half-written artifact
-        raise
     return metadata

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -36,6 +36,49 @@ DEFAULT_INITIALIZATION_TIMEOUT_S = 300
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name, "")
     return int(value) if value else None
+
+
+def _cluster_settings(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    heartbeat_timeout_s: int | None,
+    initialization_timeout_s: int | None,
+) -> tuple[dict | None, dict]:
+    """(explicit coordinator arguments or None, timeouts) from arguments, else the environment."""
+    env = os.environ
+    address = coordinator_address or env.get("DISTILL_JAX_COORDINATOR")
+    count = _env_int("DISTILL_JAX_NUM_PROCESSES") if num_processes is None else num_processes
+    index = _env_int("DISTILL_JAX_PROCESS_ID") if process_id is None else process_id
+    heartbeat = heartbeat_timeout_s or _env_int("DISTILL_JAX_HEARTBEAT_TIMEOUT")
+    initialization = initialization_timeout_s or _env_int("DISTILL_JAX_INIT_TIMEOUT")
+    timeouts = dict(
+        heartbeat_timeout_seconds=heartbeat or DEFAULT_HEARTBEAT_TIMEOUT_S,
+        initialization_timeout=initialization or DEFAULT_INITIALIZATION_TIMEOUT_S,
+    )
+    if not address:
+        return None, timeouts
+    if count is None or index is None:
+        raise ValueError(
+            "A coordinator address needs num_processes and process_id too "
+            f"(got num_processes={count}, process_id={index})."
+        )
+    return dict(coordinator_address=address, num_processes=count, process_id=index), timeouts
+
+
+def _auto_detect_cluster() -> bool:
+    """Whether to let JAX auto-detect the cluster (DISTILL_JAX_DISTRIBUTED, SLURM, TPU pods)."""
+    env = os.environ
+    mode = env.get("DISTILL_JAX_DISTRIBUTED", "")
+    if mode not in ("", "auto", "off"):
+        raise ValueError(
+            f"DISTILL_JAX_DISTRIBUTED={mode!r} is invalid: accepted 'auto', 'off' or unset."
+        )
+    if mode == "off":
+        return False
+    several_slurm_tasks = int(env.get("SLURM_NTASKS", "1")) > 1
+    several_tpu_hosts = "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    return mode == "auto" or several_slurm_tasks or several_tpu_hosts
 
 
 def initialize_distributed(
@@ -63,44 +106,17 @@ def initialize_distributed(
     CPU processes exchange collectives over gloo (JAX's default CPU implementation), which is
     what the local multi-process launcher (launch/local.py) and its test use.
     """
-    coordinator_address = coordinator_address or os.environ.get("DISTILL_JAX_COORDINATOR")
-    if num_processes is None:
-        num_processes = _env_int("DISTILL_JAX_NUM_PROCESSES")
-    if process_id is None:
-        process_id = _env_int("DISTILL_JAX_PROCESS_ID")
-    if heartbeat_timeout_s is None:
-        heartbeat_timeout_s = _env_int("DISTILL_JAX_HEARTBEAT_TIMEOUT")
-    if initialization_timeout_s is None:
-        initialization_timeout_s = _env_int("DISTILL_JAX_INIT_TIMEOUT")
-    timeouts = dict(
-        heartbeat_timeout_seconds=heartbeat_timeout_s or DEFAULT_HEARTBEAT_TIMEOUT_S,
-        initialization_timeout=initialization_timeout_s or DEFAULT_INITIALIZATION_TIMEOUT_S,
+    explicit, timeouts = _cluster_settings(
+        coordinator_address,
+        num_processes,
+        process_id,
+        heartbeat_timeout_s,
+        initialization_timeout_s,
     )
-    if coordinator_address:
-        if num_processes is None or process_id is None:
-            raise ValueError(
-                "A coordinator address needs num_processes and process_id too "
-                f"(got num_processes={num_processes}, process_id={process_id})."
-            )
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-            **timeouts,
-        )
+    if explicit is not None:
+        jax.distributed.initialize(**explicit, **timeouts)
         return True
-    mode = os.environ.get("DISTILL_JAX_DISTRIBUTED", "")
-    if mode not in ("", "auto", "off"):
-        raise ValueError(
-            f"DISTILL_JAX_DISTRIBUTED={mode!r} is invalid: accepted 'auto', 'off' or unset."
-        )
-    if mode == "off":
-        return False
-    env = os.environ
-    several = int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(
-        ","
-    )
-    if mode == "auto" or several:
+    if _auto_detect_cluster():
         # JAX's cluster auto-detection: Cloud TPU VM metadata, SLURM, Open MPI, Kubernetes.
         jax.distributed.initialize(**timeouts)
         return True
@@ -149,8 +165,12 @@ def make_mesh(num_data_devices: int = -1, *, fsdp: int = 1) -> Mesh:
             f"mesh_data_axis={num_data_devices} uses {used} of {len(devices)} devices; with "
             f"{jax.process_count()} processes the mesh must span all of them: accepted -1."
         )
-    grid = np.asarray(devices[:used]).reshape(num_data_devices, fsdp)
-    return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
+    return jax.make_mesh(
+        (num_data_devices, fsdp),
+        (DATA_AXIS, FSDP_AXIS),
+        devices=devices[:used],
+        axis_types=(AxisType.Auto, AxisType.Auto),  # shardings propagate as with Mesh()
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -201,17 +221,6 @@ def host_to_global(tree: PyTree, shardings: PyTree) -> PyTree:
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
     return jax.tree.map(put, tree, shardings)
-
-
-def check_batch_size(batch_size: int, mesh: Mesh, *, key: str = "batch_size") -> None:
-    """Fail with a clear message unless the global batch splits evenly over the devices."""
-    devices = mesh.size
-    if batch_size % devices or batch_size % jax.process_count():
-        raise ValueError(
-            f"{key}={batch_size} does not split evenly over {devices} devices and "
-            f"{jax.process_count()} processes: accepted a multiple of {devices} "
-            f"(and of the process count)."
-        )
 
 
 def enable_compilation_cache(directory: str | None = None) -> str | None:

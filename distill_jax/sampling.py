@@ -1,6 +1,6 @@
 """Sampling from a run's workdir: the guided teacher and the distilled students.
 
-`load_run(workdir)` reads workdir/config.json; `sample(run, model=..., steps=..., w=...)`
+`Run.open(workdir)` (the run layer) reads a run; `sample(run, model=..., steps=..., w=...)`
 draws images:
 
 - model='teacher': guided DDIM with `steps` steps, each one batched network call on the
@@ -18,118 +18,21 @@ from noise and keeps the known pixels.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import pathlib
-import sys
-from typing import Any
+import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from absl import logging
+from etils import epath
 from jax.tree_util import Partial
 
-from distill_jax import checkpoints
-from distill_jax import config as config_lib
-from distill_jax.data import sources
-from distill_jax.diffusion import gmm, guidance, samplers
-from distill_jax.models import denoiser
-from distill_jax.training import distill, pipeline
+from distill_jax import files, images
+from distill_jax.diffusion import samplers
+from distill_jax.run import Run
 
 MODELS = ("teacher", "student")
 MASKS = ("left", "right", "top", "bottom", "center")
-
-
-@dataclasses.dataclass
-class Run:
-    """A run's workdir with its recorded config and dataset info."""
-
-    workdir: pathlib.Path
-    config: ml_collections.ConfigDict
-    info: sources.DatasetInfo
-
-    @property
-    def bounds(self) -> dict[str, float]:
-        """The schedule's log-SNR clip, as keyword arguments for the samplers."""
-        d = self.config.diffusion
-        return dict(logsnr_min=float(d.logsnr_min), logsnr_max=float(d.logsnr_max))
-
-
-def _with_defaults(recorded: dict, defaults: dict) -> dict:
-    """`recorded` plus the keys it lacks from `defaults` (runs made before a key existed)."""
-    merged = dict(recorded)
-    for key, value in defaults.items():
-        if key not in merged:
-            merged[key] = value
-        elif isinstance(value, dict) and isinstance(merged[key], dict):
-            merged[key] = _with_defaults(merged[key], value)
-    return merged
-
-
-def _tuples(tree: Any) -> Any:
-    """JSON lists back to tuples (the config schema's sequence fields are tuples)."""
-    if isinstance(tree, dict):
-        return {k: _tuples(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return tuple(_tuples(v) for v in tree)
-    return tree
-
-
-def load_run(
-    workdir: str | pathlib.Path, *, eval_config: ml_collections.ConfigDict | None = None
-) -> Run:
-    """The run in `workdir` (config.json must exist); `eval_config` replaces config.eval.
-
-    Keys the recorded config lacks (added to the schema after the run was made) take their
-    `base_config` defaults.
-    """
-    workdir = pathlib.Path(workdir).absolute()
-    path = workdir / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist: {workdir} is not a run directory (create one with "
-            "`distill-jax run --config=... --workdir=...`)."
-        )
-    recorded = _with_defaults(json.loads(path.read_text()), config_lib.base_config().to_dict())
-    config = ml_collections.ConfigDict(_tuples(recorded))
-    if eval_config is not None:
-        config.eval = ml_collections.ConfigDict(eval_config.to_dict())
-    return Run(workdir, config, pipeline.dataset_info(config))
-
-
-def student_directories(run: Run) -> dict[int, pathlib.Path]:
-    """{N: stage directory} of every finished student: stage one at n_start, then each round."""
-    found = {}
-    stage1 = run.workdir / "stage1"
-    if checkpoints.stage_finished(stage1) is not None:
-        found[int(run.config.stage2.n_start)] = stage1
-    for steps, _ in distill.round_schedule(run.config.stage2):
-        directory = pipeline.round_directory(run.workdir, steps)
-        if checkpoints.stage_finished(directory) is not None:
-            found[steps] = directory
-    return found
-
-
-def model_directory(run: Run, model: str, steps: int) -> pathlib.Path | None:
-    """The stage directory whose weights `model` at `steps` uses (None: exact GMM teacher)."""
-    if model == "teacher":
-        if run.config.teacher.kind == "exact_gmm":
-            return None
-        directory = run.workdir / "teacher"
-        if checkpoints.stage_finished(directory) is None:
-            raise FileNotFoundError(f"The teacher in {directory} has not finished training.")
-        return directory
-    if model != "student":
-        raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
-    found = student_directories(run)
-    if steps not in found:
-        shown = ", ".join(str(n) for n in sorted(found)) or "none (run `distill-jax distill`)"
-        raise ValueError(
-            f"No finished student samples in {steps} steps in {run.workdir}; the step counts "
-            f"that exist are: {shown}."
-        )
-    return found[steps]
 
 
 def check_guidance(run: Run, w: float) -> None:
@@ -142,34 +45,13 @@ def check_guidance(run: Run, w: float) -> None:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class _GmmCond:
-    """The exact mixture denoiser as cond_fn; the schedule bounds are static (hashed) data."""
-
-    logsnr_min: float
-    logsnr_max: float
-
-    def __call__(self, mixture: gmm.GaussianMixture, z, t, labels):
-        return gmm.gmm_xhat(
-            mixture, z, t, labels, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max
-        )
-
-
 def denoise_fn(run: Run, model: str, steps: int) -> Partial:
     """The x-hat denoiser of the guided teacher or of the `steps`-step student (a Partial)."""
-    directory = model_directory(run, model, steps)
     if model == "teacher":
-        if directory is None:
-            mixture = sources.gmm_from_config(run.config.data.gmm)
-            cond_fn = Partial(_GmmCond(**run.bounds), mixture)
-        else:
-            net = pipeline.build_denoiser_model(run.config, run.info, use_guidance=False)
-            params = checkpoints.restore_stage_params(directory, which="ema_params")
-            cond_fn = denoiser.make_denoise_fn(net, params)
-        return guidance.make_guided_denoise_fn(cond_fn, null_label=run.info.num_classes)
-    net = pipeline.student_model(run.config, run.info)
-    params = checkpoints.restore_stage_params(directory, which="ema_params")
-    return denoiser.make_denoise_fn(net, params)
+        return run.guided_teacher_fn()
+    if model != "student":
+        raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
+    return run.denoise_fn(run.student(steps))
 
 
 def evaluations_per_sample(model: str, steps: int) -> int:
@@ -205,6 +87,42 @@ def named_mask(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return mask
 
 
+def _check_inputs(run: Run, num: int, init, t_start: float, mask) -> np.ndarray | None:
+    """Validate the image-to-image / inpainting inputs; the mask broadcast to [N, *shape]."""
+    shape = tuple(run.info.shape)
+    if init is not None and tuple(np.shape(init)) != (num, *shape):
+        raise ValueError(f"init has shape {np.shape(init)}; expected {(num, *shape)}.")
+    if mask is not None:
+        if init is None:
+            raise ValueError("Inpainting needs init images (the known pixels) with the mask.")
+        return np.broadcast_to(np.asarray(mask, np.float32), (num, *shape))
+    if init is None and t_start != 1.0:
+        raise ValueError("t_start < 1 (image-to-image) needs init images.")
+    return None
+
+
+def _padded(a: np.ndarray, start: int, stop: int, size: int) -> np.ndarray:
+    """a[start:stop] padded to `size` rows by repeating its last row."""
+    a = np.asarray(a[start:stop])
+    pad = size - len(a)
+    return np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
+
+
+def _sample_chunk(run, fn, sampler, labels, w, key, *, steps, init, t_start, mask) -> jax.Array:
+    """One padded batch: start noise (or noised init), then the sampler."""
+    noise_key, init_key, sampler_key = jax.random.split(key, 3)
+    z = jax.random.normal(noise_key, (len(labels), *run.info.shape), jnp.float32)
+    kwargs = dict(steps=int(steps), **run.bounds)
+    if init is not None and mask is None:
+        kwargs["t_start"] = float(t_start)
+        z = samplers.noise_to(init, float(t_start), init_key, **run.bounds)
+    if mask is not None:
+        kwargs.update(known=init, mask=mask)
+    needs_rng = sampler != "ddim" or mask is not None
+    rng = sampler_key if needs_rng else None
+    return samplers.run_sampler(sampler, fn, z, labels, w, rng, **kwargs)
+
+
 def sample(
     run: Run,
     *,
@@ -223,7 +141,7 @@ def sample(
     """Draw len(labels) samples, float32 [N, *shape] in the data range ([-1, 1] for images).
 
     Args:
-      run: the run (`load_run`).
+      run: the run (`Run.open`).
       model: 'teacher' or 'student'.
       steps: sampling steps N (the student's N must be one a stage produced).
       w: guidance weight (the student's must be in [w_min, w_max]).
@@ -238,73 +156,47 @@ def sample(
     """
     if model == "student":
         check_guidance(run, w)
-    if fn is None:
-        fn = denoise_fn(run, model, steps)
+    fn = denoise_fn(run, model, steps) if fn is None else fn
     labels = np.asarray(labels, np.int32)
-    num, shape = len(labels), tuple(run.info.shape)
-    if init is not None and tuple(np.shape(init)) != (num, *shape):
-        raise ValueError(f"init has shape {np.shape(init)}; expected {(num, *shape)}.")
-    if mask is not None:
-        if init is None:
-            raise ValueError("Inpainting needs init images (the known pixels) with the mask.")
-        mask = np.broadcast_to(np.asarray(mask, np.float32), (num, *shape))
-    elif init is None and t_start != 1.0:
-        raise ValueError("t_start < 1 (image-to-image) needs init images.")
-    sampler = samplers.ddim_sample
+    num = len(labels)
+    mask = _check_inputs(run, num, init, t_start, mask)
+    sampler = "ddim"
     if stochastic:
-        sampler = samplers.ancestral_sample if model == "teacher" else samplers.stochastic_sample
+        sampler = "ancestral" if model == "teacher" else "stochastic"
     key = jax.random.PRNGKey(seed)
-    out = []
     batch_size = min(batch_size, num)
+    out = []
     for start in range(0, num, batch_size):
-        chunk_key = jax.random.fold_in(key, start // batch_size)
-        noise_key, init_key, sampler_key = jax.random.split(chunk_key, 3)
         stop = min(start + batch_size, num)
-
-        def padded(a, stop=stop, start=start):
-            a = np.asarray(a[start:stop])
-            pad = batch_size - len(a)
-            return np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
-
-        z = jax.random.normal(noise_key, (batch_size, *shape), jnp.float32)
-        kwargs = dict(steps=int(steps), **run.bounds)
-        if init is not None and mask is None:
-            kwargs["t_start"] = float(t_start)
-            z = samplers.noise_to(padded(init), float(t_start), init_key, **run.bounds)
-        if mask is not None:
-            kwargs.update(known=padded(init), mask=padded(mask))
-        if stochastic:
-            x = sampler(fn, z, padded(labels), w, sampler_key, **kwargs)
-        else:
-            if mask is not None:
-                kwargs["rng"] = sampler_key
-            x = sampler(fn, z, padded(labels), w, **kwargs)
+        chunk = functools.partial(_padded, start=start, stop=stop, size=batch_size)
+        x = _sample_chunk(
+            run,
+            fn,
+            sampler,
+            chunk(labels),
+            w,
+            jax.random.fold_in(key, start // batch_size),
+            steps=steps,
+            init=None if init is None else chunk(init),
+            t_start=t_start,
+            mask=None if mask is None else chunk(mask),
+        )
         out.append(np.asarray(x)[: stop - start])
     return np.concatenate(out).astype(np.float32)
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Images in [-1, 1] to uint8 in 0..255 (the inverse of the data preprocessing)."""
-    return np.clip(np.round((np.asarray(x) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def from_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 images to float32 in [-1, 1]."""
-    return np.asarray(images, np.float32) / 127.5 - 1.0
-
-
-def load_images(path: str | pathlib.Path) -> tuple[np.ndarray, np.ndarray | None]:
+def load_images(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """Examples and labels from an .npz: (x float32 in [-1, 1], labels int32 or None).
 
     The file holds 'images' (uint8 [N, H, W, C]) or 'x' (float [N, ...] in the data range),
     and optionally 'labels'.
     """
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
     with np.load(path) as data:
         if "images" in data:
-            x = from_uint8(data["images"])
+            x = images.from_uint8(data["images"])
         elif "x" in data:
             x = np.asarray(data["x"], np.float32)
         else:
@@ -322,42 +214,8 @@ def _load_mask(mask: str, shape: tuple[int, ...]) -> np.ndarray:
         return np.asarray(data["mask"], np.float32)
 
 
-def sample_to_files(
-    workdir: str | pathlib.Path,
-    *,
-    model: str,
-    steps: int,
-    w: float,
-    num: int,
-    out: str | pathlib.Path,
-    seed: int = 0,
-    labels: list[int] | None = None,
-    stochastic: bool = False,
-    init: str | None = None,
-    t_start: float = 1.0,
-    mask: str | None = None,
-) -> tuple[pathlib.Path, pathlib.Path]:
-    """Sample, write `out` (.npz) and a PNG picture beside it (.png); return both paths.
-
-    The .npz holds 'images' uint8 [N, H, W, C] (vector data: 'x' float32 [N, D]) and
-    'labels' int32 [N].
-
-    With `init` (an .npz from `load_images`), one sample is drawn per init image, with the
-    init's labels unless `labels` is given: image-to-image from t_start < 1, or inpainting
-    with `mask` ('left', 'right', 'top', 'bottom', 'center' - the known part - or an .npz
-    with a 'mask' array, 1 = known).
-    """
-    from distill_jax.evaluation import plots  # the evaluation package imports this module
-
-    if model not in MODELS:
-        raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
-    run = load_run(workdir)
-    if stochastic and model == "student" and not run.config.stage2.stochastic:
-        print(
-            "note: these students were trained for deterministic sampling "
-            "(config.stage2.stochastic=False); the stochastic sampler may do worse.",
-            file=sys.stderr,
-        )
+def _sample_inputs(run: Run, num: int, labels, init, mask):
+    """(labels [N], init x or None, mask or None) for `sample_to_files`, checked."""
     shape = tuple(run.info.shape)
     x_init = init_labels = mask_array = None
     if init is not None:
@@ -379,6 +237,62 @@ def sample_to_files(
         label_array = init_labels
     else:
         label_array = class_labels(num, run.info.num_classes)
+    return label_array, x_init, mask_array
+
+
+def _write_samples(run: Run, x: np.ndarray, labels: np.ndarray, out: epath.Path, title: str):
+    """The .npz (images uint8 or vectors x, labels) and its PNG picture; both paths."""
+    image_data = len(run.info.shape) == 3
+    arrays = {"labels": labels.astype(np.int32)}
+    arrays["images" if image_data else "x"] = images.to_uint8(x) if image_data else x
+    with files.atomic_path(out) as tmp, tmp.open("wb") as handle:
+        np.savez(handle, **arrays)
+    rows = int(np.bincount(labels, minlength=run.info.num_classes).max())
+    png = images.save_samples_png(
+        out.with_suffix(".png"),
+        images.displayable(x),
+        labels,
+        run.info.num_classes,
+        rows=min(rows, 16),
+        title=title,
+    )
+    return out, png
+
+
+def sample_to_files(
+    workdir: epath.PathLike,
+    *,
+    model: str,
+    steps: int,
+    w: float,
+    num: int,
+    out: epath.PathLike,
+    seed: int = 0,
+    labels: list[int] | None = None,
+    stochastic: bool = False,
+    init: str | None = None,
+    t_start: float = 1.0,
+    mask: str | None = None,
+) -> tuple[epath.Path, epath.Path]:
+    """Sample, write `out` (.npz) and a PNG picture beside it (.png); return both paths.
+
+    The .npz holds 'images' uint8 [N, H, W, C] (vector data: 'x' float32 [N, D]) and
+    'labels' int32 [N].
+
+    With `init` (an .npz from `load_images`), one sample is drawn per init image, with the
+    init's labels unless `labels` is given: image-to-image from t_start < 1, or inpainting
+    with `mask` ('left', 'right', 'top', 'bottom', 'center' - the known part - or an .npz
+    with a 'mask' array, 1 = known).
+    """
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
+    run = Run.open(workdir)
+    if stochastic and model == "student" and not run.config.stage2.stochastic:
+        logging.warning(
+            "these students were trained for deterministic sampling "
+            "(config.stage2.stochastic=False); the stochastic sampler may do worse."
+        )
+    label_array, x_init, mask_array = _sample_inputs(run, num, labels, init, mask)
     x = sample(
         run,
         model=model,
@@ -391,23 +305,7 @@ def sample_to_files(
         t_start=t_start,
         mask=mask_array,
     )
-    out = pathlib.Path(out)
+    out = epath.Path(out)
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"labels": label_array.astype(np.int32)}
-    arrays["images" if len(shape) == 3 else "x"] = to_uint8(x) if len(shape) == 3 else x
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(out)
-    picture = arrays.get("images", x)
-    rows = int(np.bincount(label_array, minlength=run.info.num_classes).max())
-    png = plots.save_samples_png(
-        out.with_suffix(".png"),
-        picture,
-        label_array,
-        run.info.num_classes,
-        rows=min(rows, 16),
-        title=f"{model} N={steps} w={w:g}",
-    )
-    return out, png
+    return _write_samples(run, x, label_array, out, f"{model} N={steps} w={w:g}")

@@ -12,18 +12,20 @@ import numpy as np
 from distill_jax import parallel
 from distill_jax.config import load_config
 from distill_jax.data import loader
+from distill_jax.run import Run
 from distill_jax.training import pipeline
 from distill_jax.training import state as state_lib
 
 
 def main(config_path: str, out: str) -> None:
     config = load_config(config_path)
-    info = pipeline.dataset_info(config)
-    stage = pipeline.teacher_stage(config, pipeline.pathlib.Path("/nonexistent"), info)
+    run = Run.create(config, "/nonexistent")
+    spec = run.stage("teacher")
+    stage = pipeline.BUILDERS["teacher"](run, spec, None)
     mesh = parallel.make_mesh(-1)
-    parallel.check_batch_size(stage.batch_size, mesh)
-    optimizer = state_lib.make_optimizer(stage.optimizer, stage.num_steps)
-    state = state_lib.create_state(stage.init_params(), optimizer, seed=stage.seed)
+    loader.check_batch_size(stage.batch_size, devices=mesh.size)
+    optimizer = state_lib.make_optimizer(stage.optimizer, spec.num_steps)
+    state = state_lib.create_state(stage.init_params(None), optimizer, seed=spec.seed)
     repl = parallel.replicated(mesh)
     state = jax.device_put(state, repl)
     batch = loader.to_global_batch(

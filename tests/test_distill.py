@@ -7,6 +7,7 @@ directory. Run with `-s` to see the measured errors.
 """
 
 import hashlib
+import logging
 import pathlib
 import shutil
 import subprocess
@@ -23,8 +24,8 @@ from distill_jax.config import load_config
 from distill_jax.data import sources
 from distill_jax.diffusion import gmm, samplers, schedule
 from distill_jax.diffusion.guidance import make_guided_denoise_fn
-from distill_jax.models import denoiser
-from distill_jax.training import loop, pipeline
+from distill_jax.run import Run, round_name
+from distill_jax.training import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GMM_CONFIG = str(ROOT / "configs" / "gmm.py")
@@ -64,8 +65,18 @@ def _exact_teacher(config):
 
 
 def _student_fn(config, params):
-    info = pipeline.dataset_info(config)
-    return denoiser.make_denoise_fn(pipeline.student_model(config, info), params)
+    run = Run.create(config, "/nonexistent")
+    return run.denoise_fn(run.stage("stage1"), params)
+
+
+def _stage_params(workdir, name, which="ema_params"):
+    """A finished stage's weights, read through the run layer."""
+    run = Run.open(workdir)
+    return run.load_params(run.stage(name), which=which)
+
+
+def _round_finished(workdir, steps):
+    return checkpoints.stage_finished(workdir / round_name(steps))
 
 
 def _copy_stage_one(stage_one_workdir, workdir):
@@ -96,14 +107,12 @@ def distilled_workdir(stage_one_workdir, tmp_path_factory):
 def test_stage_one_student_matches_exact_guided_teacher(stage_one_workdir):
     config = _config()
     teacher, mixture = _exact_teacher(config)
-    trained = _student_fn(
-        config, checkpoints.restore_stage_params(stage_one_workdir / "stage1", which="ema_params")
-    )
-    info = pipeline.dataset_info(config)
-    stage = pipeline.stage_one_stage(config, stage_one_workdir, info, mixture)
-    untrained = _student_fn(config, stage.init_params())
+    trained = _student_fn(config, _stage_params(stage_one_workdir, "stage1"))
+    run = Run.create(config, stage_one_workdir)
+    stage = pipeline.BUILDERS["stage1"](run, run.stage("stage1"), mixture)
+    untrained = _student_fn(config, stage.init_params(mixture))
 
-    x, labels = gmm.sample_gmm(mixture, jax.random.PRNGKey(11), NUM_EVAL)
+    x, labels = sources.sample_mixture(mixture, num=NUM_EVAL, seed=11)
     eps = jax.random.normal(jax.random.PRNGKey(12), x.shape)
     errors, untrained_errors, w_sensitivity = {}, {}, {}
     for t_value in TIMES:
@@ -140,10 +149,7 @@ def test_stage_one_student_matches_exact_guided_teacher(stage_one_workdir):
 def test_stage_two_students_land_on_the_64_step_teacher(distilled_workdir):
     config = _config()
     teacher, _ = _exact_teacher(config)
-    finished = {
-        steps: checkpoints.stage_finished(pipeline.round_directory(distilled_workdir, steps))
-        for steps in (32, 16, 8, 4, 2, 1)
-    }
+    finished = {steps: _round_finished(distilled_workdir, steps) for steps in (32, 16, 8, 4, 2, 1)}
     assert finished == {
         32: {"final_step": 300, "stage": "stage2/steps_0032"},
         16: {"final_step": 300, "stage": "stage2/steps_0016"},
@@ -153,10 +159,7 @@ def test_stage_two_students_land_on_the_64_step_teacher(distilled_workdir):
         1: {"final_step": 600, "stage": "stage2/steps_0001"},
     }
     students = {
-        steps: _student_fn(
-            config,
-            checkpoints.restore_stage_params(pipeline.round_directory(distilled_workdir, steps)),
-        )
+        steps: _student_fn(config, _stage_params(distilled_workdir, round_name(steps)))
         for steps in (4, 1)
     }
     z_init = jax.random.normal(jax.random.PRNGKey(21), (NUM_EVAL, 2))
@@ -190,15 +193,14 @@ def _resume_config():
 
 
 def _final_weights(workdir, steps):
-    directory = pipeline.round_directory(workdir, steps)
     return [
         np.asarray(leaf)
         for which in ("params", "ema_params")
-        for leaf in jax.tree.leaves(checkpoints.restore_stage_params(directory, which=which))
+        for leaf in jax.tree.leaves(_stage_params(workdir, round_name(steps), which=which))
     ]
 
 
-def test_interrupted_round_loop_resumes_to_the_same_weights(stage_one_workdir, tmp_path, capsys):
+def test_interrupted_round_loop_resumes_to_the_same_weights(stage_one_workdir, tmp_path, caplog):
     config = _resume_config()  # rounds: 2 steps (12 training steps), then 1 step (16)
     straight = _copy_stage_one(stage_one_workdir, tmp_path / "straight")
     pipeline.distill_stages(config, straight, only="stage2")
@@ -206,24 +208,17 @@ def test_interrupted_round_loop_resumes_to_the_same_weights(stage_one_workdir, t
     resumed = _copy_stage_one(stage_one_workdir, tmp_path / "resumed")
     # Stop between rounds: only the first round has run.
     pipeline.distill_stages(config, resumed, only="stage2", stop_after_round=1)
-    assert checkpoints.stage_finished(pipeline.round_directory(resumed, 2)) is not None
-    assert not pipeline.round_directory(resumed, 1).exists()
+    assert _round_finished(resumed, 2) is not None
+    assert not (resumed / round_name(1)).exists()
     # Stop mid-round: the last round saves at step 6 of 16 and is left unfinished (as killed).
-    stage = pipeline.stage_two_stage(
-        config,
-        resumed,
-        pipeline.dataset_info(config),
-        checkpoints.restore_stage_params(pipeline.round_directory(resumed, 2)),
-        steps=1,
-        num_steps=16,
-        first_round=False,
-    )
-    mesh = parallel.make_mesh(-1)
-    loop.run_stage(stage, config=config, workdir=resumed, mesh=mesh, stop_after=6)
-    assert checkpoints.stage_finished(stage.directory) is None
-    capsys.readouterr()
+    run = Run.create(config, resumed)
+    pipeline.train_stage(run, run.stage(round_name(1)), parallel.make_mesh(-1), stop_after=6)
+    assert _round_finished(resumed, 1) is None
+    caplog.set_level(logging.INFO, logger="absl")
+    caplog.clear()
     pipeline.distill_stages(config, resumed, only="stage2")
-    log = capsys.readouterr().out
+    # distill_jax's own lines (Orbax logs every path it opens, the teacher's included).
+    log = "\n".join(r.getMessage() for r in caplog.records if "distill_jax" in r.pathname)
     assert "steps_0002" not in log  # the finished round is neither retrained nor reloaded
     assert "[stage2/steps_0001] resumed from step 6." in log
 
@@ -277,9 +272,9 @@ def trained_teachers(tmp_path_factory):
     [
         ("missing_teacher", FileNotFoundError, "No teacher checkpoint at"),
         ("unfinished_teacher", FileNotFoundError, "has not finished training"),
-        ("incompatible_teacher", ValueError, r"Incompatible teacher checkpoint .* has shape"),
-        ("n_start_not_power_of_two", ValueError, r"n_start=48 and stage2.n_end=1 are invalid"),
-        ("n_end_does_not_divide", ValueError, r"n_start=64 and stage2.n_end=3 are invalid"),
+        ("incompatible_teacher", ValueError, r"teacher checkpoint .* does not fit .* has shape"),
+        ("n_start_not_power_of_two", ValueError, r"stage2.n_start=\(48, 1\) is invalid"),
+        ("n_end_does_not_divide", ValueError, r"stage2.n_start=\(64, 3\) is invalid"),
         ("w_min_above_w_max", ValueError, r"config.guidance=\(4.0, 1.0\).*w_min <= w_max"),
         ("w_min_below_minus_one", ValueError, r"config.guidance.w_min=-2.0.*>= -1"),
         ("stage_two_without_stage_one", FileNotFoundError, "needs a finished stage one"),
@@ -339,8 +334,8 @@ def test_cli_refuses_an_incompatible_teacher(trained_teachers, tmp_path):
     )
     assert result.returncode == 2, result.stdout + result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("distill-jax distill: error: Incompatible teacher checkpoint"), last
-    assert "this config's model expects" in last
+    assert last.startswith("distill-jax distill: error: The teacher checkpoint in"), last
+    assert "does not fit this config's model" in last and "has shape" in last
     assert not (tmp_path / "run").exists()
     assert _snapshot(trained_teachers) == before
 
@@ -380,9 +375,7 @@ def test_stochastic_variant_samples_match_the_teacher_distribution(stage_one_wor
     )
     workdir = _copy_stage_one(stage_one_workdir, tmp_path / "stochastic")
     pipeline.distill_stages(config, workdir, only="stage2")
-    student = _student_fn(
-        config, checkpoints.restore_stage_params(pipeline.round_directory(workdir, 4))
-    )
+    student = _student_fn(config, _stage_params(workdir, round_name(4)))
     teacher, _ = _exact_teacher(config)
     num_classes = config.data.gmm.num_classes
     num = 4 * NUM_EVAL  # 2048 samples a class: standard errors ~0.003 (mean), ~2% (std)

@@ -1,6 +1,7 @@
 """Evaluation: the feature classifier, FD / IS / accuracy, and `evaluate` on the smoke run."""
 
 import json
+import logging
 import pathlib
 import re
 import time
@@ -130,7 +131,7 @@ def test_run_wrote_the_evaluation_and_a_report_whose_links_exist(smoke_workdir):
         assert f"| {stage} |" in report
 
 
-def test_evaluate_resumes_from_finished_rows(smoke_workdir, tmp_path, classifier_cache):
+def test_evaluate_resumes_from_finished_rows(smoke_workdir, tmp_path, classifier_cache, caplog):
     # A copy, so the shared workdir stays as the run left it.
     import shutil
 
@@ -142,9 +143,9 @@ def test_evaluate_resumes_from_finished_rows(smoke_workdir, tmp_path, classifier
     (workdir / "eval" / "results.csv").unlink()
     config = load_config(SMOKE_CONFIG)
     config.eval.classifier.cache_dir = str(classifier_cache)
-    logged = []
-    evaluate.evaluate_run(workdir, eval_config=config.eval, log=logged.append)
-    measured = [line for line in logged if line.startswith("[evaluate]")]
+    caplog.set_level(logging.INFO, logger="absl")
+    evaluate.evaluate_run(workdir, eval_config=config.eval)
+    measured = [r for r in caplog.records if r.getMessage().startswith("[evaluate]")]
     assert len(measured) == 1  # only the interrupted row ran again
     assert len(progress.read_text().splitlines()) == len(lines)
     assert (workdir / "eval" / "results.csv").is_file()

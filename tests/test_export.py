@@ -15,6 +15,7 @@ import pytest
 
 from distill_jax import export, sampling
 from distill_jax.diffusion import samplers
+from distill_jax.run import Run
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def _inputs(batch: int, seed: int):
 
 
 def _library_images(workdir, steps, noise, labels, w, key=None):
-    run = sampling.load_run(workdir)
+    run = Run.open(workdir)
     fn = sampling.denoise_fn(run, "student", steps)
     if key is None:
         x = samplers.ddim_sample(fn, noise, labels, w, steps=steps, **run.bounds)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from distill_jax.data import sample_mixture
 from distill_jax.diffusion import gmm as gmm_lib
 from distill_jax.diffusion.schedule import q_sample
 
@@ -20,7 +21,7 @@ def mixture():
 
 
 def test_make_and_sample_shapes(mixture):
-    x, labels = gmm_lib.sample_gmm(mixture, jax.random.PRNGKey(0), 7)
+    x, labels = sample_mixture(mixture, num=7, seed=0)
     chex.assert_shape(x, (7, 3))
     chex.assert_type(labels, jnp.int32)
     assert mixture.num_classes == 3 and mixture.dim == 3
@@ -29,7 +30,7 @@ def test_make_and_sample_shapes(mixture):
 
 
 def test_t_zero_returns_z(mixture):
-    x, labels = gmm_lib.sample_gmm(mixture, jax.random.PRNGKey(1), 16)
+    x, labels = sample_mixture(mixture, num=16, seed=1)
     for lab in (labels, jnp.full_like(labels, mixture.num_classes)):
         got = gmm_lib.gmm_xhat(mixture, x, jnp.zeros(16), lab)
         np.testing.assert_allclose(got, x, atol=1e-3)
@@ -50,8 +51,8 @@ def test_t_one_returns_the_mean(mixture):
 def test_posterior_mean_by_monte_carlo(mixture, conditional):
     # E[(x - E[x|z]) f(z)] = 0 for every f; check f = 1 and f = z at a mid-noise time.
     n = 40000
-    kx, ke = jax.random.split(jax.random.PRNGKey(3))
-    x, labels = gmm_lib.sample_gmm(mixture, kx, n)
+    _, ke = jax.random.split(jax.random.PRNGKey(3))
+    x, labels = sample_mixture(mixture, num=n, seed=3)
     t = jnp.full((n,), 0.6)
     z = q_sample(x, t, jax.random.normal(ke, x.shape))
     query = labels if conditional else jnp.full_like(labels, mixture.num_classes)

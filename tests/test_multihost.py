@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec
 from distill_jax import checkpoints, parallel
 from distill_jax.config import load_config
 from distill_jax.data.loader import make_train_loader
+from distill_jax.run import Run
 from distill_jax.training import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -59,8 +60,9 @@ def _launch(*command: str, processes: int = 2, devices: int = 2) -> subprocess.C
     )
 
 
-def _leaves(stage_dir: pathlib.Path, which: str) -> list[np.ndarray]:
-    params = checkpoints.restore_stage_params(stage_dir, which=which)
+def _leaves(workdir: pathlib.Path, stage: str, which: str) -> list[np.ndarray]:
+    run = Run.open(workdir)
+    params = run.load_params(run.stage(stage), which=which)
     return [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
 
 
@@ -70,7 +72,8 @@ def test_two_processes_match_one_process_through_teacher_stage_one_and_stage_two
     flags = [f"--config={GMM_SMOKE}", f"--workdir={multi}", "--config.stage2.n_end=4"]
     train = _launch("train", *flags)
     assert train.returncode == 0, train.stdout + train.stderr
-    assert "[p0] [teacher] step 20/20" in train.stdout
+    p0 = [line for line in train.stdout.splitlines() if line.startswith("[p0] ")]
+    assert any("[teacher] step 20/20" in line for line in p0), train.stdout[-3000:]
     # Stage one and the stage-two round also shard params over a 2-wide 'fsdp' axis
     # (mesh 2 x 2 across both processes): the result must not change.
     distill = _launch("distill", *flags, "--config.train.mesh_fsdp_axis=2")
@@ -84,7 +87,7 @@ def test_two_processes_match_one_process_through_teacher_stage_one_and_stage_two
     for stage in STAGES:
         assert checkpoints.stage_finished(multi / stage)["final_step"] > 0
         for which in ("params", "ema_params"):
-            got, want = _leaves(multi / stage, which), _leaves(single / stage, which)
+            got, want = _leaves(multi, stage, which), _leaves(single, stage, which)
             assert len(got) == len(want) > 4
             for a, b in zip(got, want, strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=f"{stage} {which}")
@@ -153,21 +156,21 @@ def test_killed_process_makes_the_other_exit_with_an_error(tmp_path):
 
 
 FSDP_WORKER = """
-import json, sys
+import json, pathlib, sys
 import jax, numpy as np
 from distill_jax import parallel
 from distill_jax.config import load_config
-from distill_jax.training import loop, pipeline
+from distill_jax.run import Run
+from distill_jax.training import pipeline
 
 config = load_config(sys.argv[1], {"teacher.num_steps": 15, "model.mlp_hidden": 64})
-info = pipeline.dataset_info(config)
 out = {}
 for fsdp in (1, 2):
-    workdir = pipeline.pathlib.Path(sys.argv[2]) / f"fsdp{fsdp}"
+    workdir = pathlib.Path(sys.argv[2]) / f"fsdp{fsdp}"
     config.train.mesh_fsdp_axis = fsdp
     mesh = parallel.make_mesh(-1, fsdp=fsdp)
-    stage = pipeline.teacher_stage(config, workdir, info)
-    state = loop.run_stage(stage, config=config, workdir=workdir, mesh=mesh)
+    run = Run.create(config, workdir)
+    state = pipeline.train_stage(run, run.stage("teacher"), mesh)
     specs = [str(leaf.sharding.spec) for leaf in jax.tree.leaves(state.opt_state)
              if hasattr(leaf, "sharding")]
     out[fsdp] = {
@@ -176,7 +179,7 @@ for fsdp in (1, 2):
         "specs": [str(x.sharding.spec) for x in jax.tree.leaves(state.params)],
         "opt_specs": specs,
     }
-json.dump(out, open(pipeline.pathlib.Path(sys.argv[2]) / "out.json", "w"))
+json.dump(out, open(pathlib.Path(sys.argv[2]) / "out.json", "w"))
 """
 
 
@@ -275,3 +278,76 @@ def test_initialize_distributed_reads_the_environment(monkeypatch):
     monkeypatch.delenv("DISTILL_JAX_DISTRIBUTED")
     with pytest.raises(ValueError, match="process_id"):
         parallel.initialize_distributed(coordinator_address="host0:1")
+
+
+FSDP_INIT_WORKER = """
+import json, sys
+import jax
+jax.distributed.initialize(
+    coordinator_address=sys.argv[3], num_processes=2, process_id=int(sys.argv[4])
+)
+from distill_jax import parallel
+from distill_jax.config import load_config
+from distill_jax.run import Run
+from distill_jax.training import loop, pipeline
+
+config = load_config(sys.argv[1], {"model.mlp_hidden": 64})
+run = Run.create(config, "/nonexistent")
+spec = run.stage("teacher")
+mesh = parallel.make_mesh(1, fsdp=4)
+stage = pipeline.BUILDERS[spec.kind](run, spec, None)
+state, _, _ = loop.initial_state(stage, run, mesh)
+leaves = []
+for leaf in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state):
+    if leaf.ndim == 0:
+        continue
+    leaves.append({
+        "shape": list(leaf.shape),
+        "spec": [str(axis) for axis in leaf.sharding.spec],
+        "local": [list(shard.data.shape) for shard in leaf.addressable_shards],
+        "starts": [shard.index[0].start or 0 for shard in leaf.addressable_shards],
+    })
+json.dump(leaves, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_initialisation_never_gives_a_process_a_whole_sharded_parameter(tmp_path):
+    port = local.free_port()
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                FSDP_INIT_WORKER,
+                GMM_SMOKE,
+                str(tmp_path / f"p{i}.json"),
+                f"localhost:{port}",
+                str(i),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    per_process = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    sharded = 0
+    for leaves in zip(*per_process, strict=True):
+        first = leaves[0]
+        if first["spec"][:1] != ["fsdp"]:
+            continue  # leading axis not sharded (replicated or split along another axis)
+        sharded += 1
+        for leaf in leaves:
+            # Two devices per process, each with a quarter of the leading axis: half in all.
+            assert leaf["local"] == [[first["shape"][0] // 4, *first["shape"][1:]]] * 2, leaf
+        held = [sorted(leaf["starts"]) for leaf in leaves]
+        assert held[0] != held[1]  # the two processes hold different quarters
+    assert sharded >= 2

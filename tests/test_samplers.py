@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
+from distill_jax.data import sample_mixture
 from distill_jax.diffusion import gmm as gmm_lib
 from distill_jax.diffusion import samplers
 
@@ -202,7 +203,7 @@ def test_inpainting_keeps_known_pixels_and_follows_them(sampler):
 
 
 def test_image_to_image_from_small_t_returns_the_input():
-    x, _ = gmm_lib.sample_gmm(gaussian(), jax.random.PRNGKey(6), 64)
+    x, _ = sample_mixture(gaussian(), num=64, seed=6)
     z = samplers.noise_to(x, 1e-3, jax.random.PRNGKey(7))
     assert not np.array_equal(z, x)
     labels, w = jnp.zeros((64,), jnp.int32), jnp.zeros(64)

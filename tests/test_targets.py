@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
+from distill_jax.data import sample_mixture
 from distill_jax.diffusion import gmm as gmm_lib
 from distill_jax.diffusion import guidance, samplers, targets
 from distill_jax.diffusion.schedule import q_sample
@@ -26,16 +27,16 @@ def teacher():
 
 
 def noisy_batch(gmm, t, seed=0):
-    kx, ke, kw = jax.random.split(jax.random.PRNGKey(seed), 3)
-    x, labels = gmm_lib.sample_gmm(gmm, kx, t.shape[0])
+    _, ke, kw = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x, labels = sample_mixture(gmm, num=t.shape[0], seed=seed)
     z_t = q_sample(x, t, jax.random.normal(ke, x.shape))
     w = jax.random.uniform(kw, t.shape, minval=0.0, maxval=4.0)
     return z_t, labels, w
 
 
-def test_student_grid_times():
+def test_round_times():
     i = jnp.array([1, 2, 4])
-    t, t_mid, t_end = targets.student_grid_times(i, steps=4)
+    t, t_mid, t_end = targets.round_times(i, steps=4)
     for value in (t, t_mid, t_end):
         chex.assert_shape(value, (3,))
         chex.assert_type(value, jnp.float32)
@@ -45,7 +46,7 @@ def test_student_grid_times():
     assert float(t_end[0]) == 0.0  # exactly, so the last step returns x-hat
     for bad in (0, 1.5):
         with pytest.raises(ValueError, match="steps=.*integer >= 1"):
-            targets.student_grid_times(i, steps=bad)
+            targets.round_times(i, steps=bad)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 16])
@@ -54,7 +55,7 @@ def test_one_student_step_lands_on_two_teacher_steps(teacher, steps):
     batch = 64
     i = jax.random.randint(jax.random.PRNGKey(steps), (batch,), 1, steps + 1)
     i = i.at[0].set(1).at[1].set(steps)  # always cover the last and the first student step
-    t, t_mid, t_end = targets.student_grid_times(i, steps=steps)
+    t, t_mid, t_end = targets.round_times(i, steps=steps)
     z_t, labels, w = noisy_batch(gmm, t)
     xtilde, z_end = jax.jit(targets.progressive_target)(
         teacher_fn, z_t, labels, w, t=t, t_mid=t_mid, t_end=t_end
@@ -75,7 +76,7 @@ def test_one_student_step_lands_on_two_teacher_steps(teacher, steps):
 def test_last_student_step_target_is_the_teachers_two_step_sample(teacher):
     gmm, teacher_fn = teacher
     steps, batch = 4, 16
-    t, t_mid, t_end = targets.student_grid_times(jnp.ones((batch,), jnp.int32), steps=steps)
+    t, t_mid, t_end = targets.round_times(jnp.ones((batch,), jnp.int32), steps=steps)
     z_t, labels, w = noisy_batch(gmm, t, seed=1)
     xtilde, _ = targets.progressive_target(
         teacher_fn, z_t, labels, w, t=t, t_mid=t_mid, t_end=t_end
@@ -84,16 +85,13 @@ def test_last_student_step_target_is_the_teachers_two_step_sample(teacher):
     np.testing.assert_allclose(xtilde, two_step, atol=1e-5)
 
 
-def test_stage_one_target_is_the_guided_teacher(teacher):
-    gmm, _ = teacher
-    t = jnp.linspace(0.1, 0.9, 8)
-    z_t, labels, w = noisy_batch(gmm, t, seed=2)
-    cond_fn = Partial(cond_gmm, gmm)
-    got = targets.stage_one_target(cond_fn, z_t, t, labels, w, null_label=K)
-    expect = (1 + w)[:, None] * cond_fn(z_t, t, labels) - w[:, None] * cond_fn(
-        z_t, t, jnp.full_like(labels, K)
-    )
-    np.testing.assert_allclose(got, expect, atol=1e-5)
-    np.testing.assert_allclose(
-        got, guidance.guided_xhat(cond_fn, z_t, t, labels, w, null_label=K), atol=1e-6
-    )
+def test_stochastic_round_times_jump_two_grid_steps_except_the_last():
+    i = jnp.array([1, 2, 3, 4])
+    t, t_mid, t_end = targets.round_times(i, steps=4, stochastic=True)
+    np.testing.assert_allclose(t, [0.25, 0.5, 0.75, 1.0])
+    np.testing.assert_allclose(t_mid, [0.125, 0.25, 0.5, 0.75])
+    np.testing.assert_allclose(t_end, [0.0, 0.0, 0.25, 0.5])
+    # A traced N gives the same times as a Python int.
+    traced = jax.jit(lambda n: targets.round_times(i, steps=n, stochastic=True))(jnp.int32(4))
+    for a, b in zip(traced, (t, t_mid, t_end), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -15,6 +15,7 @@ import pytest
 
 from distill_jax import checkpoints, parallel
 from distill_jax.config import load_config, validate_config
+from distill_jax.run import Run
 from distill_jax.training import loop, pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -40,7 +41,8 @@ def _cli(workdir, *flags, env_extra=None, wait=True):
 
 
 def _final_params(stage_dir):
-    return jax.tree.leaves(checkpoints.restore_stage_params(stage_dir, which="params"))
+    run = Run.open(stage_dir.parent)
+    return jax.tree.leaves(run.load_params(run.stage(stage_dir.name), which="params"))
 
 
 def test_cli_trains_writes_checkpoints_and_resume_after_sigkill_matches(tmp_path):
@@ -162,22 +164,24 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
     config = load_config(str(ROOT / "configs" / "gmm.py") + ":smoke")
     config.train.checkpoint_every = 5
     config.train.log_every = 1
-    workdir = pipeline.prepare_workdir(config, tmp_path)
-    info = pipeline.dataset_info(config)
-    stage = pipeline.teacher_stage(config, workdir, info)
+    run = Run.create(config, tmp_path)
+    spec = run.stage("teacher")
+    stage = pipeline.BUILDERS["teacher"](run, spec, None)
     real_loss = stage.loss_fn
     poison_at = 7  # the 8th step (global step 8 after it) produces a NaN loss
 
-    def poisoned_loss(params, batch, rng, frozen):
-        loss, aux = real_loss(params, batch, rng, frozen)
+    def poisoned_loss(params, batch, rng, teacher):
+        loss, aux = real_loss(params, batch, rng, teacher)
         step_is_bad = jnp.all(rng == jax.random.fold_in(jax.random.PRNGKey(config.seed), poison_at))
         return jnp.where(step_is_bad, jnp.nan, loss), aux
 
     stage.loss_fn = poisoned_loss
     with pytest.raises(loop.NonFiniteError, match=r"step 8.*step 5"):
-        loop.run_stage(stage, config=config, workdir=workdir, mesh=parallel.make_mesh(-1))
-    steps = sorted(int(p.name) for p in stage.directory.glob("[0-9]*") if p.name.isdigit())
+        loop.run_stage(stage, run, parallel.make_mesh(-1))
+    directory = run.directory(spec)
+    steps = sorted(int(p.name) for p in directory.glob("[0-9]*") if p.name.isdigit())
     assert steps == [5]
-    assert checkpoints.stage_finished(stage.directory) is None
-    params = jax.tree.leaves(checkpoints.restore_stage_params(stage.directory, which="params"))
+    assert checkpoints.stage_finished(directory) is None
+    abstract = run.abstract_params(spec)
+    params = jax.tree.leaves(checkpoints.restore_params(directory, abstract, which="params"))
     assert all(np.isfinite(p).all() for p in params)

@@ -5,7 +5,7 @@ Importing this package registers the 'distill_jax_digits' TFDS builder.
 
 from distill_jax.data.digits import DistillJaxDigits, digits_arrays, prepare_digits
 from distill_jax.data.loader import (
-    iterator_checkpoint_args,
+    check_batch_size,
     make_eval_arrays,
     make_train_loader,
     to_global_batch,
@@ -18,21 +18,23 @@ from distill_jax.data.sources import (
     load_source,
     preprocess_example,
     resize_image,
+    sample_mixture,
 )
 
 __all__ = [
     "ArraySource",
+    "check_batch_size",
     "DatasetInfo",
     "DatasetNotPreparedError",
     "DistillJaxDigits",
     "digits_arrays",
     "gmm_arrays",
-    "iterator_checkpoint_args",
     "load_source",
     "make_eval_arrays",
     "make_train_loader",
     "preprocess_example",
     "prepare_digits",
     "resize_image",
+    "sample_mixture",
     "to_global_batch",
 ]

@@ -17,10 +17,8 @@ positions (hence the same per-example noise) as a run on one. Each epoch is resh
 folds the epoch into the seed). Changing data.worker_count changes nothing but speed.
 
 Checkpointing: the returned iterator is a `grain.DatasetIterator`; its `get_state()` is a small
-JSON-able dict and `set_state()` resumes the exact data order. With Orbax, put
-`iterator_checkpoint_args(iterator, restore=False)` in an `ocp.args.Composite` next to the
-train state when saving and `iterator_checkpoint_args(fresh_iterator, restore=True)` when
-restoring (grain's `CheckpointHandler` writes one JSON file per process).
+JSON-able dict and `set_state()` resumes the exact data order. `checkpoints.StageCheckpointer`
+saves it beside the train state with grain's Orbax handler (one JSON file per process).
 """
 
 from __future__ import annotations
@@ -41,15 +39,22 @@ from distill_jax.data.sources import load_source, preprocess_example
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
 
 
-def _check_batch_size(batch_size: int, process_count: int) -> int:
-    """The per-process batch size; fails unless batch_size is a positive multiple of it."""
-    if batch_size < 1 or process_count < 1 or batch_size % process_count:
+def check_batch_size(
+    batch_size: int, *, devices: int = 1, processes: int = 1, key: str = "batch_size"
+) -> int:
+    """The per-process batch size; fails unless `batch_size` splits evenly.
+
+    The global batch must be a positive multiple of the device count (every device gets the
+    same share) and of the process count (every process loads the same number of examples).
+    `key` names the setting in the message.
+    """
+    if batch_size < 1 or batch_size % devices or batch_size % processes:
         raise ValueError(
-            f"The global batch size {batch_size} must be a positive multiple of the number of "
-            f"processes {process_count}, so that every process loads the same number of "
-            "examples."
+            f"{key}={batch_size} does not split evenly over {devices} devices and {processes} "
+            f"processes: accepted a positive multiple of the number of devices ({devices}) and "
+            f"of the number of processes ({processes})."
         )
-    return batch_size // process_count
+    return batch_size // processes
 
 
 def make_train_loader(
@@ -79,7 +84,7 @@ def make_train_loader(
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    local_batch = _check_batch_size(batch_size, process_count)
+    local_batch = check_batch_size(batch_size, processes=process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
     source, _ = load_source(data_config, split=data_config.train_split, seed=seed)
@@ -102,23 +107,6 @@ def make_train_loader(
             grain.MultiprocessingOptions(num_workers=int(data_config.worker_count))
         )
     return iter(dataset)
-
-
-def iterator_checkpoint_args(
-    iterator: grain.DatasetIterator, *, restore: bool
-) -> grain.checkpoint.CheckpointSave | grain.checkpoint.CheckpointRestore:
-    """Orbax args that save (restore=False) or restore into (restore=True) `iterator`.
-
-    Use inside `ocp.args.Composite`, e.g.
-    `manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-    data=iterator_checkpoint_args(it, restore=False)))` and
-    `manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-    data=iterator_checkpoint_args(fresh_it, restore=True)))`; the restored `fresh_it`
-    continues exactly where `it` was at save time.
-    """
-    if restore:
-        return grain.checkpoint.CheckpointRestore(iterator)
-    return grain.checkpoint.CheckpointSave(iterator)
 
 
 def make_eval_arrays(

@@ -30,8 +30,6 @@ from PIL import Image
 from distill_jax.data.digits import prepare_digits
 from distill_jax.diffusion.gmm import GaussianMixture, make_gmm
 
-BUNDLED_NAMES = ("digits", "gmm")
-
 
 class DatasetNotPreparedError(FileNotFoundError):
     """A TFDS dataset is requested that is not prepared (array_record) in the data_dir."""
@@ -84,15 +82,14 @@ def gmm_from_config(gmm_config: ml_collections.ConfigDict) -> GaussianMixture:
     )
 
 
-def gmm_arrays(
-    gmm_config: ml_collections.ConfigDict, *, num: int, seed: Any
+def sample_mixture(
+    gmm: GaussianMixture, *, num: int, seed: Any
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw `num` mixture samples with numpy: x float32 [num, D], labels int32 [num].
+    """Draw `num` samples of a mixture with numpy: x float32 [num, D], labels int32 [num].
 
-    The mixture comes from `make_gmm` with `gmm_config`; `seed` is anything
-    `numpy.random.default_rng` accepts, so the same seed gives the same samples.
+    `seed` is anything `numpy.random.default_rng` accepts, so the same seed gives the same
+    samples. This is the only Gaussian-mixture sampler: the toy dataset and the tests use it.
     """
-    gmm = gmm_from_config(gmm_config)
     means, stds = np.asarray(gmm.means), np.asarray(gmm.stds)
     weights = np.asarray(gmm.weights, np.float64)
     rng = np.random.default_rng(seed)
@@ -100,6 +97,13 @@ def gmm_arrays(
     noise = rng.standard_normal((num, gmm.dim))
     x = (means[labels] + stds[labels] * noise).astype(np.float32)
     return x, labels
+
+
+def gmm_arrays(
+    gmm_config: ml_collections.ConfigDict, *, num: int, seed: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """`sample_mixture` of the mixture `make_gmm` builds from `gmm_config`."""
+    return sample_mixture(gmm_from_config(gmm_config), num=num, seed=seed)
 
 
 def _gmm_source(

@@ -3,7 +3,12 @@
 No Flax and no I/O: every function takes arrays and a `denoise_fn(z, t, labels, w) -> xhat`.
 """
 
-from distill_jax.diffusion.gmm import GaussianMixture, gmm_xhat, make_gmm, sample_gmm
+from distill_jax.diffusion.gmm import (
+    GaussianMixture,
+    gmm_xhat,
+    make_gmm,
+    make_gmm_denoise_fn,
+)
 from distill_jax.diffusion.guidance import (
     CondFn,
     DenoiseFn,
@@ -28,6 +33,7 @@ from distill_jax.diffusion.samplers import (
     ddim_sample,
     ddim_step,
     noise_to,
+    run_sampler,
     stochastic_sample,
 )
 from distill_jax.diffusion.schedule import (
@@ -41,11 +47,7 @@ from distill_jax.diffusion.schedule import (
     t_from_logsnr,
     transition,
 )
-from distill_jax.diffusion.targets import (
-    progressive_target,
-    stage_one_target,
-    student_grid_times,
-)
+from distill_jax.diffusion.targets import progressive_target, round_times
 from distill_jax.diffusion.weighting import (
     WEIGHTINGS,
     check_weighting,
@@ -78,15 +80,15 @@ __all__ = [
     "logsnr_schedule_cosine",
     "loss_weight",
     "make_gmm",
+    "make_gmm_denoise_fn",
     "make_guided_denoise_fn",
     "noise_to",
+    "run_sampler",
     "output_channels",
     "progressive_target",
     "q_sample",
-    "sample_gmm",
-    "stage_one_target",
     "stochastic_sample",
-    "student_grid_times",
+    "round_times",
     "t_from_logsnr",
     "transition",
     "v_from_x_eps",

@@ -64,18 +64,6 @@ def make_gmm(
     )
 
 
-def sample_gmm(
-    gmm: GaussianMixture, rng: jax.Array, num: int, labels: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Draw `num` samples: returns (x [num, D], labels [num] int32)."""
-    label_rng, noise_rng = jax.random.split(rng)
-    if labels is None:
-        labels = jax.random.categorical(label_rng, jnp.log(gmm.weights), shape=(num,))
-    labels = labels.astype(jnp.int32)
-    noise = jax.random.normal(noise_rng, (num, gmm.dim))
-    return gmm.means[labels] + gmm.stds[labels] * noise, labels
-
-
 def _component_posteriors(
     gmm: GaussianMixture, z: jax.Array, alpha: jax.Array, sigma: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -114,3 +102,26 @@ def gmm_xhat(
     k = gmm.num_classes
     cond = jnp.take_along_axis(mean_x, jnp.clip(labels, 0, k - 1)[:, None, None], axis=1)[:, 0]
     return jnp.where((labels >= k)[:, None], uncond, cond)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GmmDenoiser:
+    """The static half of the exact denoiser's Partial: the schedule bounds, hashed by value."""
+
+    logsnr_min: float
+    logsnr_max: float
+
+    def __call__(self, gmm: GaussianMixture, z, t, labels, w=None):
+        del w  # the exact conditional denoiser is unguided; guidance wraps it
+        return gmm_xhat(gmm, z, t, labels, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
+
+
+def make_gmm_denoise_fn(
+    gmm: GaussianMixture, *, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX
+) -> jax.tree_util.Partial:
+    """The exact denoiser as a denoise_fn(z, t, labels, w=None) -> xhat Partial.
+
+    The mixture is the Partial's bound (traced) argument, so the same compiled sampler or loss
+    serves any mixture; w is ignored (wrap it with `guidance.make_guided_denoise_fn`).
+    """
+    return jax.tree_util.Partial(_GmmDenoiser(float(logsnr_min), float(logsnr_max)), gmm)

@@ -189,22 +189,57 @@ def _check_t_start(t_start: float) -> float:
     return float(t_start)
 
 
-def _run(
+def _check_inpainting(z_init: jax.Array, known, mask):
+    """(known, mask) as arrays of z_init's shape and dtype, or (None, None)."""
+    if (known is None) != (mask is None):
+        raise ValueError("known and mask must be given together (inpainting) or both be None.")
+    if known is None:
+        return None, None
+    known = jnp.asarray(known, z_init.dtype)
+    mask = jnp.asarray(mask, z_init.dtype)
+    for name, value in (("known", known), ("mask", mask)):
+        if value.shape != z_init.shape:
+            raise ValueError(
+                f"{name} shape {value.shape} is invalid: accepted z_init's shape {z_init.shape}."
+            )
+    return known, mask
+
+
+def run_sampler(
     sampler: str,
     denoise_fn: DenoiseFn,
     z_init: jax.Array,
     labels: jax.Array,
     w: jax.Array,
-    rng: jax.Array | None,
+    rng: jax.Array | None = None,
     *,
     steps: int,
-    t_start: float,
-    known: jax.Array | None,
-    mask: jax.Array | None,
-    logsnr_min: float,
-    logsnr_max: float,
+    t_start: float = 1.0,
+    known: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    logsnr_min: float = LOGSNR_MIN,
+    logsnr_max: float = LOGSNR_MAX,
 ) -> jax.Array:
-    """Validate arguments, broadcast labels and w to [B], call the jitted loop."""
+    """Run the sampler named `sampler` ('ddim', 'ancestral' or 'stochastic'); x at t = 0.
+
+    Args:
+      sampler: one of SAMPLERS (see `ddim_sample`, `ancestral_sample`, `stochastic_sample`).
+      denoise_fn: denoise_fn(z, t, labels, w) -> xhat; a Partial keeps bound params traced.
+      z_init: [B, ...] start at t_start (N(0, I) for t_start = 1, `noise_to(x, ...)` otherwise).
+      labels: [B] int class labels (or a scalar, broadcast).
+      w: [B] float guidance weights (or a scalar, broadcast).
+      rng: PRNG key for the step noise (ancestral, stochastic) or inpainting; unused by plain
+        DDIM.
+      steps: number of network evaluations N >= 1.
+      t_start: start time in (0, 1]; below 1 for image-to-image.
+      known: [B, ...] inpainting values, or None; known pixels are kept exactly.
+      mask: [B, ...] 1 where `known` holds a known pixel, 0 elsewhere; None with `known`.
+      logsnr_min: the schedule's lower log-SNR clip (as in `schedule`).
+      logsnr_max: the schedule's upper log-SNR clip.
+
+    Returns:
+      [B, ...] samples, the x-hat of the last step.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is unknown: accepted {', '.join(SAMPLERS)}.")
     _check_steps(steps)
@@ -212,17 +247,7 @@ def _run(
     z_init = jnp.asarray(z_init)
     if z_init.ndim < 1:
         raise ValueError(f"z_init must have a batch axis: got shape {z_init.shape}.")
-    if (known is None) != (mask is None):
-        raise ValueError("known and mask must be given together (inpainting) or both be None.")
-    if known is not None:
-        known = jnp.asarray(known, z_init.dtype)
-        mask = jnp.asarray(mask, z_init.dtype)
-        for name, value in (("known", known), ("mask", mask)):
-            if value.shape != z_init.shape:
-                raise ValueError(
-                    f"{name} shape {value.shape} is invalid: accepted z_init's shape "
-                    f"{z_init.shape}."
-                )
+    known, mask = _check_inpainting(z_init, known, mask)
     needs_rng = sampler != "ddim" or known is not None
     if needs_rng and rng is None:
         raise ValueError(f"rng is required by the {sampler} sampler (or for inpainting).")
@@ -247,104 +272,35 @@ def _run(
     )
 
 
-def ddim_sample(
-    denoise_fn: DenoiseFn,
-    z_init: jax.Array,
-    labels: jax.Array,
-    w: jax.Array,
-    *,
-    steps: int,
-    t_start: float = 1.0,
-    known: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    rng: jax.Array | None = None,
-    logsnr_min: float = LOGSNR_MIN,
-    logsnr_max: float = LOGSNR_MAX,
-) -> jax.Array:
+def _named_sampler(sampler: str, doc: str) -> functools.partial:
+    """`run_sampler` with its first argument fixed, documented as its own function."""
+    named = functools.partial(run_sampler, sampler)
+    named.__doc__ = doc
+    return named
+
+
+ddim_sample = _named_sampler(
+    "ddim",
     """Deterministic DDIM: `steps` steps on t_i = t_start * i / steps, returning x at t = 0.
 
-    Args:
-      denoise_fn: denoise_fn(z, t, labels, w) -> xhat; a Partial keeps bound params traced.
-      z_init: [B, ...] start at t_start (N(0, I) for t_start = 1, `noise_to(x, ...)` otherwise).
-      labels: [B] int class labels (or a scalar, broadcast).
-      w: [B] float guidance weights (or a scalar, broadcast).
-      steps: number of network evaluations N >= 1.
-      t_start: start time in (0, 1]; below 1 for image-to-image.
-      known: [B, ...] inpainting values, or None; known pixels are kept exactly.
-      mask: [B, ...] 1 where `known` holds a known pixel, 0 elsewhere; None with `known`.
-      rng: PRNG key, needed only for inpainting (noise for the known pixels).
-      logsnr_min: the schedule's lower log-SNR clip (as in `schedule`).
-      logsnr_max: the schedule's upper log-SNR clip.
+    ddim_sample(denoise_fn, z_init, labels, w, rng=None, *, steps, ...): arguments as in
+    `run_sampler`; `rng` is needed only for inpainting (noise for the known pixels).
+    """,
+)
 
-    Returns:
-      [B, ...] samples, the x-hat of the last step.
-    """
-    return _run(
-        "ddim",
-        denoise_fn,
-        z_init,
-        labels,
-        w,
-        rng,
-        steps=steps,
-        t_start=t_start,
-        known=known,
-        mask=mask,
-        logsnr_min=logsnr_min,
-        logsnr_max=logsnr_max,
-    )
-
-
-def ancestral_sample(
-    denoise_fn: DenoiseFn,
-    z_init: jax.Array,
-    labels: jax.Array,
-    w: jax.Array,
-    rng: jax.Array,
-    *,
-    steps: int,
-    t_start: float = 1.0,
-    known: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    logsnr_min: float = LOGSNR_MIN,
-    logsnr_max: float = LOGSNR_MAX,
-) -> jax.Array:
+ancestral_sample = _named_sampler(
+    "ancestral",
     """DDPM ancestral sampling: z_s ~ q(z_s | z_t, x = xhat) on t_i = t_start * i / steps.
 
     The posterior has mean alpha_{t|s} sigma_s^2 / sigma_t^2 z_t + alpha_s sigma_{t|s}^2 /
     sigma_t^2 xhat and variance sigma_{t|s}^2 sigma_s^2 / sigma_t^2; the last step returns xhat.
-    Arguments as in `ddim_sample`; `rng` is a PRNG key for the step noise.
-    """
-    return _run(
-        "ancestral",
-        denoise_fn,
-        z_init,
-        labels,
-        w,
-        rng,
-        steps=steps,
-        t_start=t_start,
-        known=known,
-        mask=mask,
-        logsnr_min=logsnr_min,
-        logsnr_max=logsnr_max,
-    )
+    ancestral_sample(denoise_fn, z_init, labels, w, rng, *, steps, ...): arguments as in
+    `run_sampler`; `rng` is a PRNG key for the step noise.
+    """,
+)
 
-
-def stochastic_sample(
-    denoise_fn: DenoiseFn,
-    z_init: jax.Array,
-    labels: jax.Array,
-    w: jax.Array,
-    rng: jax.Array,
-    *,
-    steps: int,
-    t_start: float = 1.0,
-    known: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    logsnr_min: float = LOGSNR_MIN,
-    logsnr_max: float = LOGSNR_MAX,
-) -> jax.Array:
+stochastic_sample = _named_sampler(
+    "stochastic",
     """The distilled model's stochastic sampler (Meng et al. 2022, section 3.2 of the note).
 
     Reading implemented (with h = t_start / steps): from t = i h with i > 1, one DDIM jump of
@@ -353,22 +309,10 @@ def stochastic_sample(
     plain DDIM step of h to 0 and returns xhat. So the network is evaluated `steps` times and
     sees jumps of 2h except the last jump of h, which is what a student trained for stochastic
     sampling expects. At i = 2, u = 0 and the DDIM jump returns xhat; the forward noise uses
-    the clipped schedule's alpha_0 and sigma_{s|0}. Arguments as in `ddim_sample`.
-    """
-    return _run(
-        "stochastic",
-        denoise_fn,
-        z_init,
-        labels,
-        w,
-        rng,
-        steps=steps,
-        t_start=t_start,
-        known=known,
-        mask=mask,
-        logsnr_min=logsnr_min,
-        logsnr_max=logsnr_max,
-    )
+    the clipped schedule's alpha_0 and sigma_{s|0}. stochastic_sample(denoise_fn, z_init,
+    labels, w, rng, *, steps, ...): arguments as in `run_sampler`.
+    """,
+)
 
 
 def noise_to(

@@ -1,7 +1,8 @@
-"""Distillation targets: stage one (guided teacher x-hat) and stage two (progressive halving).
+"""Distillation targets: stage two's progressive halving target and its step times.
 
 Stage one: the student xhat_eta(z_t, c, w) regresses the guided teacher
-(1 + w) xhat(z_t, c) - w xhat(z_t, null), evaluated as one batched teacher call.
+(1 + w) xhat(z_t, c) - w xhat(z_t, null), evaluated as one batched teacher call: that target is
+`guidance.guided_xhat` itself.
 
 Stage two (one halving round, student with N steps): for i ~ U{1..N}, t = i/N,
 t' = t - 0.5/N, t'' = t - 1/N, the teacher takes two DDIM steps t -> t' -> t'' and the target
@@ -16,31 +17,9 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from distill_jax.diffusion.guidance import CondFn, DenoiseFn, guided_xhat
+from distill_jax.diffusion.guidance import DenoiseFn
 from distill_jax.diffusion.samplers import ddim_step
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma_at, expand_to
-
-
-def stage_one_target(
-    teacher_cond_fn: CondFn,
-    z_t: jax.Array,
-    t: jax.Array,
-    labels: jax.Array,
-    w: jax.Array,
-    *,
-    null_label: int | jax.Array,
-) -> jax.Array:
-    """Guided teacher x-hat [B, ...], the stage-one regression target (one teacher call).
-
-    Args:
-      teacher_cond_fn: teacher(z, t, labels) -> xhat; called once on a batch of 2B.
-      z_t: [B, ...] noisy data at times t.
-      t: [B] times in [0, 1].
-      labels: [B] int class labels.
-      w: [B] guidance weights.
-      null_label: the unconditional label (the number of classes).
-    """
-    return guided_xhat(teacher_cond_fn, z_t, t, labels, w, null_label=null_label)
 
 
 def progressive_target(
@@ -97,16 +76,34 @@ def progressive_target(
     return xtilde.astype(z_t.dtype), z_end
 
 
-def student_grid_times(i: jax.Array, *, steps: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Times of the standard halving round: (i/N, i/N - 0.5/N, i/N - 1/N), each float32 [B].
+def round_times(
+    i: jax.Array, *, steps: int | jax.Array, stochastic: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(t, t_mid, t_end), each float32 [B], of the teacher's two steps for student steps i.
+
+    Standard rounds: (i/N, (i - 0.5)/N, (i - 1)/N). For a student trained for the stochastic
+    sampler (jumps of 2/N, the last jump 1/N): (i/N, (i - 1)/N, (i - 2)/N) for i >= 2 and the
+    standard times for i = 1.
 
     Args:
       i: [B] int student step indices in 1..N.
-      steps: the student's number of steps N >= 1 (the teacher has 2N).
+      steps: the student's number of steps N >= 1 (the teacher has 2N); may be traced, so
+        rounds that differ only in N lower to the same program (each round still jits its own
+        step; the persistent compilation cache is what reuses the compiled code).
+      stochastic: the times of the stochastic variant.
     """
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+    python_number = isinstance(steps, numbers.Number)
+    if python_number and (not isinstance(steps, numbers.Integral) or steps < 1 or steps is True):
         raise ValueError(f"steps={steps!r} is invalid: accepted an integer >= 1.")
     i = jnp.asarray(i, jnp.float32)
-    t = i / steps
+    steps = jnp.asarray(steps, jnp.float32)
     # i - 1 and i - 0.5 are exact in float32, so t_end is exactly 0 for i = 1.
-    return t, (i - 0.5) / steps, (i - 1.0) / steps
+    t, t_mid, t_end = i / steps, (i - 0.5) / steps, (i - 1.0) / steps
+    if not stochastic:
+        return t, t_mid, t_end
+    jump = i >= 2  # jumps of 2/N, made of two teacher jumps of 1/N
+    return (
+        t,
+        jnp.where(jump, (i - 1.0) / steps, t_mid),
+        jnp.where(jump, (i - 2.0) / steps, t_end),
+    )

@@ -8,8 +8,8 @@ softmax used by the Inception-Score analogue and the conditional accuracy.
 Training is deterministic: fixed PRNG seed, numpy-shuffled minibatches, AdamW, random
 one-pixel shifts on images (a little augmentation, as the bundled digits have 1,497 training
 images). A trained classifier is cached under
-`<cache>/classifiers/<dataset>-<hash of dataset and classifier settings>/`
-(params.msgpack + info.json, written to a temporary folder and renamed), where <cache> is
+`<cache>/classifiers/<dataset>-<hash of dataset and classifier settings>/` (params/, an Orbax
+checkpoint, and info.json, written to a staging folder and renamed), where <cache> is
 `config.eval.classifier.cache_dir`, else $DISTILL_JAX_CACHE, else ~/.cache/distill_jax.
 """
 
@@ -20,22 +20,23 @@ import functools
 import hashlib
 import json
 import os
-import pathlib
-import shutil
-import tempfile
 import time
 from typing import Any
 
 import flax.linen as nn
-import flax.serialization
 import jax
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
+from distill_jax import files
 from distill_jax.data import loader
+from distill_jax.evaluation import metrics
 
-CACHE_VERSION = 1  # bump when the network or training changes meaning
+CACHE_VERSION = 2  # bump when the network, its training or the cache format changes
 Params = Any
 
 
@@ -81,7 +82,7 @@ class TrainedClassifier:
     net: ClassifierNet
     params: Params
     test_accuracy: float
-    directory: pathlib.Path
+    directory: epath.Path
     info: dict
 
     @property
@@ -108,10 +109,10 @@ def _apply(net: ClassifierNet, params: Params, x: jax.Array) -> tuple[jax.Array,
     return feats, jax.nn.softmax(logits)
 
 
-def cache_root(classifier_config: ml_collections.ConfigDict) -> pathlib.Path:
+def cache_root(classifier_config: ml_collections.ConfigDict) -> epath.Path:
     """The cache folder: the config's cache_dir, else $DISTILL_JAX_CACHE, else ~/.cache."""
     root = classifier_config.cache_dir or os.environ.get("DISTILL_JAX_CACHE", "")
-    return pathlib.Path(root or pathlib.Path.home() / ".cache" / "distill_jax").expanduser()
+    return epath.Path(root or os.path.join("~", ".cache", "distill_jax")).expanduser()
 
 
 def _settings(config: ml_collections.ConfigDict) -> dict:
@@ -129,7 +130,7 @@ def _settings(config: ml_collections.ConfigDict) -> dict:
     return dict(version=CACHE_VERSION, dataset=dataset, training=training)
 
 
-def cache_directory(config: ml_collections.ConfigDict) -> pathlib.Path:
+def cache_directory(config: ml_collections.ConfigDict) -> epath.Path:
     """Where the classifier of this config's dataset and settings is (or will be) cached."""
     settings = _settings(config)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -151,13 +152,10 @@ def _shift_images(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def accuracy(classifier: TrainedClassifier, x: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of `x` classified as `labels`."""
-    _, probs = classifier.features_and_probs(x)
-    return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
+    return metrics.conditional_accuracy(classifier.features_and_probs(x)[1], labels)
 
 
-def train_classifier(
-    config: ml_collections.ConfigDict, *, log=print
-) -> tuple[ClassifierNet, Params, dict]:
+def train_classifier(config: ml_collections.ConfigDict) -> tuple[ClassifierNet, Params, dict]:
     """Train the classifier of `config` (data and eval.classifier) from scratch.
 
     Returns:
@@ -193,42 +191,51 @@ def train_classifier(
         idx = order[cursor : cursor + batch]
         cursor += batch
         params, opt_state, _ = step(params, opt_state, _shift_images(x[idx], rng), labels[idx])
-    trained = TrainedClassifier(net, params, 0.0, pathlib.Path("."), {})
+    trained = TrainedClassifier(net, params, 0.0, epath.Path("."), {})
     test_accuracy = accuracy(trained, x_test, labels_test)
     info = dict(
         _settings(config),
+        input_shape=list(x.shape[1:]),
         num_classes=num_classes,
         test_accuracy=test_accuracy,
         train_accuracy=accuracy(trained, x, labels),
         train_seconds=time.perf_counter() - start,
     )
-    log(
-        f"[classifier] trained on {config.data.name}: test accuracy {test_accuracy:.4f} "
-        f"({info['train_seconds']:.0f}s)"
+    logging.info(
+        "[classifier] trained on %s: test accuracy %.4f (%.0fs)",
+        config.data.name,
+        test_accuracy,
+        info["train_seconds"],
     )
     return net, params, info
 
 
-def load_or_train_classifier(config: ml_collections.ConfigDict, *, log=print) -> TrainedClassifier:
+def _abstract_params(net: ClassifierNet, info: dict) -> Params:
+    """The restore target: parameter shapes on the first local device."""
+    shape = (1, *info["input_shape"])
+    abstract = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), np.zeros(shape))["params"])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+
+
+def load_or_train_classifier(config: ml_collections.ConfigDict) -> TrainedClassifier:
     """The cached classifier of this config's dataset, training and caching it if missing."""
     directory = cache_directory(config)
-    info_path, params_path = directory / "info.json", directory / "params.msgpack"
-    if info_path.exists() and params_path.exists():
+    checkpointer = ocp.StandardCheckpointer()
+    info_path = directory / "info.json"
+    if info_path.exists() and (directory / "params").exists():
         info = json.loads(info_path.read_text())
         net = ClassifierNet(
             num_classes=int(info["num_classes"]), features=int(info["training"]["features"])
         )
-        params = flax.serialization.msgpack_restore(params_path.read_bytes())
+        params = checkpointer.restore(directory / "params", _abstract_params(net, info))
         return TrainedClassifier(net, params, float(info["test_accuracy"]), directory, info)
-    net, params, info = train_classifier(config, log=log)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
-    (tmp / "params.msgpack").write_bytes(
-        flax.serialization.msgpack_serialize(jax.device_get(params))
-    )
-    (tmp / "info.json").write_text(json.dumps(info, indent=2))
+    net, params, info = train_classifier(config)
     try:
-        tmp.rename(directory)
-    except OSError:  # another process cached it first; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+        with files.atomic_directory(directory) as staging:
+            checkpointer.save(staging / "params", params)
+            checkpointer.wait_until_finished()
+            files.atomic_write(staging / "info.json", json.dumps(info, indent=2))
+    except FileExistsError:
+        pass  # another process cached it first; theirs is identical
     return TrainedClassifier(net, params, float(info["test_accuracy"]), directory, info)

@@ -1,18 +1,20 @@
 """`distill-jax evaluate`: the table of samplers x step counts x guidance weights of a run.
 
-For each w in config.eval.guidance_weights it measures
-- the teacher with guided DDIM at N in config.eval.teacher_steps (default 1, 2, 4, ..., n_start),
-  2N network evaluations per sample;
-- every finished student (or those in config.eval.student_steps), deterministic (DDIM) at its
-  N (stage one's student at n_start);
-- the students with the distilled stochastic sampler when config.stage2.stochastic is set;
-with FD against real data, FD against the full-step guided teacher's samples at the same w and
-seed ("FD to teacher": how faithfully a sampler reproduces the guided distribution, which FD to
-data cannot say at large w, where guidance itself moves samples away from the data), IS and
-conditional accuracy (mean and spread over config.eval.seeds sample sets of
-config.eval.num_samples; every sampler sees the same noise and labels for a seed, so
-differences between samplers are paired) and the sampling time per image (after a warm-up call,
-so compilation is excluded).
+The table is made by a list of evaluators (`EVALUATORS`), each a sampler spec producing rows:
+- teacher_ddim: the teacher with guided DDIM at N in config.eval.teacher_steps (default 1, 2, 4,
+  ..., n_start), 2N network evaluations per sample;
+- student_ddim: every finished student (or those in config.eval.student_steps), deterministic
+  (DDIM) at its N (stage one's student at n_start);
+- student_stochastic: the students with the distilled stochastic sampler when
+  config.stage2.stochastic is set.
+A new kind of model or sampler adds an `Evaluator`. For each w in config.eval.guidance_weights
+every row gets FD against real data, FD against the full-step guided teacher's samples at the
+same w and seed ("FD to teacher": how faithfully a sampler reproduces the guided distribution,
+which FD to data cannot say at large w, where guidance itself moves samples away from the data),
+IS and conditional accuracy (mean and spread over config.eval.seeds sample sets of
+config.eval.num_samples; every sampler sees the same noise and labels for a seed, so differences
+between samplers are paired) and the sampling time per image (after a warm-up call, so
+compilation is excluded).
 
 Outputs in workdir/eval/: results.csv, results.json, results.md, fd_vs_evaluations.png,
 metrics_vs_guidance.png, grids/<sampler>_N<steps>_w<w>.png, grids/data.png. Finished rows are
@@ -24,33 +26,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import time
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
+from absl import logging
+from etils import epath
 
-from distill_jax import checkpoints, sampling
+from distill_jax import images, sampling
 from distill_jax.data import loader
 from distill_jax.evaluation import classifier as classifier_lib
 from distill_jax.evaluation import metrics, plots, table
-
-SAMPLERS = ("teacher_ddim", "student_ddim", "student_stochastic")
-_MODEL = {"teacher_ddim": "teacher", "student_ddim": "student", "student_stochastic": "student"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One row of the table: a sampler, its step count and a guidance weight."""
-
-    sampler: str
-    steps: int
-    w: float
-
-    @property
-    def grid_name(self) -> str:
-        """The file name of its sample grid."""
-        return f"{self.sampler}_N{self.steps:04d}_w{self.w:g}.png"
+from distill_jax.run import Run
+from distill_jax.run import workdir as workdir_lib
 
 
 def teacher_step_counts(config: ml_collections.ConfigDict) -> list[int]:
@@ -64,91 +53,130 @@ def teacher_step_counts(config: ml_collections.ConfigDict) -> list[int]:
     return counts
 
 
-def plan(run: sampling.Run) -> list[Entry]:
-    """Every row to measure, grouped by (sampler, steps) so each compiles once."""
-    weights = [float(w) for w in run.config.eval.guidance_weights]
-    groups = [("teacher_ddim", n) for n in teacher_step_counts(run.config)]
-    student_steps = sorted(sampling.student_directories(run), reverse=True)
+def student_step_counts(run: Run) -> list[int]:
+    """Finished students' N (those in config.eval.student_steps, if set), largest first."""
+    steps = sorted(run.students(), reverse=True)
     if run.config.eval.student_steps:
         wanted = {int(n) for n in run.config.eval.student_steps}
-        student_steps = [n for n in student_steps if n in wanted]
-    groups += [("student_ddim", n) for n in student_steps]
-    if run.config.stage2.stochastic:
-        groups += [("student_stochastic", n) for n in student_steps]
-    low, high = float(run.config.guidance.w_min), float(run.config.guidance.w_max)
-    return [
-        Entry(sampler, steps, w)
-        for sampler, steps in groups
-        for w in weights
-        if sampler.startswith("teacher") or low <= w <= high
-    ]
+        steps = [n for n in steps if n in wanted]
+    return steps
 
 
-def _model_identity(run: sampling.Run, entry: Entry) -> str:
-    directory = sampling.model_directory(run, _MODEL[entry.sampler], entry.steps)
-    if directory is None:
-        return "exact_gmm"
-    return f"{directory.name}:{json.dumps(checkpoints.stage_finished(directory), sort_keys=True)}"
+def _stochastic_student_step_counts(run: Run) -> list[int]:
+    return student_step_counts(run) if run.config.stage2.stochastic else []
 
 
-def _row_key(run: sampling.Run, entry: Entry, classifier_id: str) -> dict:
-    e = run.config.eval
-    return dict(
-        sampler=entry.sampler,
-        steps=entry.steps,
-        w=entry.w,
-        num_samples=int(e.num_samples),
-        seeds=int(e.seeds),
-        classifier=classifier_id,
-        model=_model_identity(run, entry),
-        reference_split=e.reference_split or run.config.data.train_split,
-        metrics_version=2,  # 2: rows carry fd_teacher
-    )
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+    """A sampler spec producing rows: which model, which sampler, at which step counts.
 
-
-def _load_progress(path: pathlib.Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by an interruption
-            continue
-    return records
-
-
-def _display(x: np.ndarray, info_shape: tuple) -> np.ndarray:
-    """Samples as uint8 images for grids, or unchanged vectors."""
-    return sampling.to_uint8(x) if len(info_shape) == 3 else x
-
-
-def evaluate_run(
-    workdir: str | pathlib.Path,
-    *,
-    eval_config: ml_collections.ConfigDict | None = None,
-    fresh: bool = False,
-    log=print,
-) -> dict[str, pathlib.Path]:
-    """Measure every row of `plan`, write the tables, plots and grids, return their paths.
-
-    Args:
-      workdir: a run directory (config.json, teacher/, stage1/, stage2/).
-      eval_config: replaces the recorded config.eval (sample counts, weights, ...).
-      fresh: ignore eval/progress.jsonl and measure every row again.
-      log: progress printer.
+    Attributes:
+      name: the table's sampler column.
+      model: 'teacher' (guided, any N) or 'student' (the finished student of that N).
+      stochastic: ancestral steps for the teacher, the distilled stochastic sampler for a student.
+      step_counts: run -> the N to measure.
     """
-    run = sampling.load_run(workdir, eval_config=eval_config)
+
+    name: str
+    model: str
+    stochastic: bool
+    step_counts: Callable[[Run], list[int]]
+
+    def entries(self, run: Run) -> list[Entry]:
+        """Its rows: every step count x every evaluated w (students: w in the trained range)."""
+        low, high = float(run.config.guidance.w_min), float(run.config.guidance.w_max)
+        weights = [float(w) for w in run.config.eval.guidance_weights]
+        if self.model == "student":
+            weights = [w for w in weights if low <= w <= high]
+        return [Entry(self, steps, w) for steps in self.step_counts(run) for w in weights]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One row of the table: an evaluator, its step count and a guidance weight."""
+
+    evaluator: Evaluator
+    steps: int
+    w: float
+
+    @property
+    def grid_name(self) -> str:
+        """The file name of its sample grid."""
+        return f"{self.evaluator.name}_N{self.steps:04d}_w{self.w:g}.png"
+
+
+EVALUATORS: list[Evaluator] = [
+    Evaluator("teacher_ddim", "teacher", False, lambda run: teacher_step_counts(run.config)),
+    Evaluator("student_ddim", "student", False, student_step_counts),
+    Evaluator("student_stochastic", "student", True, _stochastic_student_step_counts),
+]
+
+
+def plan(run: Run) -> list[Entry]:
+    """Every row to measure, grouped by (evaluator, steps) so each compiles once."""
+    return [entry for evaluator in EVALUATORS for entry in evaluator.entries(run)]
+
+
+@dataclasses.dataclass
+class _Context:
+    """What every row of one evaluation shares: the run, the classifier, labels, references."""
+
+    run: Run
+    classifier: classifier_lib.TrainedClassifier
+    reference: metrics.FeatureStatistics
+    labels: np.ndarray
+    batch_size: int
+    grids: epath.Path
+    teacher_refs: dict[tuple[float, int], metrics.FeatureStatistics] = dataclasses.field(
+        default_factory=dict
+    )
+    teacher_fn: object = None
+
+    @property
+    def reference_steps(self) -> int:
+        """N of the full-step teacher, the FD-to-teacher reference."""
+        return max(teacher_step_counts(self.run.config))
+
+    def is_reference(self, entry: Entry) -> bool:
+        """Whether `entry` is the full-step teacher row itself."""
+        return entry.evaluator.model == "teacher" and entry.steps == self.reference_steps
+
+    def draw(self, entry: Entry, seed: int, fn, labels=None) -> np.ndarray:
+        """Samples of `entry`'s sampler with seed 1000 + seed (paired across samplers)."""
+        return sampling.sample(
+            self.run,
+            model=entry.evaluator.model,
+            steps=entry.steps,
+            stochastic=entry.evaluator.stochastic,
+            batch_size=self.batch_size,
+            w=entry.w,
+            labels=self.labels if labels is None else labels,
+            seed=1000 + seed,
+            fn=fn,
+        )
+
+    def teacher_reference(self, w: float, seed: int) -> metrics.FeatureStatistics:
+        """Feature statistics of the full-step guided teacher's samples for (w, seed)."""
+        if (w, seed) not in self.teacher_refs:
+            if self.teacher_fn is None:
+                self.teacher_fn = sampling.denoise_fn(self.run, "teacher", self.reference_steps)
+            entry = Entry(EVALUATORS[0], self.reference_steps, w)
+            x = self.draw(entry, seed, self.teacher_fn)
+            features = self.classifier.features_and_probs(x)[0]
+            self.teacher_refs[(w, seed)] = metrics.feature_statistics(features)
+        return self.teacher_refs[(w, seed)]
+
+
+def _context(run: Run) -> tuple[_Context, dict]:
+    """The shared context and the real-data row (its metrics and grid)."""
     config, info = run.config, run.info
-    out = run.workdir / "eval"
-    grids = out / "grids"
-    grids.mkdir(parents=True, exist_ok=True)
-    classifier = classifier_lib.load_or_train_classifier(config, log=log)
+    classifier = classifier_lib.load_or_train_classifier(config)
     reference_split = config.eval.reference_split or config.data.train_split
     x_ref, _ = loader.make_eval_arrays(config.data, split=reference_split)
     reference = metrics.feature_statistics(classifier.features_and_probs(x_ref)[0])
+    num = int(config.eval.num_samples)
     x_data, labels_data = loader.make_eval_arrays(
-        config.data, split=config.data.eval_split, max_examples=int(config.eval.num_samples)
+        config.data, split=config.data.eval_split, max_examples=num
     )
     feats, probs = classifier.features_and_probs(x_data)
     data_row = dict(
@@ -156,132 +184,158 @@ def evaluate_run(
         num_samples=len(x_data),
         **metrics.sample_metrics(feats, probs, labels_data, reference),
     )
-    rows_per_class = int(config.eval.grid_rows)
-    plots.save_samples_png(
+    grids = run.path(workdir_lib.EVAL_DIR) / "grids"
+    images.save_samples_png(
         grids / "data.png",
-        _display(x_data, info.shape),
+        images.displayable(x_data),
         labels_data,
         info.num_classes,
-        rows=rows_per_class,
+        rows=int(config.eval.grid_rows),
         title="real data",
     )
-
-    progress_path = out / "progress.jsonl"
-    if fresh and progress_path.exists():
-        progress_path.unlink()
-    done = {json.dumps(r["key"], sort_keys=True): r["row"] for r in _load_progress(progress_path)}
-    entries = plan(run)
-    num, seeds = int(config.eval.num_samples), int(config.eval.seeds)
     labels = sampling.class_labels(num, info.num_classes)
     batch_size = min(int(config.eval.batch_size), num)
-    measured, loaded = {}, {}
-    reference_steps = max(teacher_step_counts(config))
-    teacher_refs: dict[tuple[float, int], metrics.FeatureStatistics] = {}
-    teacher_fn = []  # the full-step teacher's denoise_fn, built on first use
+    return _Context(run, classifier, reference, labels, batch_size, grids), data_row
 
-    def teacher_reference(w: float, seed: int) -> metrics.FeatureStatistics:
-        """Feature statistics of the full-step guided teacher's samples for (w, seed)."""
-        if (w, seed) not in teacher_refs:
-            if not teacher_fn:
-                teacher_fn.append(sampling.denoise_fn(run, "teacher", reference_steps))
-            x = sampling.sample(
-                run,
-                model="teacher",
-                steps=reference_steps,
-                stochastic=False,
-                batch_size=batch_size,
-                w=w,
-                labels=labels,
-                seed=1000 + seed,
-                fn=teacher_fn[0],
-            )
-            teacher_refs[(w, seed)] = metrics.feature_statistics(
-                classifier.features_and_probs(x)[0]
-            )
-        return teacher_refs[(w, seed)]
 
-    # The full-step teacher goes first: its samples are every other row's FD-to-teacher
-    # reference, so measuring it first avoids sampling it twice. The table keeps plan order.
-    order = sorted(
-        range(len(entries)),
-        key=lambda k: entries[k] != Entry("teacher_ddim", reference_steps, entries[k].w),
+def _row_key(ctx: _Context, entry: Entry) -> dict:
+    run, e = ctx.run, ctx.run.config.eval
+    spec = run.stage("teacher") if entry.evaluator.model == "teacher" else run.student(entry.steps)
+    model = f"{run.directory(spec).name}:{json.dumps(run.finished(spec), sort_keys=True)}"
+    return dict(
+        sampler=entry.evaluator.name,
+        steps=entry.steps,
+        w=entry.w,
+        num_samples=int(e.num_samples),
+        seeds=int(e.seeds),
+        classifier=ctx.classifier.identity,
+        model=model,
+        reference_split=e.reference_split or run.config.data.train_split,
+        metrics_version=2,  # 2: rows carry fd_teacher
     )
+
+
+def _measure(ctx: _Context, entry: Entry, fn) -> dict:
+    """One row: every seed's metrics (mean and spread), timing, and the seed-0 grid."""
+    per_seed, seconds = [], 0.0
+    for seed in range(int(ctx.run.config.eval.seeds)):
+        start = time.perf_counter()
+        x = ctx.draw(entry, seed, fn)
+        seconds += time.perf_counter() - start
+        feats, probs = ctx.classifier.features_and_probs(x)
+        per_seed.append(metrics.sample_metrics(feats, probs, ctx.labels, ctx.reference))
+        if ctx.is_reference(entry):
+            ctx.teacher_refs[(entry.w, seed)] = metrics.feature_statistics(feats)
+        per_seed[-1]["fd_teacher"] = metrics.frechet_distance(
+            metrics.feature_statistics(feats), ctx.teacher_reference(entry.w, seed)
+        )
+        if seed == 0:
+            images.save_samples_png(
+                ctx.grids / entry.grid_name,
+                images.displayable(x),
+                ctx.labels,
+                ctx.run.info.num_classes,
+                rows=int(ctx.run.config.eval.grid_rows),
+                title=f"{entry.evaluator.name} N={entry.steps} w={entry.w:g}",
+            )
+    row = dict(
+        sampler=entry.evaluator.name,
+        steps=entry.steps,
+        w=entry.w,
+        evaluations=sampling.evaluations_per_sample(entry.evaluator.model, entry.steps),
+        seconds_per_image=seconds / (len(ctx.labels) * len(per_seed)),
+        num_samples=len(ctx.labels),
+        seeds=len(per_seed),
+        grid=f"grids/{entry.grid_name}",
+    )
+    for name in ("fd", "fd_teacher", "inception_score", "accuracy"):
+        row[name], row[f"{name}_std"] = metrics.mean_and_spread([m[name] for m in per_seed])
+    return row
+
+
+def _load_progress(path: epath.Path) -> dict[str, dict]:
+    """{row key: row} of eval/progress.jsonl (a line cut short by an interruption is skipped)."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[json.dumps(record["key"], sort_keys=True)] = record["row"]
+    return done
+
+
+def _measure_all(ctx: _Context, entries: list[Entry], progress: epath.Path) -> list[dict]:
+    """Rows in plan order; reused from `progress` when unchanged, else measured and appended.
+
+    The full-step teacher goes first: its samples are every other row's FD-to-teacher
+    reference, so measuring it first avoids sampling it twice.
+    """
+    done = _load_progress(progress)
+    order = sorted(range(len(entries)), key=lambda k: not ctx.is_reference(entries[k]))
+    measured, loaded = {}, {}
     for index in order:
         entry = entries[index]
-        key = _row_key(run, entry, classifier.identity)
+        key = _row_key(ctx, entry)
         key_text = json.dumps(key, sort_keys=True)
-        if key_text in done and (grids / entry.grid_name).exists():
+        if key_text in done and (ctx.grids / entry.grid_name).exists():
             measured[index] = done[key_text]
             continue
-        model = _MODEL[entry.sampler]
-        kwargs = dict(
-            model=model,
-            steps=entry.steps,
-            stochastic=entry.sampler == "student_stochastic",
-            batch_size=batch_size,
-        )
-        group = (entry.sampler, entry.steps)
+        group = (entry.evaluator.name, entry.steps)
         if group not in loaded:
             loaded.clear()  # keep one model in memory
-            fn = sampling.denoise_fn(run, model, entry.steps)
-            # Warm-up on one batch so the timing below excludes compilation.
-            sampling.sample(run, w=entry.w, labels=labels[:batch_size], seed=0, fn=fn, **kwargs)
+            fn = sampling.denoise_fn(ctx.run, entry.evaluator.model, entry.steps)
+            # Warm-up on one batch so the timing excludes compilation.
+            ctx.draw(entry, 0, fn, labels=ctx.labels[: ctx.batch_size])
             loaded[group] = fn
-        per_seed, seconds = [], 0.0
-        for seed in range(seeds):
-            start = time.perf_counter()
-            x = sampling.sample(
-                run, w=entry.w, labels=labels, seed=1000 + seed, fn=loaded[group], **kwargs
-            )
-            seconds += time.perf_counter() - start
-            feats, probs = classifier.features_and_probs(x)
-            per_seed.append(metrics.sample_metrics(feats, probs, labels, reference))
-            if entry == Entry("teacher_ddim", reference_steps, entry.w):
-                teacher_refs[(entry.w, seed)] = metrics.feature_statistics(feats)
-            per_seed[-1]["fd_teacher"] = metrics.frechet_distance(
-                metrics.feature_statistics(feats), teacher_reference(entry.w, seed)
-            )
-            if seed == 0:
-                plots.save_samples_png(
-                    grids / entry.grid_name,
-                    _display(x, info.shape),
-                    labels,
-                    info.num_classes,
-                    rows=rows_per_class,
-                    title=f"{entry.sampler} N={entry.steps} w={entry.w:g}",
-                )
-        row = dict(
-            sampler=entry.sampler,
-            steps=entry.steps,
-            w=entry.w,
-            evaluations=sampling.evaluations_per_sample(model, entry.steps),
-            seconds_per_image=seconds / (num * seeds),
-            num_samples=num,
-            seeds=seeds,
-            grid=f"grids/{entry.grid_name}",
-        )
-        for name in ("fd", "fd_teacher", "inception_score", "accuracy"):
-            row[name], row[f"{name}_std"] = metrics.mean_and_spread([m[name] for m in per_seed])
-        measured[index] = row
-        with progress_path.open("a", encoding="utf-8") as handle:
+        row = measured[index] = _measure(ctx, entry, loaded[group])
+        with progress.open("a") as handle:
             handle.write(json.dumps(dict(key=key, row=row)) + "\n")
-        log(
-            f"[evaluate] {index + 1}/{len(entries)} {entry.sampler} N={entry.steps} "
-            f"w={entry.w:g}: FD {row['fd']:.3f} FD-to-teacher {row['fd_teacher']:.3f} "
-            f"IS {row['inception_score']:.2f} "
-            f"acc {row['accuracy']:.3f}"
+        logging.info(
+            "[evaluate] %d/%d %s N=%d w=%g: FD %.3f FD-to-teacher %.3f IS %.2f acc %.3f",
+            index + 1,
+            len(entries),
+            entry.evaluator.name,
+            entry.steps,
+            entry.w,
+            row["fd"],
+            row["fd_teacher"],
+            row["inception_score"],
+            row["accuracy"],
         )
+    return [measured[index] for index in range(len(entries))]
 
-    rows = [measured[index] for index in range(len(entries))]
+
+def evaluate_run(
+    workdir: epath.PathLike,
+    *,
+    eval_config: ml_collections.ConfigDict | None = None,
+    fresh: bool = False,
+) -> dict[str, epath.Path]:
+    """Measure every row of `plan`, write the tables, plots and grids, return their paths.
+
+    Args:
+      workdir: a run directory (config.json, teacher/, stage1/, stage2/).
+      eval_config: replaces the recorded config.eval (sample counts, weights, ...).
+      fresh: ignore eval/progress.jsonl and measure every row again.
+    """
+    run = Run.open(workdir, eval_config=eval_config)
+    out = run.path(workdir_lib.EVAL_DIR)
+    ctx, data_row = _context(run)
+    progress = out / "progress.jsonl"
+    if fresh and progress.exists():
+        progress.unlink()
+    rows = _measure_all(ctx, plan(run), progress)
     payload = dict(
         workdir=str(run.workdir),
-        dataset=info.name,
+        dataset=run.info.name,
         classifier=dict(
-            id=classifier.identity,
-            test_accuracy=classifier.test_accuracy,
-            directory=str(classifier.directory),
+            id=ctx.classifier.identity,
+            test_accuracy=ctx.classifier.test_accuracy,
+            directory=str(ctx.classifier.directory),
         ),
-        reference_split=reference_split,
+        reference_split=run.config.eval.reference_split or run.config.data.train_split,
         data=data_row,
         rows=rows,
     )

@@ -12,27 +12,29 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import platform
 
 import jax
+from etils import epath
 
+from distill_jax import files
 from distill_jax.evaluation import table
+from distill_jax.run import workdir as workdir_lib
 
-TIMINGS_FILE = "timings.json"
+TIMINGS_FILE = workdir_lib.TIMINGS_FILE
 
 
-def record_timing(workdir: str | pathlib.Path, phase: str, seconds: float) -> None:
+def record_timing(workdir: epath.PathLike, phase: str, seconds: float) -> None:
     """Set `phase`'s wall time in workdir/timings.json (other phases are kept)."""
-    path = pathlib.Path(workdir) / TIMINGS_FILE
+    path = epath.Path(workdir) / TIMINGS_FILE
     timings = json.loads(path.read_text()) if path.exists() else {}
     timings[phase] = round(float(seconds), 2)
-    table.write_text_atomic(path, json.dumps(timings, indent=2))
+    files.atomic_write(path, json.dumps(timings, indent=2))
 
 
-def stage_training_seconds(workdir: str | pathlib.Path) -> dict[str, float]:
+def stage_training_seconds(workdir: epath.PathLike) -> dict[str, float]:
     """{stage: seconds of its training loop} summed from metrics.jsonl (see module doc)."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = epath.Path(workdir) / workdir_lib.METRICS_FILE
     if not path.exists():
         return {}
     totals: dict[str, float] = {}
@@ -61,7 +63,7 @@ def _machine() -> str:
     )
 
 
-def _times_section(workdir: pathlib.Path) -> list[str]:
+def _times_section(workdir: epath.Path) -> list[str]:
     lines = ["## Time of each stage", ""]
     path = workdir / TIMINGS_FILE
     if path.exists():
@@ -79,14 +81,14 @@ def _times_section(workdir: pathlib.Path) -> list[str]:
     return lines
 
 
-def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
+def write_report(workdir: epath.PathLike) -> epath.Path:
     """Write workdir/report.md from eval/results.json and the timing records; return its path."""
-    workdir = pathlib.Path(workdir).absolute()
-    results_path = workdir / "eval" / "results.json"
+    workdir = epath.Path(workdir).absolute()
+    results_path = workdir / workdir_lib.EVAL_DIR / "results.json"
     if not results_path.exists():
         raise FileNotFoundError(f"{results_path} is missing: run `distill-jax evaluate` first.")
     results = json.loads(results_path.read_text())
-    config = json.loads((workdir / "config.json").read_text())
+    config = workdir_lib.read_config(workdir)
     rows, data_row = results["rows"], results["data"]
     clf = results["classifier"]
     lines = [
@@ -129,4 +131,4 @@ def write_report(workdir: str | pathlib.Path) -> pathlib.Path:
             f"![{title}](eval/{row['grid']})",
             "",
         ]
-    return table.write_text_atomic(workdir / "report.md", "\n".join(lines))
+    return files.atomic_write(workdir / workdir_lib.REPORT_FILE, "\n".join(lines))

@@ -1,4 +1,4 @@
-"""The evaluation table as CSV, JSON and Markdown, written atomically (temp file, rename).
+"""The evaluation table as CSV, JSON and Markdown, written atomically (`files.atomic_write`).
 
 A row is one (sampler, steps N, guidance weight w) with the mean and seed spread (standard
 deviation over seeds) of FD (to real data), FD to the full-step guided teacher's samples at the
@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import pathlib
+
+from etils import epath
+
+from distill_jax import files
 
 COLUMNS = (
     "sampler",
@@ -32,16 +34,6 @@ COLUMNS = (
     "seeds",
     "grid",
 )
-
-
-def write_text_atomic(path: str | pathlib.Path, text: str) -> pathlib.Path:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -91,14 +83,14 @@ def markdown_table(rows: list[dict], data_row: dict | None = None, *, link_grids
 
 
 def write_tables(
-    directory: str | pathlib.Path, rows: list[dict], payload: dict, data_row: dict | None
-) -> dict[str, pathlib.Path]:
+    directory: epath.PathLike, rows: list[dict], payload: dict, data_row: dict | None
+) -> dict[str, epath.Path]:
     """Write results.csv, results.json (`payload`) and results.md into `directory`."""
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     return dict(
-        csv=write_text_atomic(directory / "results.csv", csv_text(rows)),
-        json=write_text_atomic(directory / "results.json", json.dumps(payload, indent=2)),
-        markdown=write_text_atomic(
+        csv=files.atomic_write(directory / "results.csv", csv_text(rows)),
+        json=files.atomic_write(directory / "results.json", json.dumps(payload, indent=2)),
+        markdown=files.atomic_write(
             directory / "results.md", markdown_table(rows, data_row, link_grids="")
         ),
     )

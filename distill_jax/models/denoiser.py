@@ -11,7 +11,7 @@ a new trace. The model itself rides in the Partial's static function, compared b
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from distill_jax import trees
 from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
 from distill_jax.models.embeddings import GUIDANCE_BRANCH
@@ -27,8 +28,8 @@ from distill_jax.models.unet import UNet, check_image_size
 
 Params = Any
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_KINDS = ("unet", "mlp")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MODEL_KINDS = ("unet", "mlp")
 
 
 def build_model(
@@ -55,10 +56,10 @@ def build_model(
         kind, or an image size the U-Net cannot halve between its levels.
     """
     m = model_config
-    if m.kind not in _KINDS:
-        raise ValueError(f"config.model.kind={m.kind!r} is unknown: accepted {_KINDS}.")
-    if m.dtype not in _DTYPES:
-        raise ValueError(f"config.model.dtype={m.dtype!r} is unknown: accepted {tuple(_DTYPES)}.")
+    if m.kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind={m.kind!r} is unknown: accepted {MODEL_KINDS}.")
+    if m.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={m.dtype!r} is unknown: accepted {tuple(DTYPES)}.")
     check_parameterisation(m.parameterisation)
     data_shape = tuple(int(d) for d in data_shape)
     common = dict(
@@ -68,15 +69,13 @@ def build_model(
         parameterisation=m.parameterisation,
         emb_dim=int(m.emb_dim),
         dropout=float(m.dropout),
-        dtype=_DTYPES[m.dtype],
+        dtype=DTYPES[m.dtype],
         logsnr_min=float(logsnr_min),
         logsnr_max=float(logsnr_max),
     )
     if m.kind == "mlp":
         if len(data_shape) != 1:
-            raise ValueError(
-                f"config.model.kind='mlp' needs data_shape (D,); got {data_shape}."
-            )
+            raise ValueError(f"config.model.kind='mlp' needs data_shape (D,); got {data_shape}.")
         return MLPDenoiser(hidden=int(m.mlp_hidden), depth=int(m.mlp_depth), **common)
     if len(data_shape) != 3:
         raise ValueError(f"config.model.kind='unet' needs data_shape (H, W, C); got {data_shape}.")
@@ -108,9 +107,7 @@ def init_params(model: nn.Module, rng: jax.Array, *, data_shape: Sequence[int]) 
     gives the parameter shapes without computing them (for sharded initialisation).
     """
     z, t, labels, w = _dummy_inputs(model, data_shape)
-    variables = jax.jit(lambda key: model.init({"params": key}, z, t, labels, w, train=False))(
-        rng
-    )
+    variables = jax.jit(lambda key: model.init({"params": key}, z, t, labels, w, train=False))(rng)
     return variables["params"]
 
 
@@ -133,9 +130,7 @@ class _DenoiserApply:
         labels = jnp.asarray(labels, jnp.int32)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), labels.shape)
         rngs = {"dropout": dropout_rng} if self.train else None
-        output = self.model.apply(
-            {"params": params}, z, t, labels, w, train=self.train, rngs=rngs
-        )
+        output = self.model.apply({"params": params}, z, t, labels, w, train=self.train, rngs=rngs)
         logsnr = logsnr_schedule_cosine(
             t, logsnr_min=self.model.logsnr_min, logsnr_max=self.model.logsnr_max
         )
@@ -165,48 +160,6 @@ def make_denoise_fn(
     )
 
 
-def _path_str(path: tuple[str, ...]) -> str:
-    return "/".join(path) or "<root>"
-
-
-def _merge_teacher(teacher: Any, student: Any, path: tuple[str, ...]) -> Any:
-    if isinstance(student, Mapping):
-        if not isinstance(teacher, Mapping):
-            raise ValueError(
-                f"teacher and student params differ at {_path_str(path)}: the student has a "
-                "subtree where the teacher has a leaf."
-            )
-        extra = sorted(set(teacher) - set(student))
-        if extra:
-            raise ValueError(
-                f"teacher params have {_path_str(path + (str(extra[0]),))} which the student "
-                "lacks."
-            )
-        merged = {}
-        for key in student:
-            sub = path + (str(key),)
-            if key not in teacher:
-                if key != GUIDANCE_BRANCH:
-                    raise ValueError(
-                        f"student params have {_path_str(sub)} which the teacher lacks."
-                    )
-                merged[key] = student[key]  # the fresh guidance branch
-            else:
-                merged[key] = _merge_teacher(teacher[key], student[key], sub)
-        return merged
-    if isinstance(teacher, Mapping):
-        raise ValueError(
-            f"teacher and student params differ at {_path_str(path)}: the teacher has a "
-            "subtree where the student has a leaf."
-        )
-    if jnp.shape(teacher) != jnp.shape(student):
-        raise ValueError(
-            f"teacher and student params differ at {_path_str(path)}: shape "
-            f"{jnp.shape(teacher)} vs {jnp.shape(student)}."
-        )
-    return teacher
-
-
 def student_params_from_teacher(teacher_params: Params, student_init_params: Params) -> Params:
     """Student params = the teacher's weights plus the student's fresh guidance branch.
 
@@ -215,10 +168,31 @@ def student_params_from_teacher(teacher_params: Params, student_init_params: Par
     equals the teacher for every w). A teacher that has a guidance branch itself (a distilled
     student) passes it on, so the copy never throws away what a teacher knows about w.
 
+    Pure tree surgery, so it runs inside `jax.jit` (sharded initialisation).
+
     Raises:
-      ValueError: naming the first path where the structures or leaf shapes differ.
+      ValueError: naming the first parameter that only one side has or whose shapes differ.
     """
-    return _merge_teacher(teacher_params, student_init_params, ())
+    teacher = trees.named_leaves(teacher_params)
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(student_init_params)
+    names = [trees.leaf_name(path) for path, _ in with_path]
+    extra = sorted(set(teacher) - set(names))
+    if extra:
+        raise ValueError(f"teacher params have {extra[0]} which the student lacks.")
+    merged = []
+    for name, (_, leaf) in zip(names, with_path, strict=True):
+        if name not in teacher:
+            if GUIDANCE_BRANCH not in name.split("/"):
+                raise ValueError(f"student params have {name} which the teacher lacks.")
+            merged.append(leaf)  # the fresh guidance branch
+        elif jnp.shape(teacher[name]) != jnp.shape(leaf):
+            raise ValueError(
+                f"teacher and student params differ at {name}: shape "
+                f"{jnp.shape(teacher[name])} vs {jnp.shape(leaf)}."
+            )
+        else:
+            merged.append(teacher[name])
+    return jax.tree_util.tree_unflatten(treedef, merged)
 
 
 def count_params(params: Params) -> int:

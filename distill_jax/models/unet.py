@@ -137,6 +137,49 @@ class UNet(nn.Module):
     logsnr_min: float = LOGSNR_MIN
     logsnr_max: float = LOGSNR_MAX
 
+    def _res(self, h: jax.Array, emb: jax.Array, channels: int, name: str, train: bool):
+        return ResBlock(channels, self.dropout, dtype=self.dtype, name=name)(h, emb, train=train)
+
+    def _attn(self, h: jax.Array, name: str) -> jax.Array:
+        return AttentionBlock(self.num_heads, dtype=self.dtype, name=name)(h)
+
+    def _down_path(self, h: jax.Array, emb: jax.Array, train: bool):
+        """Encoder: ResBlocks (and attention) per level, stride-2 convs between levels.
+
+        Returns the bottom activation and the skip connections the decoder consumes.
+        """
+        skips = [h]
+        last = len(self.channel_mult) - 1
+        for level, mult in enumerate(self.channel_mult):
+            for i in range(self.num_res_blocks):
+                h = self._res(h, emb, self.channels * mult, f"down_{level}_res_{i}", train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = self._attn(h, f"down_{level}_attn_{i}")
+                skips.append(h)
+            if level != last:
+                h = nn.Conv(
+                    h.shape[-1],
+                    (3, 3),
+                    strides=(2, 2),
+                    dtype=self.dtype,
+                    name=f"down_{level}_downsample",
+                )(h)
+                skips.append(h)
+        return h, skips
+
+    def _up_path(self, h: jax.Array, skips: list, emb: jax.Array, train: bool) -> jax.Array:
+        """Decoder: one more ResBlock per level than the encoder, each fed a skip connection."""
+        for level, mult in reversed(list(enumerate(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = self._res(h, emb, self.channels * mult, f"up_{level}_res_{i}", train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = self._attn(h, f"up_{level}_attn_{i}")
+            if level != 0:
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+                h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f"up_{level}_upsample")(h)
+        return h
+
     @nn.compact
     def __call__(
         self,
@@ -175,46 +218,14 @@ class UNet(nn.Module):
             name="cond",
         )(t, labels, w)
 
-        def res(h: jax.Array, channels: int, name: str) -> jax.Array:
-            return ResBlock(channels, self.dropout, dtype=self.dtype, name=name)(
-                h, emb, train=train
-            )
-
-        def attn(h: jax.Array, name: str) -> jax.Array:
-            return AttentionBlock(self.num_heads, dtype=self.dtype, name=name)(h)
-
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="input_conv")(
             z.astype(self.dtype)
         )
-        skips = [h]
-        last = len(self.channel_mult) - 1
-        for level, mult in enumerate(self.channel_mult):
-            for i in range(self.num_res_blocks):
-                h = res(h, self.channels * mult, f"down_{level}_res_{i}")
-                if h.shape[1] in self.attn_resolutions:
-                    h = attn(h, f"down_{level}_attn_{i}")
-                skips.append(h)
-            if level != last:
-                h = nn.Conv(
-                    h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
-                    name=f"down_{level}_downsample",
-                )(h)
-                skips.append(h)
-
-        h = res(h, h.shape[-1], "mid_res_0")
-        h = attn(h, "mid_attn")
-        h = res(h, h.shape[-1], "mid_res_1")
-
-        for level, mult in reversed(list(enumerate(self.channel_mult))):
-            for i in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = res(h, self.channels * mult, f"up_{level}_res_{i}")
-                if h.shape[1] in self.attn_resolutions:
-                    h = attn(h, f"up_{level}_attn_{i}")
-            if level != 0:
-                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
-                h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f"up_{level}_upsample")(h)
-
+        h, skips = self._down_path(h, emb, train)
+        h = self._res(h, emb, h.shape[-1], "mid_res_0", train)
+        h = self._attn(h, "mid_attn")
+        h = self._res(h, emb, h.shape[-1], "mid_res_1", train)
+        h = self._up_path(h, skips, emb, train)
         h = nn.GroupNorm(num_groups(h.shape[-1]), dtype=self.dtype, name="out_norm")(h)
         h = nn.Conv(out_channels, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="out_conv")(
             nn.swish(h)

@@ -1,9 +1,9 @@
-"""Guided distillation: the stage-one and stage-two losses and the halving rounds.
+"""Guided distillation: the stage-one and stage-two (halving round) losses.
 
 Stage one (Meng et al. Sec. 3.1): the student xhat_eta(z_t, c, w) - the teacher's network plus
 the guidance branch - regresses the guided teacher (1 + w) xhat(z_t, c) - w xhat(z_t, null),
 with w ~ U[w_min, w_max] per example and t ~ U[0, 1]. The teacher is frozen: its params are the
-step's `frozen` argument and its two halves are one batched call.
+step's `teacher` argument and its two halves are one batched call.
 
 Stage two (Sec. 3.2, progressive distillation): in the round whose student has N steps, the
 teacher is the previous round's result (stage one's for the first round, used as a 2N-step
@@ -29,13 +29,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.tree_util import Partial
 
-from distill_jax.diffusion import gmm, schedule, targets, weighting
+from distill_jax.diffusion import guidance as guidance_lib
+from distill_jax.diffusion import schedule, targets, weighting
 from distill_jax.models import denoiser
 from distill_jax.training.state import LossFn
 
 PyTree = Any
-TeacherXhat = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
+# teacher state (its params, or a GaussianMixture) -> its x-hat denoise_fn(z, t, labels, w).
+TeacherDenoiser = Callable[[PyTree], Partial]
 
 
 def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigDict):
@@ -71,31 +74,9 @@ def _student_regression(
     return jnp.mean(per_example), {"target_mse": jnp.mean((xhat - target) ** 2)}
 
 
-def network_teacher(model: nn.Module) -> TeacherXhat:
-    """A trained network as a stage-one teacher: (params, z, t, labels) -> xhat."""
-
-    def teacher_xhat(params: PyTree, z: jax.Array, t: jax.Array, labels: jax.Array):
-        return denoiser.make_denoise_fn(model, params)(z, t, labels)
-
-    return teacher_xhat
-
-
-def exact_gmm_teacher(diffusion: ml_collections.ConfigDict) -> TeacherXhat:
-    """The exact Gaussian-mixture denoiser as a teacher: (GaussianMixture, z, t, labels) -> xhat.
-
-    A teacher with zero training error, so distillation error is measured exactly.
-    """
-    bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
-
-    def teacher_xhat(mixture: gmm.GaussianMixture, z: jax.Array, t: jax.Array, labels):
-        return gmm.gmm_xhat(mixture, z, t, labels, **bounds)
-
-    return teacher_xhat
-
-
 def make_stage_one_loss(
     student: nn.Module,
-    teacher_xhat: TeacherXhat,
+    teacher_denoiser: TeacherDenoiser,
     *,
     num_classes: int,
     diffusion: ml_collections.ConfigDict,
@@ -103,8 +84,9 @@ def make_stage_one_loss(
 ) -> LossFn:
     """Loss (params, batch, rng, teacher_state) -> (loss, metrics) of stage one.
 
-    `teacher_xhat(teacher_state, z, t, labels)` is the conditional teacher; `teacher_state` (its
-    params, or a GaussianMixture) is the step's frozen argument.
+    `teacher_denoiser(teacher_state)` is the conditional teacher; `teacher_state` (its params,
+    or a GaussianMixture) is the step's teacher argument. The target is the guided teacher
+    `guidance.guided_xhat`, both halves in one batched call.
     """
     bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
 
@@ -113,35 +95,13 @@ def make_stage_one_loss(
         t_rng, dropout_rng = jax.random.split(rest)
         t = jax.random.uniform(t_rng, (x.shape[0],))
         z = schedule.q_sample(x, t, eps, **bounds)
-        teacher_fn = jax.tree_util.Partial(teacher_xhat, teacher_state)
-        target = targets.stage_one_target(teacher_fn, z, t, labels, w, null_label=num_classes)
+        teacher_fn = teacher_denoiser(teacher_state)
+        target = guidance_lib.guided_xhat(teacher_fn, z, t, labels, w, null_label=num_classes)
         return _student_regression(
             student, params, z, t, labels, w, target, dropout_rng, diffusion=diffusion
         )
 
     return loss_fn
-
-
-def round_times(
-    i: jax.Array, *, steps: int | jax.Array, stochastic: bool
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(t, t_mid, t_end) [B] of the teacher's two steps for student step indices i in 1..N.
-
-    `steps` (N) may be traced, so every round of a run shares one compiled train step.
-    Standard rounds: (i/N, (i - 0.5)/N, (i - 1)/N), as `targets.student_grid_times`.
-    """
-    i = jnp.asarray(i, jnp.float32)
-    steps = jnp.asarray(steps, jnp.float32)
-    # i - 1 and i - 0.5 are exact in float32, so t_end is exactly 0 for i = 1.
-    t, t_mid, t_end = i / steps, (i - 0.5) / steps, (i - 1.0) / steps
-    if not stochastic:
-        return t, t_mid, t_end
-    jump = i >= 2  # jumps of 2/N, made of two teacher jumps of 1/N
-    return (
-        t,
-        jnp.where(jump, (i - 1.0) / steps, t_mid),
-        jnp.where(jump, (i - 2.0) / steps, t_end),
-    )
 
 
 def make_stage_two_loss(
@@ -152,22 +112,22 @@ def make_stage_two_loss(
     diffusion: ml_collections.ConfigDict,
     guidance: ml_collections.ConfigDict,
 ) -> LossFn:
-    """Loss (params, batch, rng, frozen) -> (loss, metrics) of a halving round.
+    """Loss (params, batch, rng, teacher) -> (loss, metrics) of a halving round.
 
-    frozen = {'teacher': the teacher's params, 'steps': the student's N as an int32 scalar}.
+    teacher = {'params': the teacher's params, 'steps': the student's N as an int32 scalar}.
     N is an argument, not a constant, so rounds with the same number of training steps (which
-    the learning-rate schedule bakes in) and the same `first_round` value compile to the same
-    program and reuse it through the compilation cache. The teacher has the
-    student's architecture (the previous round's student, or stage one's).
+    the learning-rate schedule bakes in) and the same `first_round` value lower to the same
+    program, which the persistent compilation cache then reuses. The teacher has the student's
+    architecture (the previous round's student, or stage one's).
     """
     bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
 
-    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, frozen: PyTree):
-        teacher_params, steps = frozen["teacher"], frozen["steps"]
+    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher: PyTree):
+        teacher_params, steps = teacher["params"], teacher["steps"]
         x, labels, w, eps, rest = _sample_common(batch, rng, guidance)
         i_rng, dropout_rng = jax.random.split(rest)
         i = jax.random.randint(i_rng, (x.shape[0],), 1, steps + 1)
-        t, t_mid, t_end = round_times(i, steps=steps, stochastic=stochastic)
+        t, t_mid, t_end = targets.round_times(i, steps=steps, stochastic=stochastic)
         z_t = schedule.q_sample(x, t, eps, **bounds)
         teacher_fn = denoiser.make_denoise_fn(student, teacher_params)
         # Later stochastic rounds: at i = 1 the target is the teacher's own jump to 0.
@@ -188,32 +148,3 @@ def make_stage_two_loss(
         )
 
     return loss_fn
-
-
-def round_schedule(stage2: ml_collections.ConfigDict) -> list[tuple[int, int]]:
-    """[(student steps N, training steps)] of every halving round, from n_start/2 to n_end.
-
-    The last `final_rounds` rounds train `final_steps_per_round` steps (the paper trains the
-    last, hardest rounds longer), the others `steps_per_round`.
-    """
-    n_start, n_end = int(stage2.n_start), int(stage2.n_end)
-    ratio = n_start // n_end if n_end >= 1 and n_start % n_end == 0 else 0
-    if ratio < 1 or ratio & (ratio - 1):
-        raise ValueError(
-            f"stage2.n_start={n_start} and stage2.n_end={n_end} are invalid: accepted "
-            "n_start = n_end * 2**k with n_end >= 1."
-        )
-    steps, n = [], n_start
-    while n > n_end:
-        n //= 2
-        steps.append(n)
-    final = int(stage2.final_rounds)
-    return [
-        (
-            n,
-            int(
-                stage2.final_steps_per_round if k >= len(steps) - final else stage2.steps_per_round
-            ),
-        )
-        for k, n in enumerate(steps)
-    ]

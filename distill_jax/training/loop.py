@@ -1,28 +1,32 @@
 """The generic training loop shared by the teacher, stage one and every stage-two round.
 
-A stage is described by a `Stage`: its directory, step count, batch size, optimiser config, loss
-function, how to make its initial parameters, and an optional frozen teacher. `run_stage`
-resumes from the stage's latest checkpoint (state and data position), runs the jitted, sharded
-step with the state donated, writes metrics, saves periodically and at the end, and marks the
-stage finished. A finished stage is skipped. A non-finite metric stops the run with an error
-naming the step; since every save is preceded by that check, the last checkpoint stays good.
+A stage is described by a `Stage`: the run's `StageSpec`, its batch size, optimiser config, loss
+function, how its initial parameters derive from its teacher, and the frozen teacher itself.
+`run_stage` resumes from the stage's latest checkpoint (state and data position) or initialises
+the state directly sharded on the mesh (`jit` with `out_shardings`, so no process materialises a
+whole FSDP-sharded parameter), runs the jitted, sharded step with the state donated, writes
+metrics, saves periodically and at the end, and marks the stage finished. A finished stage is
+skipped. A non-finite metric stops the run with an error naming the step; since every save is
+preceded by that check, the last checkpoint stays good.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
-from distill_jax import checkpoints, parallel
+from distill_jax import parallel
 from distill_jax.data import loader as data_loader
-from distill_jax.training import metrics as metrics_lib
+from distill_jax.run import Run, StageSpec
+from distill_jax.run import workdir as workdir_lib
 from distill_jax.training import state as state_lib
+from distill_jax.training import writer as writer_lib
 
 PyTree = Any
 
@@ -32,83 +36,66 @@ class Stage:
     """What differs between stages; everything else is the shared loop.
 
     Attributes:
-      name: label for logs and metrics, e.g. 'teacher', 'stage1', 'stage2/steps_0064'.
-      directory: the stage's Orbax directory.
-      num_steps: optimisation steps of the stage.
+      spec: the run's description of the stage (name, directory, steps, seed).
       batch_size: global batch size.
       optimizer: an optimizer config (see distill_jax.config.optimizer_config).
-      loss_fn: (params, batch, rng, frozen) -> (loss, metrics).
-      init_params: () -> params, called only when the stage starts fresh.
+      loss_fn: (params, batch, rng, teacher) -> (loss, metrics).
+      init_params: teacher -> initial params; pure, so it runs under jit straight into the
+        parameters' shardings. Called only when the stage starts fresh.
       abstract_params: the shapes/dtypes of the params (jax.ShapeDtypeStruct pytree).
-      frozen: a frozen teacher's params passed to every step, or None.
-      seed: seeds the state's rng and the data order of this stage.
+      teacher: the frozen teacher pytree passed to every step (None for the teacher stage):
+        an argument of the step, never in the optimiser, never re-saved.
     """
 
-    name: str
-    directory: pathlib.Path
-    num_steps: int
+    spec: StageSpec
     batch_size: int
     optimizer: ml_collections.ConfigDict
     loss_fn: state_lib.LossFn
-    init_params: Callable[[], PyTree]
+    init_params: Callable[[PyTree], PyTree]
     abstract_params: PyTree
-    frozen: PyTree = None
-    seed: int = 0
+    teacher: PyTree = None
 
 
 class NonFiniteError(FloatingPointError):
     """Raised when a training metric becomes NaN or infinite."""
 
 
-def _check_finite(stage: Stage, records: list[tuple[int, dict]], last_saved: int | None) -> None:
+def _check_finite(stage: Stage, records: list[tuple[int, dict]], last_saved, directory) -> None:
     for step, values in records:
         bad = {k: float(v) for k, v in values.items() if not math.isfinite(float(v))}
         if bad:
             kept = (
-                f"the last good checkpoint (step {last_saved}) is kept in {stage.directory}"
+                f"the last good checkpoint (step {last_saved}) is kept in {directory}"
                 if last_saved is not None
                 else "no checkpoint of this stage had been saved yet"
             )
             shown = {k: float(v) for k, v in values.items()}
             raise NonFiniteError(
-                f"[{stage.name}] non-finite metrics at step {step}: {shown}; {kept}. "
+                f"[{stage.spec.name}] non-finite metrics at step {step}: {shown}; {kept}. "
                 "Lower the learning rate or check the data."
             )
 
 
-def run_stage(
-    stage: Stage,
-    *,
-    config: ml_collections.ConfigDict,
-    workdir: pathlib.Path,
-    mesh: jax.sharding.Mesh,
-    stop_after: int | None = None,
-) -> state_lib.TrainState | None:
-    """Train one stage to its last step, resuming where it stopped; None if already finished.
+@dataclasses.dataclass
+class _Compiled:
+    """The stage's shardings, abstract state and jitted functions on one mesh."""
 
-    Args:
-      stage: the stage description.
-      config: the run config (data, train logging/checkpoint settings).
-      workdir: the run's workdir (metrics go to workdir/metrics.jsonl and workdir/logs/).
-      mesh: the device mesh with a 'data' axis.
-      stop_after: stop (after saving) once this global step is reached, without marking the
-        stage finished; used to simulate an interrupted run.
+    abstract_state: PyTree
+    state_sharding: PyTree
+    teacher_sharding: PyTree
+    batch_sharding: jax.sharding.NamedSharding
+    init: Callable[[PyTree], state_lib.TrainState]
+    step: Callable
 
-    Returns:
-      The final TrainState, or None when the stage had already finished.
-    """
-    if checkpoints.stage_finished(stage.directory) is not None:
-        if jax.process_index() == 0:
-            print(f"[{stage.name}] finished earlier; skipped.", flush=True)
-        return None
-    parallel.check_batch_size(stage.batch_size, mesh, key=f"{stage.name} batch_size")
-    optimizer = state_lib.make_optimizer(stage.optimizer, stage.num_steps)
-    schedule = state_lib.learning_rate_schedule(stage.optimizer, stage.num_steps)
+
+def _compile(stage: Stage, mesh: jax.sharding.Mesh) -> _Compiled:
+    """Shardings (FSDP-style for params, EMA and moments), the sharded init and the step."""
+    optimizer = state_lib.make_optimizer(stage.optimizer, stage.spec.num_steps)
+    schedule = state_lib.learning_rate_schedule(stage.optimizer, stage.spec.num_steps)
     repl = parallel.replicated(mesh)
-    batch_sharding = parallel.batch_sharded(mesh)
 
     def fresh_state(params):
-        return state_lib.create_state(params, optimizer, seed=stage.seed)
+        return state_lib.create_state(params, optimizer, seed=stage.spec.seed)
 
     abstract_state = jax.eval_shape(fresh_state, stage.abstract_params)
     params_sharding = parallel.param_shardings(stage.abstract_params, mesh)
@@ -124,69 +111,111 @@ def run_stage(
         abstract_state,
         state_sharding,
     )
-
-    data_iter = data_loader.make_train_loader(
-        config.data, batch_size=stage.batch_size, seed=stage.seed
+    teacher_sharding = parallel.param_shardings(stage.teacher, mesh)
+    batch_sharding = parallel.batch_sharded(mesh)
+    init = jax.jit(
+        lambda teacher: fresh_state(stage.init_params(teacher)), out_shardings=state_sharding
     )
-    ckpt = checkpoints.StageCheckpointer(
-        stage.directory,
-        keep=config.train.keep_checkpoints,
-        save_every=config.train.checkpoint_every,
+    train_step = state_lib.make_train_step(
+        stage.loss_fn, optimizer, ema_decay=float(stage.optimizer.ema_decay), schedule=schedule
     )
-    last_saved = ckpt.latest_step()
-    if last_saved is not None:
-        state = ckpt.restore(abstract_state, data_iter)
-        if jax.process_index() == 0:
-            print(f"[{stage.name}] resumed from step {last_saved}.", flush=True)
-    else:
-        # Every process computes the same initial params; host_to_global makes them one
-        # global array (a process-local array cannot enter a jit spanning other processes).
-        params = parallel.host_to_global(stage.init_params(), params_sharding)
-        state = jax.jit(fresh_state, out_shardings=state_sharding)(params)
-
-    frozen_sharding = parallel.param_shardings(stage.frozen, mesh)
-    frozen = parallel.host_to_global(stage.frozen, frozen_sharding)
-    step_fn = jax.jit(
-        state_lib.make_train_step(
-            stage.loss_fn,
-            optimizer,
-            ema_decay=float(stage.optimizer.ema_decay),
-            schedule=schedule,
-        ),
-        in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+    step = jax.jit(
+        train_step,
+        in_shardings=(state_sharding, batch_sharding, teacher_sharding),
         out_shardings=(state_sharding, repl),
         donate_argnums=(0,),
     )
+    return _Compiled(abstract_state, state_sharding, teacher_sharding, batch_sharding, init, step)
 
-    start = int(jax.device_get(state.step))
-    end = stage.num_steps if stop_after is None else min(stage.num_steps, stop_after)
-    writer = metrics_lib.MetricsWriter(
-        workdir, stage.name, total_steps=stage.num_steps, start_step=start
+
+def initial_state(
+    stage: Stage, run: Run, mesh: jax.sharding.Mesh, *, checkpointer=None, data_iter=None
+) -> tuple[state_lib.TrainState, PyTree, _Compiled]:
+    """(state, global teacher, compiled): restored from the latest checkpoint, else fresh.
+
+    A restore also moves `data_iter` to the saved position. The fresh state is created by one
+    jitted call whose outputs are already in the parameters' shardings.
+    """
+    compiled = _compile(stage, mesh)
+    teacher = parallel.host_to_global(stage.teacher, compiled.teacher_sharding)
+    latest = checkpointer.latest_step() if checkpointer is not None else None
+    if latest is not None:
+        state = checkpointer.restore(compiled.abstract_state, data_iter)
+        logging.info("[%s] resumed from step %d.", stage.spec.name, latest)
+    else:
+        state = compiled.init(teacher)
+    return state, teacher, compiled
+
+
+def run_stage(
+    stage: Stage, run: Run, mesh: jax.sharding.Mesh, *, stop_after: int | None = None
+) -> state_lib.TrainState | None:
+    """Train one stage to its last step, resuming where it stopped; None if already finished.
+
+    Args:
+      stage: the stage description.
+      run: the run (config, workdir layout, the stage's checkpoint manager).
+      mesh: the device mesh ('data', 'fsdp').
+      stop_after: stop (after saving) once this global step is reached, without marking the
+        stage finished; used to simulate an interrupted run.
+    """
+    name = stage.spec.name
+    if run.finished(stage.spec) is not None:
+        logging.info("[%s] finished earlier; skipped.", name)
+        return None
+    data_loader.check_batch_size(
+        stage.batch_size, devices=mesh.size, processes=jax.process_count(), key=f"{name} batch_size"
+    )
+    data_iter = data_loader.make_train_loader(
+        run.config.data, batch_size=stage.batch_size, seed=stage.spec.seed
+    )
+    ckpt = run.checkpointer(stage.spec)
+    try:
+        state, teacher, compiled = initial_state(
+            stage, run, mesh, checkpointer=ckpt, data_iter=data_iter
+        )
+        # The config is recorded only once the resume it allows has worked.
+        run.record_config()
+        end = stage.spec.num_steps if stop_after is None else min(stage.spec.num_steps, stop_after)
+        state = _train(stage, run, compiled, state, teacher, data_iter, ckpt, end)
+        if end == stage.spec.num_steps:
+            ckpt.mark_finished(end, {"stage": name})
+    finally:
+        ckpt.close()
+    return state
+
+
+def _train(stage, run, compiled, state, teacher, data_iter, ckpt, end):
+    """Steps from state.step to `end`: metrics every log interval, saves by the policy."""
+    start, log_every = int(jax.device_get(state.step)), int(run.config.train.log_every)
+    last_saved = ckpt.latest_step()
+    writer = writer_lib.MetricsWriter(
+        run.path(workdir_lib.METRICS_FILE),
+        run.path(workdir_lib.LOGS_DIR),
+        stage.spec.name,
+        total_steps=stage.spec.num_steps,
+        start_step=start,
     )
     pending: list[tuple[int, dict]] = []
     try:
         for step in range(start, end):
-            batch = data_loader.to_global_batch(next(data_iter), batch_sharding)
-            state, step_metrics = step_fn(state, batch, frozen)
+            batch = data_loader.to_global_batch(next(data_iter), compiled.batch_sharding)
+            state, step_metrics = compiled.step(state, batch, teacher)
             done = step + 1
             pending.append((done, step_metrics))
-            is_log = done % config.train.log_every == 0 or done == end
+            is_log = done % log_every == 0 or done == end
             is_save = ckpt.should_save(done) or done == end
             if not (is_log or is_save):
                 continue
-            records = [(s, jax.device_get(m)) for s, m in pending]
-            pending = []
-            _check_finite(stage, records, last_saved)
+            records, pending = [(s, jax.device_get(m)) for s, m in pending], []
+            _check_finite(stage, records, last_saved, ckpt.directory)
             if is_log:
                 values = dict(records[-1][1])
                 values.update(writer.rates(done, stage.batch_size))
                 writer.write(done, values)
             if is_save:
-                ckpt.save(done, state, data_iter)
+                ckpt.save(done, state, data_iter, force=True)
                 last_saved = done
-        if end == stage.num_steps:
-            ckpt.mark_finished(end, {"stage": stage.name})
     finally:
         writer.close()
-        ckpt.close()
     return state

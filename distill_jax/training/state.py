@@ -1,10 +1,10 @@
 """The train state pytree, the optimiser built from a config, and the generic train step.
 
 A stage differs from another only by its loss function
-`loss_fn(params, batch, rng, frozen) -> (loss, metrics)`; `make_train_step` wraps it into a pure
-step `(state, batch, frozen) -> (state, metrics)` that applies AdamW, updates the EMA and
-advances the step. `frozen` carries a frozen teacher's parameters (or None): an argument of the
-step, never part of the optimiser or the state, so it is never updated or re-saved.
+`loss_fn(params, batch, rng, teacher) -> (loss, metrics)`; `make_train_step` wraps it into a
+pure step `(state, batch, teacher) -> (state, metrics)` that applies AdamW, updates the EMA and
+advances the step. `teacher` carries the frozen teacher (its parameters, or None): an argument of
+the step, never part of the optimiser or the state, so it is never updated or re-saved.
 """
 
 from __future__ import annotations
@@ -100,16 +100,16 @@ def make_train_step(
     ema_decay: float,
     schedule: optax.Schedule | None = None,
 ) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
-    """Build the pure step (state, batch, frozen) -> (state, metrics).
+    """Build the pure step (state, batch, teacher) -> (state, metrics).
 
     metrics holds scalars: loss, grad_norm, learning_rate (when `schedule` is given) and the
     loss function's own metrics. The caller jits it with shardings and donates the state.
     """
 
-    def step(state: TrainState, batch: dict, frozen: PyTree) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict, teacher: PyTree) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, rng, frozen
+            state.params, batch, rng, teacher
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

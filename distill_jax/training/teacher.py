@@ -23,7 +23,7 @@ PyTree = Any
 def make_teacher_loss(
     model: nn.Module, *, num_classes: int, diffusion: ml_collections.ConfigDict
 ) -> LossFn:
-    """Loss function (params, batch, rng, frozen) -> (loss, metrics) of teacher training.
+    """Loss function (params, batch, rng, teacher) -> (loss, metrics) of teacher training.
 
     batch: {'x': [B, ...] float32 data in [-1, 1] (or toy data), 'label': [B] int32}.
     """
@@ -31,8 +31,8 @@ def make_teacher_loss(
     p_uncond = float(diffusion.p_uncond)
     weighting_name = diffusion.loss_weighting
 
-    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, frozen: PyTree):
-        del frozen  # the teacher has no teacher
+    def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher: PyTree):
+        del teacher  # the teacher stage learns from data alone
         x, labels = batch["x"], batch["label"]
         t_rng, eps_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
         batch_size = x.shape[0]

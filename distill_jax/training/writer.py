@@ -1,20 +1,22 @@
-"""Metrics output: a JSONL file and TensorBoard event files in the workdir, and progress.
+"""Training metrics output: a JSONL file and TensorBoard event files in the workdir, and progress.
 
 Only process 0 writes. Each JSONL record is {"stage", "step", <metric>: value, ...}; TensorBoard
-events go to workdir/logs/<stage>/. On a terminal a tqdm bar shows progress; otherwise a log line
-is printed every log interval.
+events go to workdir/logs/<stage>/. On a terminal a tqdm bar shows progress; otherwise an absl
+log line is written every log interval. (clu's writers would import TensorFlow, which this
+project avoids, hence tensorboardX.)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
 import sys
 import time
 
 import jax
 import tqdm
+from absl import logging
+from etils import epath
 from tensorboardX import SummaryWriter
 
 
@@ -22,7 +24,13 @@ class MetricsWriter:
     """Writes scalar metrics of one stage; a no-op on processes other than 0."""
 
     def __init__(
-        self, workdir: str | pathlib.Path, stage: str, *, total_steps: int, start_step: int
+        self,
+        metrics_file: epath.PathLike,
+        logs_dir: epath.PathLike,
+        stage: str,
+        *,
+        total_steps: int,
+        start_step: int,
     ):
         self.stage = stage
         self.enabled = jax.process_index() == 0
@@ -32,10 +40,10 @@ class MetricsWriter:
         self._bar = None
         if not self.enabled:
             return
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-        self._tb = SummaryWriter(str(workdir / "logs" / stage))
+        metrics_file = epath.Path(metrics_file)
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        self._jsonl = metrics_file.open("a")
+        self._tb = SummaryWriter(str(epath.Path(logs_dir) / stage))
         if sys.stderr.isatty():
             self._bar = tqdm.tqdm(
                 total=total_steps, initial=start_step, desc=stage, dynamic_ncols=True
@@ -69,10 +77,14 @@ class MetricsWriter:
         else:
             eta = metrics.get("eta_s", math.nan)
             extras = " ".join(f"{k}={v}" for k, v in shown.items())
-            print(
-                f"[{self.stage}] step {step}/{self.total_steps} {extras} "
-                f"{metrics.get('steps_per_s', 0.0):.2f} steps/s eta {eta:.0f}s",
-                flush=True,
+            logging.info(
+                "[%s] step %d/%d %s %.2f steps/s eta %.0fs",
+                self.stage,
+                step,
+                self.total_steps,
+                extras,
+                metrics.get("steps_per_s", 0.0),
+                eta,
             )
 
     def close(self) -> None:

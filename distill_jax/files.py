@@ -1,0 +1,76 @@
+"""Atomic writes: every file and folder distill_jax publishes appears whole or not at all.
+
+All paths are `etils.epath.Path`s, so a workdir may be a local folder or a `gs://` bucket. On a
+local (POSIX) filesystem the final rename is atomic: a crash or a full disk leaves the previous
+version, never half a file. On object stores a rename is a copy then a delete; that path is not
+exercised by the tests (they have no bucket), so treat it as best effort.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+from etils import epath
+
+PathLike = str | epath.PathLike
+
+
+def _staging_name(path: epath.Path) -> epath.Path:
+    """A unique sibling name that keeps the suffix (np.savez and PIL look at it)."""
+    return path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[epath.Path]:
+    """Yield a temporary sibling of `path` to write; on success it replaces `path`.
+
+    The parent folder is created. If the body raises, the temporary file is removed and `path`
+    keeps its previous content.
+    """
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _staging_name(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write(path: PathLike, data: str | bytes) -> epath.Path:
+    """Write text (UTF-8) or bytes to `path` atomically; returns `path`."""
+    path = epath.Path(path)
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike, *, replace: bool = False) -> Iterator[epath.Path]:
+    """Yield an empty staging folder; on success it becomes `path`.
+
+    With `replace`, an existing `path` is removed just before the rename (the caller decides
+    whether that is allowed); without it, an existing `path` makes the rename fail with
+    FileExistsError and the staging folder is removed. A folder that another process published
+    first also counts as existing.
+    """
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = _staging_name(path)
+    staging.mkdir()
+    try:
+        yield staging
+        if path.exists():
+            if not replace:
+                raise FileExistsError(f"{path} exists.")
+            path.rmtree()
+        staging.rename(path)
+    finally:
+        if staging.exists():
+            staging.rmtree()

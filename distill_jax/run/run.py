@@ -1,0 +1,211 @@
+"""`Run`: the single owner of a run's workdir, its stages and their weights.
+
+Training writes through it (`create`, `record_config`, `checkpointer`); sampling, evaluation,
+export, the notebook and the CLI only read through it (`open`, `students`, `load_params`,
+`denoise_fn`). Nothing else knows where a stage lives or how its weights load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+from etils import epath
+from jax.tree_util import Partial
+
+from distill_jax import checkpoints
+from distill_jax.data import sources
+from distill_jax.diffusion import gmm, guidance
+from distill_jax.models import denoiser
+from distill_jax.run import stages as stages_lib
+from distill_jax.run import workdir as workdir_lib
+
+PyTree = Any
+
+
+def _dataset_info(config: ml_collections.ConfigDict) -> sources.DatasetInfo:
+    _, info = sources.load_source(config.data, split=config.data.train_split, seed=config.seed)
+    return info
+
+
+@dataclasses.dataclass
+class Run:
+    """A run: its workdir, config, dataset info and the stages the config makes.
+
+    Build one with `Run.create` (to train: validates the config against the workdir's record,
+    writes nothing) or `Run.open` (to read a run that exists).
+    """
+
+    workdir: epath.Path
+    config: ml_collections.ConfigDict
+    info: sources.DatasetInfo
+    stages: list[stages_lib.StageSpec]
+
+    @classmethod
+    def create(
+        cls,
+        config: ml_collections.ConfigDict,
+        workdir: epath.PathLike,
+        *,
+        allow_config_change: bool = False,
+    ) -> Run:
+        """A run to train: `config` is validated and compared with the workdir's record."""
+        workdir = epath.Path(workdir).absolute()
+        workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
+        return cls(workdir, config, _dataset_info(config), stages_lib.plan_stages(config))
+
+    @classmethod
+    def open(
+        cls, workdir: epath.PathLike, *, eval_config: ml_collections.ConfigDict | None = None
+    ) -> Run:
+        """The run recorded in `workdir`; `eval_config` replaces its config.eval."""
+        workdir = epath.Path(workdir).absolute()
+        config = workdir_lib.read_config(workdir)
+        if eval_config is not None:
+            config.eval = ml_collections.ConfigDict(eval_config.to_dict())
+        return cls(workdir, config, _dataset_info(config), stages_lib.plan_stages(config))
+
+    def record_config(self) -> None:
+        """Record this run's config in the workdir (see `workdir.record_config`)."""
+        workdir_lib.record_config(self.config, self.workdir)
+
+    @property
+    def bounds(self) -> dict[str, float]:
+        """The schedule's log-SNR clip, as keyword arguments for the diffusion functions."""
+        d = self.config.diffusion
+        return dict(logsnr_min=float(d.logsnr_min), logsnr_max=float(d.logsnr_max))
+
+    def path(self, name: str) -> epath.Path:
+        """A file or folder of the workdir layout (see `workdir`), e.g. run.path('eval')."""
+        return self.workdir / name
+
+    def stage(self, name: str) -> stages_lib.StageSpec:
+        """The stage called `name` ('teacher', 'stage1', 'stage2/steps_0004', ...)."""
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise ValueError(
+            f"No stage {name!r} in this run: accepted {[s.name for s in self.stages]}."
+        )
+
+    def directory(self, spec: stages_lib.StageSpec) -> epath.Path:
+        """The stage's Orbax directory."""
+        return self.workdir / spec.name
+
+    def finished(self, spec: stages_lib.StageSpec) -> dict | None:
+        """The stage's FINISHED.json record, or None while it is unfinished."""
+        if spec.stage_kind.model is None:
+            return {"kind": spec.kind}  # nothing to train: always ready
+        return checkpoints.stage_finished(self.directory(spec))
+
+    def students(self) -> dict[int, stages_lib.StageSpec]:
+        """{N: stage} of every finished student: stage one at n_start, then each round."""
+        return {
+            spec.steps: spec
+            for spec in self.stages
+            if spec.stage_kind.takes_w and self.finished(spec) is not None
+        }
+
+    def student(self, steps: int) -> stages_lib.StageSpec:
+        """The finished student that samples in `steps` steps; fails listing those that exist."""
+        found = self.students()
+        if steps not in found:
+            shown = ", ".join(str(n) for n in sorted(found)) or "none (run `distill-jax distill`)"
+            raise ValueError(
+                f"No finished student samples in {steps} steps in {self.workdir}; the step "
+                f"counts that exist are: {shown}."
+            )
+        return found[steps]
+
+    def model(self, spec: stages_lib.StageSpec) -> nn.Module | None:
+        """The stage's network (dropout from its config section); None if it has none."""
+        kind = spec.stage_kind
+        if kind.model is None:
+            return None
+        section = self.config[kind.section]
+        dropout = float(section.dropout if "dropout" in section else self.config.model.dropout)
+        return kind.model(self.config, self.info, dropout)
+
+    def init_params(self, spec: stages_lib.StageSpec, rng: jax.Array) -> PyTree:
+        """Freshly initialised parameters of the stage's network (pure in `rng`)."""
+        return denoiser.init_params(self.model(spec), rng, data_shape=tuple(self.info.shape))
+
+    def abstract_params(self, spec: stages_lib.StageSpec) -> PyTree:
+        """The shapes and dtypes of the stage's parameters (jax.eval_shape, no computation)."""
+        return jax.eval_shape(lambda: self.init_params(spec, jax.random.PRNGKey(0)))
+
+    def load_params(
+        self,
+        spec: stages_lib.StageSpec,
+        *,
+        which: str = "ema_params",
+        directory: epath.PathLike | None = None,
+        shardings: PyTree = None,
+    ) -> PyTree:
+        """The finished stage's weights, read through its Orbax manager.
+
+        Args:
+          spec: the stage; for one without a network, the state its denoiser needs (the
+            Gaussian mixture).
+          which: 'ema_params' (what every reader uses) or 'params'.
+          directory: read another run's stage directory of the same kind instead (a teacher
+            trained elsewhere); it is checked like the run's own.
+          shardings: a pytree of shardings matching the params to restore them already
+            sharded (default: the first local device).
+
+        Raises:
+          FileNotFoundError: the stage is missing or unfinished. ValueError: its checkpoint
+            holds another model's parameters.
+        """
+        if spec.stage_kind.model is None:
+            return sources.gmm_from_config(self.config.data.gmm)
+        source = epath.Path(directory).absolute() if directory else self.directory(spec)
+        if not source.exists():
+            raise FileNotFoundError(
+                f"No {spec.name} checkpoint at {source}: train it first (`distill-jax run`)."
+            )
+        if checkpoints.stage_finished(source) is None:
+            raise FileNotFoundError(
+                f"The {spec.name} stage at {source} has not finished training (no "
+                f"{checkpoints.FINISHED_FILE}); finish it with `distill-jax run` first."
+            )
+        abstract = self.abstract_params(spec)
+        if shardings is not None:
+            abstract = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                abstract,
+                shardings,
+            )
+        return checkpoints.restore_params(
+            source, abstract, which=which, what=f"{spec.name} checkpoint"
+        )
+
+    def denoise_fn(self, spec: stages_lib.StageSpec, params: PyTree = None) -> Partial:
+        """The stage's x-hat denoiser(z, t, labels, w) as a Partial (weights loaded if None).
+
+        Teachers ignore w (see `guided_teacher_fn` for the guided one); students require it.
+        """
+        if params is None:
+            params = self.load_params(spec)
+        if spec.stage_kind.model is None:
+            return gmm.make_gmm_denoise_fn(params, **self.bounds)
+        return denoiser.make_denoise_fn(self.model(spec), params)
+
+    def guided_teacher_fn(self) -> Partial:
+        """The guided teacher, (1 + w) xhat(z, c) - w xhat(z, null) in one batched call."""
+        cond_fn = self.denoise_fn(self.stage("teacher"))
+        return guidance.make_guided_denoise_fn(cond_fn, null_label=self.info.num_classes)
+
+    def checkpointer(self, spec: stages_lib.StageSpec) -> checkpoints.StageCheckpointer:
+        """The stage's checkpoint manager for training.
+
+        Its save interval and retention come from config.train.
+        """
+        return checkpoints.StageCheckpointer(
+            self.directory(spec),
+            keep=int(self.config.train.keep_checkpoints),
+            save_every=int(self.config.train.checkpoint_every),
+        )

@@ -1,0 +1,126 @@
+"""The registry of stage kinds and the stages a config's run is made of.
+
+A stage kind says what a stage is: which config section holds its batch size, steps and
+optimiser, whether its network takes the guidance weight w, and how its network is built. A
+config's run is the list of `StageSpec`s `plan_stages` makes: the teacher, stage one, then one
+stage-two round per halving, each naming the stage whose weights it learns from. A new kind of
+stage (an autoencoder, a text encoder) is one more `StageKind` here plus its own module; the
+callers (training, sampling, evaluation, export, CLI) go through `Run` and need no new branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import ml_collections
+
+from distill_jax import config as config_lib
+from distill_jax.data import sources
+from distill_jax.models import denoiser
+
+ModelFactory = Callable[[ml_collections.ConfigDict, sources.DatasetInfo, float], nn.Module]
+
+
+def _denoiser_factory(use_guidance: bool) -> ModelFactory:
+    def build(config: ml_collections.ConfigDict, info: sources.DatasetInfo, dropout: float):
+        model_config = ml_collections.ConfigDict(config.model.to_dict())
+        model_config.dropout = dropout
+        return denoiser.build_model(
+            model_config,
+            data_shape=tuple(info.shape),
+            num_classes=info.num_classes,
+            use_guidance=use_guidance,
+            logsnr_min=config.diffusion.logsnr_min,
+            logsnr_max=config.diffusion.logsnr_max,
+        )
+
+    return build
+
+
+@dataclasses.dataclass(frozen=True)
+class StageKind:
+    """What a kind of stage is.
+
+    Attributes:
+      name: the kind's name.
+      section: the config section with its batch_size, num_steps, optimizer (and dropout).
+      takes_w: whether its network takes the guidance weight (a distilled student).
+      model: (config, dataset info, dropout) -> the Flax network; None for a stage without a
+        network (the exact Gaussian-mixture denoiser), which also has no checkpoints.
+    """
+
+    name: str
+    section: str
+    takes_w: bool
+    model: ModelFactory | None
+
+
+KINDS: dict[str, StageKind] = {
+    kind.name: kind
+    for kind in (
+        StageKind("teacher", "teacher", takes_w=False, model=_denoiser_factory(False)),
+        StageKind("exact_gmm", "teacher", takes_w=False, model=None),
+        StageKind("stage1", "stage1", takes_w=True, model=_denoiser_factory(True)),
+        StageKind("stage2", "stage2", takes_w=True, model=_denoiser_factory(True)),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage of a run.
+
+    Attributes:
+      name: its name, also its directory relative to the workdir ('stage2/steps_0064').
+      kind: a key of KINDS.
+      steps: the student's sampling steps N (None for the teacher, sampled at any N).
+      num_steps: its training steps.
+      teacher: the name of the stage whose weights it learns from (None for the teacher).
+      seed: seeds its initialisation, its data order and its training randomness.
+      first_round: the first halving round (its teacher is stage one's continuous-time
+        student, not a round of the same grid).
+    """
+
+    name: str
+    kind: str
+    steps: int | None
+    num_steps: int
+    teacher: str | None
+    seed: int
+    first_round: bool = False
+
+    @property
+    def stage_kind(self) -> StageKind:
+        """Its entry in KINDS."""
+        return KINDS[self.kind]
+
+
+def round_name(steps: int) -> str:
+    """The name (and directory) of the halving round whose student samples in `steps` steps."""
+    return f"stage2/steps_{steps:04d}"
+
+
+def plan_stages(config: ml_collections.ConfigDict) -> list[StageSpec]:
+    """Every stage of the run `config` describes, in training order."""
+    seed = int(config.seed)
+    teacher_kind = "exact_gmm" if config.teacher.kind == "exact_gmm" else "teacher"
+    n_start = int(config.stage2.n_start)
+    stages = [
+        StageSpec("teacher", teacher_kind, None, int(config.teacher.num_steps), None, seed),
+        StageSpec("stage1", "stage1", n_start, int(config.stage1.num_steps), "teacher", seed + 1),
+    ]
+    for index, (steps, num_steps) in enumerate(config_lib.round_schedule(config.stage2)):
+        stages.append(
+            StageSpec(
+                round_name(steps),
+                "stage2",
+                steps,
+                num_steps,
+                stages[-1].name,
+                seed + 2 + steps,
+                first_round=index == 0,
+            )
+        )
+    return stages
