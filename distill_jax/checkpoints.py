@@ -2,13 +2,13 @@
 
 Each stage (teacher, stage1, stage2/steps_XXXX) owns one directory managed by one
 `ocp.CheckpointManager`, whose options carry the policy: a save every `save_every` steps
-(`FixedIntervalPolicy`, plus Orbax's preemption policy) and the `keep` most recent kept
-(`max_to_keep`). A checkpoint holds two items: 'state' (the TrainState pytree) and, when the
-stage reads data through grain, 'data' (the grain iterator's position, so a resumed run
-continues the same data order). When a stage has reached its last step and that save has been
-committed, `mark_finished` writes FINISHED.json beside the step folders; a later run skips such a
-stage, and any reader loads its final weights with `restore_params`, which reads only the
-requested subtree of 'state' through the same kind of manager.
+(`FixedIntervalPolicy`) and the `keep` most recent kept (`max_to_keep`); the training loop
+adds a save at a preemption sync point. A checkpoint holds two items: 'state' (the TrainState
+pytree) and, when the stage reads data through grain, 'data' (the grain iterator's position,
+so a resumed run continues the same data order). When a stage has reached its last step and
+that save has been committed, `mark_finished` writes FINISHED.json beside the step folders; a
+later run skips such a stage, and any reader loads its final weights with `restore_params`,
+which reads only the requested subtree of 'state' through the same kind of manager.
 
 Resume order (documented because getting it wrong silently changes results): build the abstract
 state with jax.eval_shape, restore 'state' into it with the target shardings, then restore
@@ -23,6 +23,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -30,6 +31,15 @@ from distill_jax import files, parallel, trees
 
 FINISHED_FILE = "FINISHED.json"
 PyTree = Any
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (full disk, permissions, a vanished directory)."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else repr(error)
 
 
 class StageCheckpointer:
@@ -55,12 +65,11 @@ class StageCheckpointer:
         if save_every < 1:
             raise ValueError(f"checkpoint_every={save_every} is invalid: accepted an integer >= 1.")
         self.directory = epath.Path(directory).absolute()
-        policy = policies.AnySavePolicy(
-            [policies.FixedIntervalPolicy(save_every), policies.PreemptionCheckpointingPolicy()]
-        )
+        # The interval only: preemption is asked once per step by the training loop
+        # (`reached_preemption`), since JAX's sync point answers True for one query only.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            save_decision_policy=policy,
+            save_decision_policy=policies.FixedIntervalPolicy(save_every),
             create=True,
             enable_async_checkpointing=enable_async,
         )
@@ -75,26 +84,115 @@ class StageCheckpointer:
         return self._manager.should_save(step)
 
     def save(self, step: int, state: PyTree, data_iterator: Any = None, *, force: bool = False):
-        """Save (asynchronously) the state and the data iterator position at `step`."""
+        """Save (asynchronously) the state and the data iterator position at `step`.
+
+        Raises CheckpointSaveError at once when the save cannot start, or when an earlier
+        background save has failed.
+        """
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self.check_for_errors(step)
+        try:
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as error:  # noqa: BLE001 - Orbax wraps OS errors in its own
+            raise self._save_error(step, error) from error
 
-    def restore(self, abstract_state: PyTree, data_iterator: Any = None) -> PyTree:
-        """Restore the latest state (into `abstract_state`'s shapes and shardings) and iterator."""
-        step = self.latest_step()
-        if step is None:
+    def wait(self, step: int) -> None:
+        """Block until pending saves are committed; CheckpointSaveError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise self._save_error(step, error) from error
+        self.check_for_errors(step)
+
+    def restore(self, abstract_state: PyTree, data_iterator: Any = None) -> tuple[int, PyTree]:
+        """(step, state) of the newest kept checkpoint that restores, and its data position.
+
+        The state comes back in `abstract_state`'s shapes and shardings. When the newest step
+        cannot be read (a damaged or truncated file), a warning names it and the next older
+        kept step is tried; once one restores, the damaged newer ones are moved aside to
+        `damaged.STEP` (kept for inspection, ignored by Orbax) so training can save those steps
+        again. When none restores, nothing is moved and ValueError says why.
+        """
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"No checkpoint to restore in {self.directory}.")
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return restored["state"]
+        errors = []
+        for step in steps:
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as error:  # noqa: BLE001 - damaged files fail in many layers
+                errors.append((step, error))
+                logging.warning(
+                    "checkpoint %s/%d cannot be restored (%s: %s); trying the previous one.",
+                    self.directory,
+                    step,
+                    type(error).__name__,
+                    _first_line(error),
+                )
+                continue
+            self._set_aside([s for s, _ in errors])
+            return step, restored["state"]
+        first_step, first_error = errors[0]
+        raise ValueError(
+            f"No kept checkpoint of {self.directory} (steps {steps}) can be restored into this "
+            f"config's train state; step {first_step}: {type(first_error).__name__}: "
+            f"{_first_line(first_error)}. If the optimiser or model settings changed since they "
+            "were saved, rerun with the recorded config (config.json); if the files are "
+            "damaged, delete the stage directory to train the stage again."
+        )
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged step folders to damaged.STEP (process 0) and forget them."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                (self.directory / str(step)).rename(self.directory / f"damaged.{step}")
+        parallel.sync_processes(f"set_aside:{self.directory}")
+        self._manager.reload()
+
+    def check_for_errors(self, step: int) -> None:
+        """Raise CheckpointSaveError if a background save has failed (checked every interval)."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001 - Orbax re-raises the writer's error
+            raise self._save_error(step, error) from error
+
+    def _save_error(self, step: int, error: BaseException) -> CheckpointSaveError:
+        kept = sorted(self._manager.all_steps())
+        return CheckpointSaveError(
+            f"saving the checkpoint of step {step} to {self.directory} failed "
+            f"({type(error).__name__}: {_first_line(error)}); the kept checkpoints (steps "
+            f"{kept}) are intact: fix the cause (e.g. free disk space) and rerun the same "
+            "command to resume."
+        )
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process has reached the preemption sync point at `step`.
+
+        Multi-process jobs: JAX's preemption service turns a SIGTERM on any host into one
+        agreed step; ask once per step, on every process. Single-process runs return False
+        here (see `training.loop`).
+        """
+        return self._manager.reached_preemption(step)
 
     def mark_finished(self, step: int, info: dict | None = None) -> None:
-        """Wait for pending saves, then record that the stage completed at `step`."""
-        self._manager.wait_until_finished()
+        """Wait for pending saves, then record that the stage completed at `step`.
+
+        Refused (RuntimeError) unless the checkpoint of `step` itself is committed, so a
+        finished stage always has its final weights.
+        """
+        self.wait(step)
+        if self._manager.latest_step() != step:
+            raise RuntimeError(
+                f"{self.directory} has no committed checkpoint of its final step {step} "
+                f"(latest: {self._manager.latest_step()}); the stage is not marked finished."
+            )
         if jax.process_index() == 0:
             payload = {"final_step": int(step), **(info or {})}
             files.atomic_write(self.directory / FINISHED_FILE, json.dumps(payload, indent=2))
@@ -103,9 +201,17 @@ class StageCheckpointer:
         parallel.sync_processes(f"finished:{self.directory}")
 
     def close(self) -> None:
-        """Finish pending saves and release the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish pending saves and release the manager.
+
+        Called on the way out, also after a failure: a save error surfacing here is logged
+        rather than raised, so it never hides the error that stopped the run (`wait` and
+        `mark_finished` raise it on the normal path).
+        """
+        try:
+            self._manager.wait_until_finished()
+            self._manager.close()
+        except Exception as error:  # noqa: BLE001
+            logging.warning("closing %s: %s", self.directory, _first_line(error))
 
 
 def stage_finished(directory: epath.PathLike) -> dict | None:
@@ -113,7 +219,16 @@ def stage_finished(directory: epath.PathLike) -> dict | None:
     path = epath.Path(directory) / FINISHED_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        record = error
+    if not isinstance(record, dict) or "final_step" not in record:
+        raise ValueError(
+            f"{path} is damaged ({record}); delete it to let the stage resume from its latest "
+            "checkpoint, or restore it."
+        )
+    return record
 
 
 def _with_sharding(abstract: PyTree) -> PyTree:

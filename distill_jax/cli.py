@@ -20,6 +20,8 @@ Also runnable as `python -m distill_jax`. This module only parses flags and call
 
 from __future__ import annotations
 
+import logging as python_logging
+import math
 import os
 import sys
 import time
@@ -67,11 +69,89 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "export: a fixed batch size (default: any batch size)."
 )
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "export: lowering targets.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "export: replace an existing --out.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "export: replace an existing --out that holds an earlier export."
+)
+_TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "On an error, show the Python traceback too (also DISTILL_JAX_TRACEBACK=1)."
+)
+
+# What a user's input or environment can cause: shown as one line, exit code 2.
+USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
+EXIT_USER_ERROR = 2
 
 
 def _usage_error(message: str) -> None:
-    raise app.UsageError(f"{message}\nCommands: {', '.join(COMMANDS)}.")
+    raise ValueError(f"{message} Commands: {', '.join(COMMANDS)}; see --help.")
+
+
+def _wants_traceback(argv: list[str]) -> bool:
+    return "--traceback" in argv or bool(os.environ.get("DISTILL_JAX_TRACEBACK"))
+
+
+def _error_line(error: BaseException) -> str:
+    """The error as one line (multi-line messages are joined)."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
+
+
+def _exit_with(prefix: str, error: BaseException, code: int = EXIT_USER_ERROR) -> None:
+    """Print the one line and leave at once.
+
+    os._exit skips interpreter teardown: after a failure (a full disk, say) the libraries'
+    background threads and exit hooks (Orbax, tensorstore, tensorboardX) would otherwise print
+    their own tracebacks after this line. Everything distill_jax writes is committed or
+    abandoned by then, and the run layer's files are written atomically.
+    """
+    sys.stdout.flush()
+    sys.stderr.write(f"{prefix}: error: {_error_line(error)}\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _check_config_file(argv: list[str]) -> None:
+    """A --config naming a missing file fails here, with the accepted form."""
+    for arg in argv:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"--config={arg.split('=', 1)[1]}: no such file {path!r}: accepted a config "
+                    "file, optionally with a variant, e.g. --config=configs/digits.py:smoke."
+                )
+
+
+def _flag_error(error: BaseException, argv: list[str]) -> ValueError:
+    """A flag-parsing error as one readable sentence (config files report tracebacks as text)."""
+    cause = next(
+        (e for e in (error, error.__cause__, error.__context__) if isinstance(e, KeyError)), None
+    )
+    if cause is not None:
+        key = str(cause.args[0]).strip("\"'") if cause.args else ""
+        given = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and key in a]
+        shown = given[0] if given else f"--config...{key}"
+        return ValueError(
+            f"{shown}: the config has no key {key!r}; accepted the keys of "
+            "distill_jax/config.py (base_config) and of the config file."
+        )
+    text = str(error)
+    if "Traceback (most recent call last)" in text:
+        words = text.split()
+        flag = words[1].rstrip(":") if len(words) > 1 and words[0] == "flag" else "--config"
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = f"{flag}: {last.split(': ', 1)[-1]}"
+    return ValueError(text)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing (the --config file is loaded here) with the one-line error boundary."""
+    try:
+        _check_config_file(argv)
+        return flags.FLAGS(argv)
+    except Exception as error:  # noqa: BLE001 - a config file can raise anything
+        if _wants_traceback(argv):
+            raise
+        _exit_with("distill-jax", _flag_error(error, argv))
 
 
 def _check_flags(argv: list[str]) -> str:
@@ -89,34 +169,57 @@ def _check_flags(argv: list[str]) -> str:
         _usage_error("sample needs --steps, --guidance and --out.")
     if command == "export" and (_STEPS.value is None or not _OUT.value):
         _usage_error("export needs --steps and --out.")
+    if command in ("sample", "export"):
+        _check_sample_flags(command)
     return command
+
+
+def _check_sample_flags(command: str) -> None:
+    """Counts, ranges and finite numbers of the sample and export flags."""
+    if _STEPS.value < 1:
+        raise ValueError(f"--steps={_STEPS.value} is invalid: accepted an integer >= 1.")
+    if command == "export":
+        return
+    if not math.isfinite(_GUIDANCE.value):
+        raise ValueError(f"--guidance={_GUIDANCE.value} is invalid: accepted a finite number.")
+    if _NUM.value < 1:
+        raise ValueError(f"--num={_NUM.value} is invalid: accepted an integer >= 1.")
+    if not 0.0 < _T_START.value <= 1.0:
+        raise ValueError(f"--t_start={_T_START.value} is invalid: accepted a number in (0, 1].")
 
 
 def _own_info_only(record) -> bool:
     """Log filter: distill_jax's INFO lines; other libraries' (Orbax, grain) from WARNING up."""
-    return record.levelno >= logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+    # record.levelno is a Python logging level (absl's logging.WARNING is a verbosity, -1).
+    return record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
 
 
 def main(argv: list[str]) -> None:
     """Dispatch the command named by the first positional argument."""
-    command = _check_flags(argv)
-    from distill_jax import parallel
-
+    command = argv[1] if len(argv) > 1 else ""
     # Orbax and grain log every file operation at INFO; the console keeps our progress lines.
     logging.set_verbosity(logging.INFO)
     # ABSLHandler.handle delegates to its python_handler, so the filter goes there.
     logging.get_absl_handler().python_handler.addFilter(_own_info_only)
-    parallel.initialize_distributed()
-    parallel.enable_compilation_cache()
+    from distill_jax.run import WorkdirBusyError
+    from distill_jax.training import loop
+
     try:
+        command = _check_flags(argv)
+        from distill_jax import parallel
+
+        parallel.initialize_distributed()
+        parallel.enable_compilation_cache()
         COMMAND_FUNCTIONS[command]()
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
-        # Bad input and non-finite training are the user's to fix: show the message, not a
-        # traceback (set DISTILL_JAX_TRACEBACK=1 to see it).
-        if os.environ.get("DISTILL_JAX_TRACEBACK"):
+    except loop.Preempted as stop:
+        logging.warning("%s", stop)
+        sys.exit(stop.exit_code)
+    except (*USER_ERRORS, WorkdirBusyError) as error:
+        # Bad input, a busy workdir, a failed save, non-finite training: the user's to fix, so
+        # the message, not a traceback (--traceback or DISTILL_JAX_TRACEBACK=1 shows it).
+        if _TRACEBACK.value or _wants_traceback(argv):
             raise
-        sys.stderr.write(f"distill-jax {command}: error: {error}\n")
-        sys.exit(2)
+        _exit_with(f"distill-jax {command}".rstrip(), error)
 
 
 def _train() -> None:
@@ -241,4 +344,4 @@ COMMAND_FUNCTIONS = {
 
 def run_main() -> None:
     """Console-script entry point."""
-    app.run(main, argv=sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=_parse_flags)

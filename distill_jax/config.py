@@ -8,6 +8,8 @@ and what is accepted.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
@@ -196,8 +198,30 @@ def _fail(key: str, value, accepted: str) -> None:
     raise ValueError(f"config.{key}={value!r} is invalid: accepted {accepted}.")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Check the values a run depends on; raise ValueError naming the key and what is accepted."""
+def _check_number(
+    config, key: str, *, low=None, high=None, integer=False, low_open=False, high_open=True
+) -> None:
+    """Fail unless config[key] is a finite (integer) number within the bounds given."""
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    value = node
+    kind = "an integer" if integer else "a finite number"
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    ok = ok and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        left = "" if low is None else f" {'>' if low_open else '>='} {low}"
+        right = "" if high is None else f" {'<' if high_open else '<='} {high}"
+        joined = " and".join(part for part in (left, right) if part)
+        _fail(key, value, f"{kind}{joined}")
+
+
+def _check_choices(config: ml_collections.ConfigDict) -> None:
+    """The named choices: model kind, parameterisation, dtype, weighting, teacher kind."""
     m = config.model
     if m.kind not in MODEL_KINDS:
         _fail("model.kind", m.kind, f"one of {MODEL_KINDS}")
@@ -207,34 +231,86 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _fail("model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
     if config.diffusion.loss_weighting not in WEIGHTINGS:
         _fail("diffusion.loss_weighting", config.diffusion.loss_weighting, f"one of {WEIGHTINGS}")
-    if not 0.0 <= config.diffusion.p_uncond < 1.0:
-        _fail("diffusion.p_uncond", config.diffusion.p_uncond, "a probability in [0, 1)")
-    if not config.diffusion.logsnr_min < config.diffusion.logsnr_max:
-        _fail("diffusion.logsnr_min", config.diffusion.logsnr_min, "a value below logsnr_max")
-    if not config.guidance.w_min <= config.guidance.w_max:
-        _fail("guidance", (config.guidance.w_min, config.guidance.w_max), "w_min <= w_max")
-    if config.guidance.w_min < -1.0:
-        _fail("guidance.w_min", config.guidance.w_min, "a weight >= -1 (w = -1 is unconditional)")
     if config.teacher.kind not in TEACHER_KINDS:
         _fail("teacher.kind", config.teacher.kind, f"one of {TEACHER_KINDS}")
     if config.teacher.kind == "exact_gmm" and config.data.name != "gmm":
         _fail("teacher.kind", "exact_gmm", "'exact_gmm' only with data.name='gmm'")
+
+
+def _check_stage_sections(config: ml_collections.ConfigDict) -> None:
+    """Counts and optimiser settings of the teacher, stage one and stage two."""
     for stage in ("teacher", "stage1", "stage2"):
-        if config[stage].batch_size < 1:
-            _fail(f"{stage}.batch_size", config[stage].batch_size, "a positive integer")
-        if config[stage].optimizer.learning_rate <= 0:
-            _fail(
-                f"{stage}.optimizer.learning_rate",
-                config[stage].optimizer.learning_rate,
-                "a positive number",
-            )
-    if config.train.mesh_fsdp_axis < 1:
-        _fail("train.mesh_fsdp_axis", config.train.mesh_fsdp_axis, "an integer >= 1")
-    for stage in ("teacher", "stage1", "stage2"):
+        _check_number(config, f"{stage}.batch_size", low=1, integer=True)
+        opt = f"{stage}.optimizer"
+        _check_number(config, f"{opt}.learning_rate", low=0, low_open=True)
+        _check_number(config, f"{opt}.warmup_steps", low=0, integer=True)
+        _check_number(config, f"{opt}.end_learning_rate_factor", low=0)
+        _check_number(config, f"{opt}.weight_decay", low=0)
+        _check_number(config, f"{opt}.grad_clip", low=0)
+        _check_number(config, f"{opt}.ema_decay", low=0, high=1)
+        _check_number(config, f"{opt}.b1", low=0, high=1)
+        _check_number(config, f"{opt}.b2", low=0, high=1)
+        _check_number(config, f"{opt}.eps", low=0, low_open=True)
         decay = config[stage].optimizer.decay
         if decay not in DECAYS:
-            _fail(f"{stage}.optimizer.decay", decay, f"one of {DECAYS}")
+            _fail(f"{opt}.decay", decay, f"one of {DECAYS}")
+        if "dropout" in config[stage]:
+            _check_number(config, f"{stage}.dropout", low=0, high=1)
+    _check_number(config, "teacher.num_steps", low=1, integer=True)
+    _check_number(config, "stage1.num_steps", low=1, integer=True)
+    _check_number(config, "stage2.steps_per_round", low=1, integer=True)
+    _check_number(config, "stage2.final_steps_per_round", low=1, integer=True)
+    _check_number(config, "stage2.final_rounds", low=0, integer=True)
     round_schedule(config.stage2)
+
+
+def _check_run_sections(config: ml_collections.ConfigDict) -> None:
+    """Model sizes, diffusion, guidance, training-loop and evaluation settings."""
+    for key in (
+        "model.channels",
+        "model.num_res_blocks",
+        "model.num_heads",
+        "model.mlp_hidden",
+        "model.mlp_depth",
+        "model.guidance_fourier_dim",
+    ):
+        _check_number(config, key, low=1, integer=True)
+    _check_number(config, "model.emb_dim", low=0, integer=True)
+    _check_number(config, "model.dropout", low=0, high=1)
+    _check_number(config, "diffusion.logsnr_max", low=-100, high=100)
+    _check_number(config, "diffusion.logsnr_min", low=-100, high=config.diffusion.logsnr_max)
+    _check_number(config, "diffusion.p_uncond", low=0, high=1)
+    _check_number(config, "guidance.w_max")
+    _check_number(config, "guidance.w_min", low=-1)  # w = -1 is the unconditional model
+    if not config.guidance.w_min <= config.guidance.w_max:
+        _fail("guidance", (config.guidance.w_min, config.guidance.w_max), "w_min <= w_max")
+    for key in (
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.mesh_fsdp_axis",
+        "eval.num_samples",
+        "eval.seeds",
+        "eval.batch_size",
+        "eval.grid_rows",
+    ):
+        _check_number(config, key, low=1, integer=True)
+    if config.train.mesh_data_axis != -1:
+        _check_number(config, "train.mesh_data_axis", low=1, integer=True)
+    for w in config.eval.guidance_weights:
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+            _fail("eval.guidance_weights", tuple(config.eval.guidance_weights), "finite numbers")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Check every value a run depends on before anything is written.
+
+    Raises:
+      ValueError: naming the first bad key, its value and what is accepted.
+    """
+    _check_choices(config)
+    _check_stage_sections(config)
+    _check_run_sections(config)
 
 
 def round_schedule(stage2: ml_collections.ConfigDict) -> list[tuple[int, int]]:

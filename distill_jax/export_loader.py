@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -55,6 +56,21 @@ def _read_metadata(directory: pathlib.Path) -> dict:
             f"{FORMAT_VERSION}."
         )
     return metadata
+
+
+def _member(directory: pathlib.Path, metadata: dict, entry: str, name: str) -> pathlib.Path:
+    """The file metadata.json names for `entry`: only the artifact's own plain file name.
+
+    A name with a directory part ('../x', '/etc/x') could make the loader read a file outside
+    the artifact, so anything but the one expected name is refused.
+    """
+    given = metadata.get(entry, {}).get("file")
+    if given != name:
+        raise ArtifactError(
+            f"{directory / 'metadata.json'} names {given!r} as the {entry} file: accepted "
+            f"{name!r}, a file inside the artifact."
+        )
+    return directory / name
 
 
 def _check_checksum(path: pathlib.Path, expected: str) -> None:
@@ -206,8 +222,8 @@ def load_exported(path: str | pathlib.Path, *, verify: bool = True) -> ExportedS
     if missing:
         raise ArtifactError(f"{directory} is incomplete: missing {', '.join(missing)}.")
     metadata = _read_metadata(directory)
-    function_path = directory / metadata["function"]["file"]
-    weights_path = directory / metadata["weights"]["file"]
+    function_path = _member(directory, metadata, "function", FILES[1])
+    weights_path = _member(directory, metadata, "weights", FILES[2])
     if verify:
         _check_checksum(function_path, metadata["function"]["sha256"])
         _check_checksum(weights_path, metadata["weights"]["sha256"])
@@ -225,17 +241,10 @@ def load_exported(path: str | pathlib.Path, *, verify: bool = True) -> ExportedS
     return ExportedSampler(exported, weights, metadata)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: sample `--num` images and save them as a float32 .npy in [-1, 1]."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("artifact", nargs="?", default=str(pathlib.Path(__file__).parent))
-    parser.add_argument("--num", type=int, default=16)
-    parser.add_argument("--label", type=int, default=0)
-    parser.add_argument("--w", type=float, default=None, help="default: w_min")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="samples.npy")
-    args = parser.parse_args(argv)
+def _sample_command(args: argparse.Namespace) -> None:
     sampler = load_exported(args.artifact)
+    if args.num < 1:
+        raise ValueError(f"--num={args.num} is invalid: accepted an integer >= 1.")
     batch = args.num if sampler.batch_size is None else sampler.batch_size
     noise_key, rng_key = jax.random.split(jax.random.key(args.seed))
     noise = np.asarray(jax.random.normal(noise_key, (batch, *sampler.image_shape)), np.float32)
@@ -244,6 +253,30 @@ def main(argv: list[str] | None = None) -> None:
     images = sampler(noise, args.label, w, rng=rng)[: args.num]
     np.save(args.out, images)
     print(f"wrote {images.shape} images to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: sample `--num` images and save them as a float32 .npy in [-1, 1].
+
+    A bad artifact or input ends with one line on stderr and exit code 2 (--traceback shows
+    the Python traceback).
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("artifact", nargs="?", default=str(pathlib.Path(__file__).parent))
+    parser.add_argument("--num", type=int, default=16)
+    parser.add_argument("--label", type=int, default=0)
+    parser.add_argument("--w", type=float, default=None, help="default: w_min")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="samples.npy")
+    parser.add_argument("--traceback", action="store_true", help="show tracebacks of errors")
+    args = parser.parse_args(argv)
+    try:
+        _sample_command(args)
+    except (ValueError, OSError) as error:
+        if args.traceback:
+            raise
+        sys.stderr.write(f"run_sampler: error: {' '.join(str(error).split())}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,19 @@
 """Samples as pictures: uint8 conversion, class-per-column image grids, 2-D scatters.
 
-Used by `sample` (the PNG beside every .npz) and the evaluation (grids of every row). Plots use
-matplotlib's non-interactive Agg backend, so they work without a display; every file is written
-through `files.atomic_path`.
+Used by `sample` (the PNG beside every .npz) and the evaluation (grids of every row). Figures are
+`matplotlib.figure.Figure` objects rendered by the Agg canvas, never pyplot: they work without a
+display and leave the caller's pyplot backend alone (a notebook keeps its inline plots). Every
+file is written through `files.atomic_path`.
 """
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from etils import epath
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from distill_jax import files  # noqa: E402
+from distill_jax import files
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -85,7 +83,8 @@ def save_samples_png(
             Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(handle, "png")
         return epath.Path(path)
     x = np.asarray(x, np.float32)
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
     second = x[:, 1] if x.shape[1] > 1 else np.zeros(len(x))
     ax.scatter(x[:, 0], second, c=labels, s=4, cmap="tab10", vmin=0, vmax=max(num_classes, 10))
     ax.set_aspect("equal")
@@ -94,9 +93,8 @@ def save_samples_png(
 
 
 def save_figure(fig, path: files.PathLike, *, dpi: int = 110) -> epath.Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
+    """Save a matplotlib Figure as PNG atomically."""
     fig.tight_layout()
     with files.atomic_path(path) as tmp, tmp.open("wb") as handle:
         fig.savefig(handle, format="png", dpi=dpi)
-    plt.close(fig)
     return epath.Path(path)

@@ -59,11 +59,21 @@ def evaluations_per_sample(model: str, steps: int) -> int:
     return 2 * steps if model == "teacher" else steps
 
 
+def _checked_labels(labels, num_classes: int, *, source: str = "labels") -> np.ndarray:
+    """int32 labels, failing unless every one is a class in 0..K-1."""
+    labels = np.asarray(labels)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise ValueError(
+            f"{source} holds labels {sorted(set(bad.tolist()))[:5]} outside the classes: "
+            f"accepted 0..{num_classes - 1}."
+        )
+    return labels.astype(np.int32)
+
+
 def class_labels(num: int, num_classes: int, labels: list[int] | None = None) -> np.ndarray:
     """int32 [num]: `labels` cycled to `num`, or 0, 1, ..., K - 1, 0, 1, ... when None."""
-    base = np.arange(num_classes) if not labels else np.asarray(labels)
-    if base.min() < 0 or base.max() >= num_classes:
-        raise ValueError(f"labels {list(base)} are invalid: accepted 0..{num_classes - 1}.")
+    base = np.arange(num_classes) if not labels else _checked_labels(labels, num_classes)
     return np.resize(base, num).astype(np.int32)
 
 
@@ -154,6 +164,8 @@ def sample(
       batch_size: samples per sampler call (the last call is padded, so one compilation).
       fn: a denoise_fn to reuse (from `denoise_fn(run, model, steps)`), loaded if None.
     """
+    if not np.isfinite(w):
+        raise ValueError(f"guidance weight w={w} is invalid: accepted a finite number.")
     if model == "student":
         check_guidance(run, w)
     fn = denoise_fn(run, model, steps) if fn is None else fn
@@ -185,33 +197,57 @@ def sample(
     return np.concatenate(out).astype(np.float32)
 
 
+def _read_npz(path: epath.PathLike, accepted: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive; a missing, damaged or non-.npz file is one clear error."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: accepted {accepted}.")
+    try:
+        with path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
+            return {key: data[key] for key in data.files}
+    except Exception as error:  # noqa: BLE001 - zipfile, pickle and format errors alike
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{path} cannot be read ({reason}): accepted {accepted}.") from None
+
+
 def load_images(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """Examples and labels from an .npz: (x float32 in [-1, 1], labels int32 or None).
 
     The file holds 'images' (uint8 [N, H, W, C]) or 'x' (float [N, ...] in the data range),
     and optionally 'labels'.
     """
-    path = epath.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist.")
-    with np.load(path) as data:
-        if "images" in data:
-            x = images.from_uint8(data["images"])
-        elif "x" in data:
-            x = np.asarray(data["x"], np.float32)
-        else:
-            raise ValueError(f"{path} has neither 'images' (uint8) nor 'x' (float) arrays.")
-        labels = np.asarray(data["labels"], np.int32) if "labels" in data else None
+    accepted = "an .npz with 'images' (uint8 [N, H, W, C]) or 'x' (float), optionally 'labels'"
+    data = _read_npz(path, accepted)
+    if "images" in data:
+        x = images.from_uint8(data["images"])
+    elif "x" in data:
+        x = np.asarray(data["x"], np.float32)
+    else:
+        raise ValueError(f"{path} has neither 'images' nor 'x' arrays: accepted {accepted}.")
+    labels = np.asarray(data["labels"], np.int32) if "labels" in data else None
     return x, labels
 
 
-def _load_mask(mask: str, shape: tuple[int, ...]) -> np.ndarray:
+def _load_mask(mask: str, shape: tuple[int, ...], num: int) -> np.ndarray:
+    """A named mask, or the 'mask' array of an .npz, broadcast to [num, *shape]."""
+    accepted = f"one of {', '.join(MASKS)}, or an .npz whose 'mask' array (1 = known) fits {shape}"
     if mask in MASKS:
-        return named_mask(mask, shape)
-    with np.load(mask) as data:
+        array = named_mask(mask, shape)
+    elif not mask.endswith(".npz") and not epath.Path(mask).exists():
+        raise ValueError(f"mask={mask!r} is invalid: accepted {accepted}.")
+    else:
+        data = _read_npz(mask, accepted)
         if "mask" not in data:
-            raise ValueError(f"{mask} has no 'mask' array (1 = known pixel).")
-        return np.asarray(data["mask"], np.float32)
+            raise ValueError(f"{mask} has no 'mask' array: accepted {accepted}.")
+        array = np.asarray(data["mask"], np.float32)
+    try:
+        return np.broadcast_to(array, (num, *shape))
+    except ValueError:
+        raise ValueError(
+            f"{mask} holds a mask of shape {array.shape}: accepted {accepted} (or [N, ...])."
+        ) from None
 
 
 def _sample_inputs(run: Run, num: int, labels, init, mask):
@@ -228,13 +264,13 @@ def _sample_inputs(run: Run, num: int, labels, init, mask):
     if mask is not None:
         if init is None:
             raise ValueError("--mask (inpainting) needs --init images holding the known pixels.")
-        mask_array = _load_mask(mask, shape)
+        mask_array = _load_mask(mask, shape, num)
     if num < 1:
         raise ValueError(f"num={num} is invalid: accepted an integer >= 1.")
     if labels:
         label_array = class_labels(num, run.info.num_classes, labels)
     elif init_labels is not None:
-        label_array = init_labels
+        label_array = _checked_labels(init_labels, run.info.num_classes, source=str(init))
     else:
         label_array = class_labels(num, run.info.num_classes)
     return label_array, x_init, mask_array

@@ -127,7 +127,11 @@ def setup_line(args: argparse.Namespace) -> str:
 
 def run_line(command: list[str], env: list[str]) -> str:
     """Shell line run on every worker: the distill-jax command with the distributed env."""
-    assignments = ["DISTILL_JAX_DISTRIBUTED=auto", *env]
+    # Values are quoted: a value with spaces or shell syntax is passed as data, never run.
+    assignments = ["DISTILL_JAX_DISTRIBUTED=auto"]
+    for item in env:
+        name, _, value = item.partition("=")
+        assignments.append(f"{name}={shlex.quote(value)}")
     quoted = " ".join(shlex.quote(a) for a in command)
     return f"cd {REMOTE_DIR} && {' '.join(assignments)} python3 -m distill_jax {quoted}"
 
@@ -195,8 +199,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if not command:
         parser.error("give the distill-jax command after '--', e.g. -- run --config=...")
     for item in args.env:
-        if "=" not in item:
-            parser.error(f"--env={item!r} is invalid: accepted NAME=VALUE.")
+        name = item.partition("=")[0]
+        if "=" not in item or not name.isidentifier():
+            parser.error(
+                f"--env={item!r} is invalid: accepted NAME=VALUE with NAME a variable name."
+            )
     return args, command
 
 

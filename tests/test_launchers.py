@@ -247,7 +247,7 @@ def test_local_launcher_reports_a_failing_command():
     assert result.returncode != 0
     assert "[p0] " in result.stdout and "[p1] " in result.stdout
     assert "--config is required" in result.stdout
-    assert "exit codes [1, 1]" in result.stderr
+    assert "exit codes [2, 2]" in result.stderr  # a usage error: one line, exit code 2
     missing = subprocess.run(
         [sys.executable, str(LOCAL), "--num_processes=2"], capture_output=True, text=True
     )

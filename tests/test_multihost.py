@@ -5,6 +5,7 @@ collectives) on the Gaussian-mixture smoke config, whose MLP keeps them to secon
 """
 
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -351,3 +352,48 @@ def test_fsdp_initialisation_never_gives_a_process_a_whole_sharded_parameter(tmp
         held = [sorted(leaf["starts"]) for leaf in leaves]
         assert held[0] != held[1]  # the two processes hold different quarters
     assert sharded >= 2
+
+
+def _two_process_train(workdir, *extra, sigterm_process=None, sink=None):
+    """Train the teacher with 2 processes x 2 devices; optionally SIGTERM one process midway."""
+    flags = [
+        f"--config={GMM_SMOKE}",
+        f"--workdir={workdir}",
+        "--config.teacher.num_steps=300",
+        "--config.train.log_every=10",
+        "--config.train.checkpoint_every=100000",
+        *extra,
+    ]
+    sink = sink or io.StringIO()
+    job = local.start(
+        ["train", *flags], num_processes=2, devices_per_process=2, cwd=ROOT, sink=sink
+    )
+    if sigterm_process is not None:
+        metrics = pathlib.Path(workdir) / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in job.processes):
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        job.processes[sigterm_process].send_signal(signal.SIGTERM)
+    return local.wait(job, grace_s=120, timeout_s=600), sink
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_of_two_processes_saves_one_agreed_step_and_resumes(tmp_path):
+    straight, _ = _two_process_train(tmp_path / "straight")
+    assert straight == [0, 0]
+    codes, sink = _two_process_train(tmp_path / "preempted", sigterm_process=1)
+    output = sink.getvalue()
+    assert codes == [143, 143], output[-3000:]
+    saved = [p.name for p in (tmp_path / "preempted" / "teacher").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 0 < int(saved[0]) < 300, saved
+    # JAX's preemption service made both processes save the same step and say so.
+    assert output.count(f"stopped by SIGTERM after step {saved[0]}") == 2, output[-3000:]
+    resumed, sink = _two_process_train(tmp_path / "preempted")
+    assert resumed == [0, 0], sink.getvalue()[-3000:]
+    for which in ("params", "ema_params"):
+        got = _leaves(tmp_path / "preempted", "teacher", which)
+        want = _leaves(tmp_path / "straight", "teacher", which)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)

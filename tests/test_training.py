@@ -185,3 +185,19 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
     abstract = run.abstract_params(spec)
     params = jax.tree.leaves(checkpoints.restore_params(directory, abstract, which="params"))
     assert all(np.isfinite(p).all() for p in params)
+
+
+def test_nan_guard_checks_the_parameters_it_would_save(tmp_path):
+    # A finite loss with exploded parameters (1e30): param_norm, computed from the updated
+    # parameters in float32, overflows, so the step is refused before any checkpoint holds them.
+    config = load_config(str(ROOT / "configs" / "gmm.py") + ":smoke")
+    config.train.checkpoint_every = 5
+    config.train.log_every = 5
+    run = Run.create(config, tmp_path)
+    spec = run.stage("teacher")
+    stage = pipeline.BUILDERS["teacher"](run, spec, None)
+    real_init = stage.init_params
+    stage.init_params = lambda teacher: jax.tree.map(lambda p: p + 1e30, real_init(teacher))
+    with pytest.raises(loop.NonFiniteError, match=r"param_norm': inf.*no checkpoint"):
+        loop.run_stage(stage, run, parallel.make_mesh(-1))
+    assert not [p for p in run.directory(spec).glob("[0-9]*") if p.name.isdigit()]

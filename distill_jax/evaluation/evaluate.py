@@ -321,6 +321,12 @@ def evaluate_run(
       fresh: ignore eval/progress.jsonl and measure every row again.
     """
     run = Run.open(workdir, eval_config=eval_config)
+    with run.locked():
+        return _evaluate(run, fresh=fresh)
+
+
+def _evaluate(run: Run, *, fresh: bool) -> dict[str, epath.Path]:
+    """`evaluate_run` once the workdir's lock is held."""
     out = run.path(workdir_lib.EVAL_DIR)
     ctx, data_row = _context(run)
     progress = out / "progress.jsonl"

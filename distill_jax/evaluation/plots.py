@@ -1,14 +1,15 @@
 """The evaluation's metric plots: FD against network evaluations, metrics against w.
 
-Sample grids live in `distill_jax.images` (sampling draws them too); this module imports it first,
-so matplotlib already uses the non-interactive Agg backend and figures are saved atomically.
+Sample grids live in `distill_jax.images` (sampling draws them too), whose `save_figure` writes
+these plots atomically; figures are `matplotlib.figure.Figure`s, never pyplot's.
 """
 
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
+import matplotlib
 import numpy as np
 from etils import epath
+from matplotlib.figure import Figure
 
 from distill_jax import images
 
@@ -27,9 +28,10 @@ def plot_fd_vs_evaluations(
 
     The colour says w, the line style and marker the sampler.
     """
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     weights = sorted({r["w"] for r in rows})
-    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(weights)))
+    colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(weights)))
     styles = {"teacher_ddim": ("-", "o"), "student_ddim": ("--", "s")}
     for (sampler, w), points in sorted(_series(rows, ("sampler", "w")).items()):
         linestyle, marker = styles.get(sampler, (":", "^"))
@@ -56,7 +58,8 @@ def plot_fd_vs_evaluations(
 
 def plot_metrics_vs_guidance(rows: list[dict], path: epath.PathLike) -> epath.Path:
     """Accuracy and FD against w: a line per (sampler, steps)."""
-    fig, (acc_ax, fd_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    acc_ax, fd_ax = fig.subplots(1, 2)
     for (sampler, steps), points in sorted(_series(rows, ("sampler", "steps")).items()):
         points = sorted(points, key=lambda r: r["w"])
         ws = [r["w"] for r in points]

@@ -6,7 +6,7 @@ config's stages; `workdir` the layout and the recorded config.
 
 from distill_jax.run.run import Run
 from distill_jax.run.stages import KINDS, StageKind, StageSpec, plan_stages, round_name
-from distill_jax.run.workdir import ConfigMismatchError, config_differences
+from distill_jax.run.workdir import ConfigMismatchError, WorkdirBusyError, config_differences
 
 __all__ = [
     "KINDS",
@@ -14,6 +14,7 @@ __all__ = [
     "Run",
     "StageKind",
     "StageSpec",
+    "WorkdirBusyError",
     "config_differences",
     "plan_stages",
     "round_name",

@@ -17,6 +17,7 @@ from etils import epath
 from jax.tree_util import Partial
 
 from distill_jax import checkpoints
+from distill_jax import config as config_lib
 from distill_jax.data import sources
 from distill_jax.diffusion import gmm, guidance
 from distill_jax.models import denoiser
@@ -66,7 +67,12 @@ class Run:
         config = workdir_lib.read_config(workdir)
         if eval_config is not None:
             config.eval = ml_collections.ConfigDict(eval_config.to_dict())
+        config_lib.validate_config(config)
         return cls(workdir, config, _dataset_info(config), stages_lib.plan_stages(config))
+
+    def locked(self):
+        """Context manager holding the workdir's lock (see `workdir.locked`)."""
+        return workdir_lib.locked(self.workdir)
 
     def record_config(self) -> None:
         """Record this run's config in the workdir (see `workdir.record_config`)."""

@@ -18,7 +18,13 @@ the run was made) with the schema's defaults.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -35,6 +41,7 @@ LOGS_DIR = "logs"
 TIMINGS_FILE = "timings.json"
 EVAL_DIR = "eval"
 REPORT_FILE = "report.md"
+LOCK_FILE = ".lock"
 
 # Keys whose change makes existing checkpoints meaningless (another network or another data).
 MODEL_DEFINING_PREFIXES = (
@@ -52,18 +59,92 @@ class ConfigMismatchError(ValueError):
     """The workdir was made with a config that builds a different model or dataset."""
 
 
+class WorkdirBusyError(RuntimeError):
+    """Another process holds the workdir's lock."""
+
+
+# Locks this process holds: workdir -> [file descriptor, nesting depth].
+_HELD: dict[str, list[int]] = {}
+
+
+def _is_local(workdir: epath.Path) -> bool:
+    return "://" not in str(workdir)
+
+
+@contextlib.contextmanager
+def locked(workdir: epath.Path) -> Iterator[None]:
+    """Hold the workdir's advisory lock (workdir/.lock, process 0 only) for the body.
+
+    A second process that asks for the lock while it is held fails at once with
+    WorkdirBusyError naming the holder. Re-entrant within a process. What it guarantees: on a
+    local filesystem, and on NFS (Linux emulates flock with NFS byte-range locks), two
+    commands cannot write one workdir at the same time. Object stores and gcsfuse have no
+    locks: a `gs://` workdir is not locked, and two jobs on one bucket path must be avoided
+    by the user. The lock is released when the body ends or the process dies.
+    """
+    key = str(workdir)
+    if jax.process_index() != 0 or not _is_local(workdir):
+        yield
+        return
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(os.fspath(workdir / LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 512, 0).decode(errors="replace").strip() or "unknown"
+        os.close(descriptor)
+        raise WorkdirBusyError(
+            f"{workdir} is in use by another distill-jax process ({holder}); wait for it to "
+            "finish or stop it, or use another --workdir."
+        ) from None
+    os.ftruncate(descriptor, 0)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}".encode(), 0)
+    _HELD[key] = [descriptor, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
 def _dotted(tree: dict) -> dict[str, Any]:
     """{'model.channels': 64, 'model.channel_mult.0': 1, ...} of a JSON config tree."""
     return {name.replace("/", "."): leaf for name, leaf in trees.named_leaves(tree).items()}
 
 
+def _state_structure(tree: dict) -> dict[str, bool]:
+    """What shapes a stage's saved optimiser state: whether gradient clipping is in the chain."""
+    return {
+        f"{stage}.optimizer.grad_clip > 0": float(
+            tree.get(stage, {}).get("optimizer", {}).get("grad_clip", 0) or 0
+        )
+        > 0
+        for stage in ("teacher", "stage1", "stage2")
+    }
+
+
 def config_differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-    """Model-defining keys whose values differ: {key: (old, new)}."""
-    flat_old, flat_new = _dotted(old), _dotted(new)
+    """Keys whose change makes existing checkpoints unusable: {key: (old, new)}.
+
+    The model- and data-defining keys, and whether each stage clips gradients (a change of
+    the optimiser chain, so of the saved train state's structure).
+    """
+    flat_old = {**_dotted(old), **_state_structure(old)}
+    flat_new = {**_dotted(new), **_state_structure(new)}
     return {
         key: (flat_old.get(key), flat_new.get(key))
         for key in sorted(set(flat_old) | set(flat_new))
-        if key.startswith(MODEL_DEFINING_PREFIXES) and flat_old.get(key) != flat_new.get(key)
+        if key.startswith((*MODEL_DEFINING_PREFIXES, *_state_structure({})))
+        and flat_old.get(key) != flat_new.get(key)
     }
 
 

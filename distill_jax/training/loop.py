@@ -12,9 +12,12 @@ preceded by that check, the last checkpoint stays good.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -140,8 +143,8 @@ def initial_state(
     teacher = parallel.host_to_global(stage.teacher, compiled.teacher_sharding)
     latest = checkpointer.latest_step() if checkpointer is not None else None
     if latest is not None:
-        state = checkpointer.restore(compiled.abstract_state, data_iter)
-        logging.info("[%s] resumed from step %d.", stage.spec.name, latest)
+        step, state = checkpointer.restore(compiled.abstract_state, data_iter)
+        logging.info("[%s] resumed from step %d.", stage.spec.name, step)
     else:
         state = compiled.init(teacher)
     return state, teacher, compiled
@@ -178,6 +181,7 @@ def run_stage(
         run.record_config()
         end = stage.spec.num_steps if stop_after is None else min(stage.spec.num_steps, stop_after)
         state = _train(stage, run, compiled, state, teacher, data_iter, ckpt, end)
+        ckpt.wait(end)
         if end == stage.spec.num_steps:
             ckpt.mark_finished(end, {"stage": name})
     finally:
@@ -185,30 +189,67 @@ def run_stage(
     return state
 
 
+class Preempted(Exception):  # noqa: N818 - a stop, not an error
+    """The run stopped on SIGTERM after saving its current step; rerun to resume."""
+
+    exit_code = 143  # 128 + SIGTERM, what schedulers read as "terminated, may be requeued"
+
+
+@contextlib.contextmanager
+def _sigterm_notice() -> Iterator[list[bool]]:
+    """[flag] set by SIGTERM while the body runs (single process, main thread only).
+
+    With several processes JAX's preemption service owns SIGTERM and agrees on one step for
+    all of them (`StageCheckpointer.reached_preemption`); a Python handler here would replace
+    it, so none is installed.
+    """
+    flag = [False]
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        del signum, frame
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train(stage, run, compiled, state, teacher, data_iter, ckpt, end):
-    """Steps from state.step to `end`: metrics every log interval, saves by the policy."""
+    """Steps from state.step to `end`: metrics every log interval, saves by the policy.
+
+    On SIGTERM the current step is finished, saved and committed, then Preempted is raised.
+    """
     start, log_every = int(jax.device_get(state.step)), int(run.config.train.log_every)
     last_saved = ckpt.latest_step()
+    metrics_file = run.path(workdir_lib.METRICS_FILE)
+    writer_lib.drop_rows_after(metrics_file, stage.spec.name, start)
     writer = writer_lib.MetricsWriter(
-        run.path(workdir_lib.METRICS_FILE),
+        metrics_file,
         run.path(workdir_lib.LOGS_DIR),
         stage.spec.name,
         total_steps=stage.spec.num_steps,
         start_step=start,
     )
     pending: list[tuple[int, dict]] = []
-    try:
+    with _sigterm_notice() as sigterm, contextlib.closing(writer):
         for step in range(start, end):
             batch = data_loader.to_global_batch(next(data_iter), compiled.batch_sharding)
             state, step_metrics = compiled.step(state, batch, teacher)
             done = step + 1
             pending.append((done, step_metrics))
+            preempted = sigterm[0] or ckpt.reached_preemption(done)
             is_log = done % log_every == 0 or done == end
-            is_save = ckpt.should_save(done) or done == end
+            is_save = ckpt.should_save(done) or done == end or preempted
             if not (is_log or is_save):
                 continue
             records, pending = [(s, jax.device_get(m)) for s, m in pending], []
             _check_finite(stage, records, last_saved, ckpt.directory)
+            ckpt.check_for_errors(done)  # a failed background save stops the run here
             if is_log:
                 values = dict(records[-1][1])
                 values.update(writer.rates(done, stage.batch_size))
@@ -216,6 +257,10 @@ def _train(stage, run, compiled, state, teacher, data_iter, ckpt, end):
             if is_save:
                 ckpt.save(done, state, data_iter, force=True)
                 last_saved = done
-    finally:
-        writer.close()
+            if preempted:
+                ckpt.wait(done)
+                raise Preempted(
+                    f"[{stage.spec.name}] stopped by SIGTERM after step {done}, which is saved "
+                    f"in {ckpt.directory}; rerun the same command to resume."
+                )
     return state

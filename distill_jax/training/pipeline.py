@@ -99,7 +99,7 @@ def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return parallel.make_mesh(config.train.mesh_data_axis, fsdp=config.train.mesh_fsdp_axis)
 
 
-def _teacher_state(run: Run, spec: StageSpec, mesh, directory: epath.PathLike | None) -> PyTree:
+def load_teacher(run: Run, spec: StageSpec, mesh, directory: epath.PathLike | None) -> PyTree:
     """The finished teacher of `spec`, restored straight into its FSDP shardings."""
     teacher_spec = run.stage(spec.teacher)
     if teacher_spec.stage_kind.model is None:
@@ -114,13 +114,18 @@ def train_stage(
     mesh: jax.sharding.Mesh,
     *,
     teacher_dir: epath.PathLike | None = None,
+    teacher_state: PyTree = None,
     stop_after: int | None = None,
 ):
-    """Train (or resume, or skip when finished) one stage; its teacher must be finished."""
+    """Train (or resume, or skip when finished) one stage; its teacher must be finished.
+
+    `teacher_state` is the teacher already loaded (by `load_teacher`); else it is loaded here.
+    """
     if run.finished(spec) is not None:
         logging.info("[%s] finished earlier; skipped.", spec.name)
         return None
-    teacher_state = _teacher_state(run, spec, mesh, teacher_dir) if spec.teacher else None
+    if spec.teacher and teacher_state is None:
+        teacher_state = load_teacher(run, spec, mesh, teacher_dir)
     stage = BUILDERS[spec.kind](run, spec, teacher_state)
     return loop.run_stage(stage, run, mesh, stop_after=stop_after)
 
@@ -138,12 +143,13 @@ def train_teacher(
     """
     run = Run.create(config, workdir, allow_config_change=allow_config_change)
     spec = run.stage("teacher")
-    if spec.kind not in BUILDERS:
-        logging.info("[teacher] the %s teacher needs no training.", spec.kind)
+    with run.locked():
+        if spec.kind not in BUILDERS:
+            logging.info("[teacher] the %s teacher needs no training.", spec.kind)
+            state = None
+        else:
+            state = train_stage(run, spec, _mesh(config), stop_after=stop_after)
         run.record_config()
-        return None
-    state = train_stage(run, spec, _mesh(config), stop_after=stop_after)
-    run.record_config()
     return state
 
 
@@ -180,15 +186,21 @@ def distill_stages(
         )
     mesh = _mesh(config)
     wanted = {"stage1", "stage2"} if only is None else {only}
+    stage_one = run.stage("stage1")
+    preloaded = {}
+    if "stage1" in wanted and run.finished(stage_one) is None:
+        # Checked (and loaded) before the lock creates anything in the workdir.
+        preloaded[stage_one.name] = load_teacher(run, stage_one, mesh, teacher_dir)
     trained = []
-    for spec in run.stages:
-        if spec.kind not in wanted or run.finished(spec) is not None:
-            continue
-        rounds = sum(1 for name in trained if name.startswith("stage2/"))
-        if spec.kind == "stage2" and stop_after_round is not None and rounds >= stop_after_round:
-            break
-        directory = teacher_dir if spec.kind == "stage1" else None
-        train_stage(run, spec, mesh, teacher_dir=directory)
-        trained.append(spec.name)
-    run.record_config()
+    with run.locked():
+        for spec in run.stages:
+            if spec.kind not in wanted or run.finished(spec) is not None:
+                continue
+            rounds = sum(1 for name in trained if name.startswith("stage2/"))
+            if spec.kind == "stage2" and stop_after_round is not None:
+                if rounds >= stop_after_round:
+                    break
+            train_stage(run, spec, mesh, teacher_state=preloaded.pop(spec.name, None))
+            trained.append(spec.name)
+        run.record_config()
     return trained

@@ -102,8 +102,9 @@ def make_train_step(
 ) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
     """Build the pure step (state, batch, teacher) -> (state, metrics).
 
-    metrics holds scalars: loss, grad_norm, learning_rate (when `schedule` is given) and the
-    loss function's own metrics. The caller jits it with shardings and donates the state.
+    metrics holds scalars: loss, grad_norm, param_norm (of the updated params), learning_rate
+    (when `schedule` is given) and the loss function's own metrics. The caller jits it with
+    shardings and donates the state.
     """
 
     def step(state: TrainState, batch: dict, teacher: PyTree) -> tuple[TrainState, dict]:
@@ -114,7 +115,14 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        # param_norm is of the updated params, the ones a save after this step writes: the
+        # NaN guard checks what it saves (in float32 it overflows to inf near |p| ~ 1e19).
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
+            **aux,
+        }
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(

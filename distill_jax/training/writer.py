@@ -19,6 +19,8 @@ from absl import logging
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from distill_jax import files
+
 
 class MetricsWriter:
     """Writes scalar metrics of one stage; a no-op on processes other than 0."""
@@ -65,11 +67,18 @@ class MetricsWriter:
             return
         record = {"stage": self.stage, "step": int(step)}
         record.update({k: float(v) for k, v in metrics.items()})
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        for key, value in metrics.items():
-            self._tb.add_scalar(key, float(value), int(step))
-        self._tb.flush()
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, float(value), int(step))
+            self._tb.flush()
+        except OSError as error:
+            raise OSError(
+                f"writing the metrics of {self.stage} step {step} to {self._jsonl.name} failed "
+                f"({error.strerror or error}); training stopped: fix the cause (e.g. free disk "
+                "space) and rerun the same command to resume from the last checkpoint."
+            ) from error
         shown = {k: f"{float(v):.4g}" for k, v in metrics.items() if k in ("loss", "grad_norm")}
         if self._bar is not None:
             self._bar.n = int(step)
@@ -93,5 +102,31 @@ class MetricsWriter:
             return
         if self._bar is not None:
             self._bar.close()
-        self._jsonl.close()
-        self._tb.close()
+        try:
+            self._jsonl.close()
+            self._tb.close()
+        except OSError as error:  # on the way out after a failure: never hide that one
+            logging.warning("closing the metrics files: %s", error)
+
+
+def drop_rows_after(metrics_file: epath.PathLike, stage: str, step: int) -> None:
+    """Remove `stage`'s rows with a step beyond `step` (process 0): a resumed stage repeats them.
+
+    Rows of other stages and lines that do not parse are kept; the file is rewritten
+    atomically, and only when something is dropped.
+    """
+    path = epath.Path(metrics_file)
+    if jax.process_index() != 0 or not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if not _beyond(line, stage, step)]
+    if len(kept) != len(lines):
+        files.atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def _beyond(line: str, stage: str, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return record.get("stage") == stage and int(record.get("step", 0)) > step
