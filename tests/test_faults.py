@@ -199,3 +199,27 @@ def test_a_read_only_workdir_is_one_clear_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert "Read-only file system" in last and str(disk) in last, last
     assert "Traceback" not in result.stderr
+
+
+def test_a_refused_resume_leaves_the_workdir_accepting_its_own_config(tmp_path):
+    workdir = tmp_path / "run"
+    flags = ["--config.teacher.num_steps=40", "--config.train.checkpoint_every=10"]
+    proc = _cli(workdir, *flags, wait=False)
+    assert _wait_for(lambda: (workdir / "teacher" / "10").is_dir(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    recorded = (workdir / "config.json").read_text()
+    # Without clipping the optimiser state has another structure: the checkpoints cannot be
+    # restored into it, which the record must not be changed for.
+    changed = _cli(workdir, *flags, "--config.teacher.optimizer.grad_clip=0")
+    assert changed.returncode == 2 and "grad_clip > 0" in changed.stderr.strip().splitlines()[-1]
+    forced = _cli(
+        workdir, *flags, "--config.teacher.optimizer.grad_clip=0", "--allow_config_change"
+    )
+    assert forced.returncode == 2, forced.stderr[-3000:]
+    last = forced.stderr.strip().splitlines()[-1]
+    assert "can be restored" in last and "recorded config" in last, last
+    assert (workdir / "config.json").read_text() == recorded
+    assert not list((workdir / "teacher").glob("damaged.*"))  # nothing was set aside
+    again = _cli(workdir, *flags)
+    assert again.returncode == 0, again.stderr[-3000:]
