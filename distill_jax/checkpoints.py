@@ -70,6 +70,9 @@ class StageCheckpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_decision_policy=policies.FixedIntervalPolicy(save_every),
+            # A save cut short (a full disk, a kill) leaves STEP.orbax-checkpoint-tmp behind;
+            # Orbax removes it when the stage resumes (the workdir lock rules out a live writer).
+            cleanup_tmp_directories=True,
             create=True,
             enable_async_checkpointing=enable_async,
         )

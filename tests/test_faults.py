@@ -153,7 +153,9 @@ def test_a_full_disk_stops_the_run_with_one_message_and_the_kept_checkpoints_res
         pytest.skip("mounting a tmpfs is not permitted here")
     try:
         workdir = disk / "run"
-        proc = _cli(workdir, *LONG, "--config.train.checkpoint_every=100", wait=False)
+        # Few metrics writes (log_every 1000), so a checkpoint save is what meets the full disk.
+        flags = [*LONG, "--config.train.checkpoint_every=100", "--config.train.log_every=1000"]
+        proc = _cli(workdir, *flags, wait=False)
         kept = workdir / "teacher"
         assert _wait_for(lambda: (kept / "100").is_dir() and (kept / "200").is_dir(), proc)
         with (disk / "ballast").open("wb") as ballast:  # fill what is left of the disk
@@ -167,19 +169,18 @@ def test_a_full_disk_stops_the_run_with_one_message_and_the_kept_checkpoints_res
         stderr = stderr.decode()
         assert proc.returncode == 2, stderr[-3000:]
         last = stderr.strip().splitlines()[-1]
-        # Whichever write hits the full disk first (a checkpoint or the metrics) is named.
-        assert "No space left on device" in last and "rerun the same command" in last, last
+        assert "saving the checkpoint of step" in last and "No space left on device" in last
+        assert "are intact" in last and "rerun the same command" in last, last
         # Orbax's and tensorstore's background threads report the failed write themselves
         # (their lines come first); no traceback runs through distill_jax's own code.
         assert f'File "{ROOT / "distill_jax"}' not in stderr, stderr[-3000:]
         elsewhere = tmp_path / "elsewhere"
-        shutil.copytree(
-            workdir, elsewhere, ignore=shutil.ignore_patterns("*.orbax-checkpoint-tmp*")
-        )
+        shutil.copytree(workdir, elsewhere)  # with any half-written save: resuming cleans it
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
-    resumed = _cli(elsewhere, *LONG, "--config.train.checkpoint_every=100")
+    resumed = _cli(elsewhere, *flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not list((elsewhere / "teacher").glob("*orbax-checkpoint-tmp*"))
     _assert_same_weights(straight, elsewhere)
 
 
