@@ -270,7 +270,11 @@ def restore_params(
     manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        # "data" (the grain iterator) is registered only so Orbax does not warn that it exists.
+        item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        },
     )
     try:
         step = manager.latest_step()
@@ -288,7 +292,14 @@ def restore_params(
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True,
         )
-        restored = manager.restore(step, args=ocp.args.Composite(state=state))
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=state))
+        except Exception as error:  # noqa: BLE001 - damaged files fail in many layers
+            raise ValueError(
+                f"The {what} in {directory} (step {step}) cannot be read "
+                f"({type(error).__name__}: {_first_line(error)}): its files are damaged; "
+                "restore them from a copy, or delete the stage directory and train it again."
+            ) from error
     finally:
         manager.close()
     return restored["state"][which]

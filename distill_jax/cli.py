@@ -191,7 +191,12 @@ def _check_sample_flags(command: str) -> None:
 def _own_info_only(record) -> bool:
     """Log filter: distill_jax's INFO lines; other libraries' (Orbax, grain) from WARNING up."""
     # record.levelno is a Python logging level (absl's logging.WARNING is a verbosity, -1).
-    return record.levelno >= python_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+    if record.pathname.startswith(_PACKAGE_DIR):
+        return True
+    # Orbax warns on every read-only manager, which is how finished stages are read.
+    return record.levelno >= python_logging.WARNING and not str(record.msg).startswith(
+        "Given directory is read only"
+    )
 
 
 def main(argv: list[str]) -> None:

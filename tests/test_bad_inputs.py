@@ -57,6 +57,7 @@ def _files(root: pathlib.Path, run: pathlib.Path) -> dict[str, pathlib.Path]:
         "other_dir": root / "other_dir",
         "corrupt_config_run": root / "corrupt_config_run",
         "corrupt_finished_run": root / "corrupt_finished_run",
+        "damaged_checkpoint_run": root / "damaged_checkpoint_run",
     }
     np.savez(paths["good_npz"], images=images, labels=np.arange(4, dtype=np.int32))
     np.savez(paths["bad_labels_npz"], images=images, labels=np.array([1, 11, 2, 99], np.int32))
@@ -74,6 +75,11 @@ def _files(root: pathlib.Path, run: pathlib.Path) -> dict[str, pathlib.Path]:
     (paths["corrupt_config_run"] / "config.json").write_text("{ not json")
     shutil.copytree(run, paths["corrupt_finished_run"], dirs_exist_ok=True)
     (paths["corrupt_finished_run"] / "stage2" / "steps_0004" / "FINISHED.json").write_text("{")
+    shutil.copytree(run, paths["damaged_checkpoint_run"], dirs_exist_ok=True)
+    # Every array file of the 4-step student cut in half.
+    student = paths["damaged_checkpoint_run"] / "stage2" / "steps_0004"
+    for data_file in student.glob("*/state/ocdbt.process_*/d/*"):
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     return paths
 
 
@@ -178,6 +184,22 @@ CASES = [
         "FINISHED.json",
     ),
     ("missing_teacher_dir", [*D, "--teacher={tmp}/no_teacher"], "no_teacher"),
+    (
+        "damaged_student_checkpoint",
+        [
+            "sample",
+            "--workdir={damaged_checkpoint_run}",
+            "--steps=4",
+            "--guidance=1",
+            "--out={tmp}/s.npz",
+        ],
+        "cannot be read",
+    ),
+    (
+        "export_damaged_student_checkpoint",
+        ["export", "--workdir={damaged_checkpoint_run}", "--steps=4", "--out={tmp}/x"],
+        "cannot be read",
+    ),
     ("evaluate_not_a_run", ["evaluate", "--workdir={not_a_run}"], "not a run directory"),
     # sample.
     ("no_such_student", [*S[:2], "--steps=3", *S[3:]], "1, 2, 4, 8"),
