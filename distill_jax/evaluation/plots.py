@@ -65,24 +65,16 @@ def plot_metrics_vs_guidance(rows: list[dict], path: epath.PathLike) -> epath.Pa
         ws = [r["w"] for r in points]
         label = f"{sampler}, N={steps}"
         style = "-" if sampler.startswith("teacher") else "--"
-        acc_ax.errorbar(
-            ws,
-            [r["accuracy"] for r in points],
-            yerr=[r["accuracy_std"] for r in points],
-            linestyle=style,
-            marker="o",
-            capsize=2,
-            label=label,
-        )
-        fd_ax.errorbar(
-            ws,
-            [r["fd"] for r in points],
-            yerr=[r["fd_std"] for r in points],
-            linestyle=style,
-            marker="o",
-            capsize=2,
-            label=label,
-        )
+        for ax, key in ((acc_ax, "accuracy"), (fd_ax, "fd")):
+            ax.errorbar(
+                ws,
+                [r[key] for r in points],
+                yerr=[r[f"{key}_std"] for r in points],
+                linestyle=style,
+                marker="o",
+                capsize=2,
+                label=label,
+            )
     acc_ax.set_xlabel("guidance weight w")
     acc_ax.set_ylabel("conditional accuracy")
     fd_ax.set_yscale("log")
