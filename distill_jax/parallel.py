@@ -210,13 +210,17 @@ def param_shardings(tree: PyTree, mesh: Mesh) -> PyTree:
 def host_to_global(tree: PyTree, shardings: PyTree) -> PyTree:
     """Turn a host-local pytree, identical on every process, into global arrays.
 
-    Leaves may be numpy arrays or single-device jax.Arrays (e.g. freshly initialised or
-    restored parameters); each process fills in the shards of its own devices from its copy.
-    This is how parameters enter a multi-process jit: a process-local array cannot be passed
-    to a computation that spans other processes' devices.
+    Leaves may be numpy arrays or single-device jax.Arrays (e.g. the round number N, or a
+    Gaussian mixture); each process fills in the shards of its own devices from its copy.
+    This is how such values enter a multi-process jit: a process-local array cannot be passed
+    to a computation that spans other processes' devices. A leaf that already is a global
+    array with the wanted sharding (a teacher restored straight into its shardings) is kept as
+    it is: fetching it to the host would need every shard on every process.
     """
 
     def put(leaf, sharding):
+        if isinstance(leaf, jax.Array) and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
+            return leaf
         value = np.asarray(jax.device_get(leaf))
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
