@@ -16,6 +16,8 @@ Commands:
             function, weights, metadata.json, run_sampler.py needing only jax and numpy)
 
 Also runnable as `python -m distill_jax`. This module only parses flags and calls library code.
+Every failure a user can cause ends in one line on stderr and exit code 2 (--traceback adds the
+Python traceback); a training command stopped by SIGTERM saves its current step and exits 143.
 """
 
 from __future__ import annotations
