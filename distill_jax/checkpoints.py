@@ -187,12 +187,12 @@ class StageCheckpointer:
     def mark_finished(self, step: int, info: dict | None = None) -> None:
         """Wait for pending saves, then record that the stage completed at `step`.
 
-        Refused (RuntimeError) unless the checkpoint of `step` itself is committed, so a
-        finished stage always has its final weights.
+        Refused (CheckpointSaveError) unless the checkpoint of `step` itself is committed,
+        so a finished stage always has its final weights.
         """
         self.wait(step)
         if self._manager.latest_step() != step:
-            raise RuntimeError(
+            raise CheckpointSaveError(
                 f"{self.directory} has no committed checkpoint of its final step {step} "
                 f"(latest: {self._manager.latest_step()}); the stage is not marked finished."
             )

@@ -1,5 +1,6 @@
 """Shared pytest fixtures: one smoke run of the whole pipeline per test session."""
 
+import hashlib
 import os
 import pathlib
 import subprocess
@@ -9,6 +10,23 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"
+
+
+def snapshot(directory) -> dict | None:
+    """{relative path: (content hash or 'dir', mtime)} of everything under `directory`.
+
+    Tests compare two snapshots to show that a refused command changed nothing.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.exists():
+        return None
+    return {
+        str(p.relative_to(directory)): (
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
+            p.stat().st_mtime_ns,
+        )
+        for p in sorted(directory.rglob("*"))
+    }
 
 
 def pytest_configure(config):

@@ -10,7 +10,6 @@ few parallel processes once per session; each parametrized test checks its own r
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import pathlib
@@ -20,23 +19,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "digits.py") + ":smoke"
 CLI = [sys.executable, "-m", "distill_jax"]
-
-
-def snapshot(directory: pathlib.Path) -> dict | None:
-    """{relative path: (content hash or 'dir', mtime)} of everything under `directory`."""
-    if not directory.exists():
-        return None
-    return {
-        str(p.relative_to(directory)): (
-            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
-            p.stat().st_mtime_ns,
-        )
-        for p in sorted(directory.rglob("*"))
-    }
 
 
 def _files(root: pathlib.Path, run: pathlib.Path) -> dict[str, pathlib.Path]:

@@ -6,7 +6,6 @@ error measured here is the distillation's own. One stage-one run and one stage-t
 directory. Run with `-s` to see the measured errors.
 """
 
-import hashlib
 import logging
 import pathlib
 import shutil
@@ -17,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import snapshot
 from jax.tree_util import Partial
 
 from distill_jax import checkpoints, parallel
@@ -228,23 +228,9 @@ def test_interrupted_round_loop_resumes_to_the_same_weights(stage_one_workdir, t
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
     # Everything is finished now: a further call trains nothing and changes nothing.
-    before = _snapshot(resumed / "stage2")
+    before = snapshot(resumed / "stage2")
     pipeline.distill_stages(config, resumed, only="stage2")
-    assert _snapshot(resumed / "stage2") == before
-
-
-def _snapshot(directory):
-    """{relative path: content hash} of every file, and every directory, under `directory`."""
-    directory = pathlib.Path(directory)
-    if not directory.exists():
-        return None
-    return {
-        str(p.relative_to(directory)): (
-            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
-            p.stat().st_mtime_ns,
-        )
-        for p in sorted(directory.rglob("*"))
-    }
+    assert snapshot(resumed / "stage2") == before
 
 
 @pytest.fixture(scope="module")
@@ -307,15 +293,15 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(
         only = "stage2"
         workdir.mkdir()
     watched = [workdir, trained_teachers]
-    before = [_snapshot(d) for d in watched]
+    before = [snapshot(d) for d in watched]
     with pytest.raises(error, match=message):
         pipeline.distill_stages(_config(**overrides), workdir, only=only, teacher_dir=teacher_dir)
-    assert [_snapshot(d) for d in watched] == before
+    assert [snapshot(d) for d in watched] == before
 
 
 def test_cli_refuses_an_incompatible_teacher(trained_teachers, tmp_path):
     teacher_dir = trained_teachers / "finished" / "teacher"
-    before = _snapshot(trained_teachers)
+    before = snapshot(trained_teachers)
     result = subprocess.run(
         [
             sys.executable,
@@ -337,7 +323,7 @@ def test_cli_refuses_an_incompatible_teacher(trained_teachers, tmp_path):
     assert last.startswith("distill-jax distill: error: The teacher checkpoint in"), last
     assert "does not fit this config's model" in last and "has shape" in last
     assert not (tmp_path / "run").exists()
-    assert _snapshot(trained_teachers) == before
+    assert snapshot(trained_teachers) == before
 
 
 def _teacher_stochastic_sample(teacher, z, labels, w, rng, *, steps, substeps):

@@ -160,13 +160,18 @@ def test_validate_config_rejects_bad_values():
         validate_config(config)
 
 
-def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
+def _gmm_teacher_stage(workdir, *, log_every: int):
+    """(config, run, spec, loop stage) of the GMM smoke teacher, saving every 5 steps."""
     config = load_config(str(ROOT / "configs" / "gmm.py") + ":smoke")
     config.train.checkpoint_every = 5
-    config.train.log_every = 1
-    run = Run.create(config, tmp_path)
+    config.train.log_every = log_every
+    run = Run.create(config, workdir)
     spec = run.stage("teacher")
-    stage = pipeline.BUILDERS["teacher"](run, spec, None)
+    return config, run, spec, pipeline.BUILDERS["teacher"](run, spec, None)
+
+
+def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
+    config, run, spec, stage = _gmm_teacher_stage(tmp_path, log_every=1)
     real_loss = stage.loss_fn
     poison_at = 7  # the 8th step (global step 8 after it) produces a NaN loss
 
@@ -190,12 +195,7 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
 def test_nan_guard_checks_the_parameters_it_would_save(tmp_path):
     # A finite loss with exploded parameters (1e30): param_norm, computed from the updated
     # parameters in float32, overflows, so the step is refused before any checkpoint holds them.
-    config = load_config(str(ROOT / "configs" / "gmm.py") + ":smoke")
-    config.train.checkpoint_every = 5
-    config.train.log_every = 5
-    run = Run.create(config, tmp_path)
-    spec = run.stage("teacher")
-    stage = pipeline.BUILDERS["teacher"](run, spec, None)
+    _, run, spec, stage = _gmm_teacher_stage(tmp_path, log_every=5)
     real_init = stage.init_params
     stage.init_params = lambda teacher: jax.tree.map(lambda p: p + 1e30, real_init(teacher))
 
