@@ -128,9 +128,8 @@ def _sample_chunk(run, fn, sampler, labels, w, key, *, steps, init, t_start, mas
         z = samplers.noise_to(init, float(t_start), init_key, **run.bounds)
     if mask is not None:
         kwargs.update(known=init, mask=mask)
-    needs_rng = sampler != "ddim" or mask is not None
-    rng = sampler_key if needs_rng else None
-    return samplers.run_sampler(sampler, fn, z, labels, w, rng, **kwargs)
+    # run_sampler drops the key where its sampler needs none (plain DDIM).
+    return samplers.run_sampler(sampler, fn, z, labels, w, sampler_key, **kwargs)
 
 
 def sample(
