@@ -297,7 +297,7 @@ run = Run.create(config, "/nonexistent")
 spec = run.stage("teacher")
 mesh = parallel.make_mesh(1, fsdp=4)
 stage = pipeline.BUILDERS[spec.kind](run, spec, None)
-state, _, _ = loop.initial_state(stage, run, mesh)
+state, _, _ = loop.initial_state(stage, mesh)
 leaves = []
 for leaf in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state):
     if leaf.ndim == 0:

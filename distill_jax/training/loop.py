@@ -132,7 +132,7 @@ def _compile(stage: Stage, mesh: jax.sharding.Mesh) -> _Compiled:
 
 
 def initial_state(
-    stage: Stage, run: Run, mesh: jax.sharding.Mesh, *, checkpointer=None, data_iter=None
+    stage: Stage, mesh: jax.sharding.Mesh, *, checkpointer=None, data_iter=None
 ) -> tuple[state_lib.TrainState, PyTree, _Compiled]:
     """(state, global teacher, compiled): restored from the latest checkpoint, else fresh.
 
@@ -175,7 +175,7 @@ def run_stage(
     ckpt = run.checkpointer(stage.spec)
     try:
         state, teacher, compiled = initial_state(
-            stage, run, mesh, checkpointer=ckpt, data_iter=data_iter
+            stage, mesh, checkpointer=ckpt, data_iter=data_iter
         )
         # The config is recorded only once the resume it allows has worked.
         run.record_config()
