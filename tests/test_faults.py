@@ -145,12 +145,26 @@ def _mount_tmpfs(path: pathlib.Path, size: str) -> bool:
     return done.returncode == 0
 
 
+def _fill(path: pathlib.Path) -> None:
+    """Fills what is left of path's file system. Unbuffered: a buffered file would retry the
+    unwritten rest of its last write on close and raise there."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while os.write(fd, bytes(1 << 20)) > 0:
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def test_a_full_disk_stops_the_run_with_one_message_and_the_kept_checkpoints_resume(
     straight, tmp_path
 ):
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "64m"):
         pytest.skip("mounting a tmpfs is not permitted here")
+    proc = None
     try:
         workdir = disk / "run"
         # Few metrics writes (log_every 1000), so a checkpoint save is what meets the full disk.
@@ -158,13 +172,7 @@ def test_a_full_disk_stops_the_run_with_one_message_and_the_kept_checkpoints_res
         proc = _cli(workdir, *flags, wait=False)
         kept = workdir / "teacher"
         assert _wait_for(lambda: (kept / "100").is_dir() and (kept / "200").is_dir(), proc)
-        with (disk / "ballast").open("wb") as ballast:  # fill what is left of the disk
-            try:
-                while True:
-                    ballast.write(bytes(1 << 20))
-                    ballast.flush()
-            except OSError:
-                pass
+        _fill(disk / "ballast")
         _, stderr = proc.communicate(timeout=300)
         stderr = stderr.decode()
         assert proc.returncode == 2, stderr[-3000:]
@@ -177,6 +185,9 @@ def test_a_full_disk_stops_the_run_with_one_message_and_the_kept_checkpoints_res
         elsewhere = tmp_path / "elsewhere"
         shutil.copytree(workdir, elsewhere)  # with any half-written save: resuming cleans it
     finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # a process holding files on the tmpfs would keep it mounted
+            proc.wait()
         subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
     resumed = _cli(elsewhere, *flags)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
