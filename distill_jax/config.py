@@ -18,6 +18,7 @@ from distill_jax.models.denoiser import DTYPES, MODEL_KINDS
 
 TEACHER_KINDS = ("trained", "exact_gmm")
 DECAYS = ("cosine", "linear", "constant")
+AUTOENCODER_LOSSES = ("l1", "l2")
 
 
 def optimizer_config(
@@ -99,6 +100,25 @@ def _guidance_config() -> ml_collections.ConfigDict:
     return guidance
 
 
+def _autoencoder_config() -> ml_collections.ConfigDict:
+    """The KL autoencoder of a latent run (enabled=False: diffusion runs on the data itself)."""
+    ae = ml_collections.ConfigDict()
+    ae.enabled = False
+    ae.channels = 32  # width of the first level; level k has channels * channel_mult[k]
+    ae.channel_mult = (1, 2, 2)  # downsampling factor 2 ** (len(channel_mult) - 1)
+    ae.num_res_blocks = 1
+    ae.latent_channels = 4
+    # LDM's KL-f4/f8 models weigh the KL term 1e-6: enough to keep the latent bounded and
+    # smooth, small enough that reconstructions stay sharp.
+    ae.kl_weight = 1e-6
+    ae.loss = "l1"  # reconstruction loss, one of AUTOENCODER_LOSSES
+    ae.batch_size = 64
+    ae.num_steps = 2000
+    ae.dropout = 0.0
+    ae.optimizer = optimizer_config(learning_rate=1e-3, warmup_steps=100, ema_decay=0.999)
+    return ae
+
+
 def _teacher_config() -> ml_collections.ConfigDict:
     """Teacher training."""
     teacher = ml_collections.ConfigDict()
@@ -171,6 +191,9 @@ def _eval_config() -> ml_collections.ConfigDict:
             learning_rate=2e-3,
             weight_decay=1e-4,
             features=64,  # width of the penultimate layer (the FD features)
+            # Images are resized (antialiased) to this square before the classifier: 0 keeps
+            # them. A latent run of upsampled digits measures at the digits' own 8x8.
+            image_size=0,
             seed=0,
             cache_dir="",  # '' = $DISTILL_JAX_CACHE or ~/.cache/distill_jax
         )
@@ -186,6 +209,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = _model_config()
     c.diffusion = _diffusion_config()
     c.guidance = _guidance_config()
+    c.autoencoder = _autoencoder_config()
     c.teacher = _teacher_config()
     c.stage1 = _stage1_config()
     c.stage2 = _stage2_config()
@@ -239,7 +263,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
 
 def _check_stage_sections(config: ml_collections.ConfigDict) -> None:
     """Counts and optimiser settings of the teacher, stage one and stage two."""
-    for stage in ("teacher", "stage1", "stage2"):
+    for stage in ("autoencoder", "teacher", "stage1", "stage2"):
         _check_number(config, f"{stage}.batch_size", low=1, integer=True)
         opt = f"{stage}.optimizer"
         _check_number(config, f"{opt}.learning_rate", low=0, low_open=True)
@@ -276,6 +300,7 @@ def _check_run_sections(config: ml_collections.ConfigDict) -> None:
     ):
         _check_number(config, key, low=1, integer=True)
     _check_number(config, "model.emb_dim", low=0, integer=True)
+    _check_number(config, "eval.classifier.image_size", low=0, integer=True)
     _check_number(config, "model.dropout", low=0, high=1)
     _check_number(config, "diffusion.logsnr_max", low=-100, high=100)
     _check_number(config, "diffusion.logsnr_min", low=-100, high=config.diffusion.logsnr_max)
@@ -302,6 +327,30 @@ def _check_run_sections(config: ml_collections.ConfigDict) -> None:
             _fail("eval.guidance_weights", tuple(config.eval.guidance_weights), "finite numbers")
 
 
+def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
+    """The autoencoder section of a latent run (config.autoencoder.enabled)."""
+    ae = config.autoencoder
+    if not isinstance(ae.enabled, bool):
+        _fail("autoencoder.enabled", ae.enabled, "True or False")
+    if not ae.enabled:
+        return
+    if config.data.name == "gmm" or config.model.kind != "unet":
+        _fail(
+            "autoencoder.enabled",
+            True,
+            "True only for image data with model.kind='unet' (latents are images [h, w, c])",
+        )
+    for key in ("channels", "num_res_blocks", "latent_channels", "batch_size", "num_steps"):
+        _check_number(config, f"autoencoder.{key}", low=1, integer=True)
+    mult = tuple(ae.channel_mult)
+    if not mult or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mult):
+        _fail("autoencoder.channel_mult", mult, "a non-empty tuple of integers >= 1")
+    _check_number(config, "autoencoder.kl_weight", low=0)
+    _check_number(config, "autoencoder.dropout", low=0, high=1)
+    if ae.loss not in AUTOENCODER_LOSSES:
+        _fail("autoencoder.loss", ae.loss, f"one of {AUTOENCODER_LOSSES}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check every value a run depends on before anything is written.
 
@@ -309,6 +358,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       ValueError: naming the first bad key, its value and what is accepted.
     """
     _check_choices(config)
+    _check_autoencoder(config)
     _check_stage_sections(config)
     _check_run_sections(config)
 

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.tree_util import Partial
 
 from distill_jax import export_loader, files, trees
 from distill_jax.diffusion import samplers
@@ -56,15 +57,23 @@ def _flat_weights(params: Any) -> tuple[list[str], list[np.ndarray], Any]:
     return names, arrays, treedef
 
 
-def _sampler_function(net, treedef: Any, bounds: dict, *, steps: int, stochastic: bool):
-    """The jitted (noise, labels, w[, rng], *weights) -> images function that gets exported."""
+def _sampler_function(net, treedefs, decode, bounds: dict, *, steps: int, stochastic: bool):
+    """The jitted (noise, labels, w[, rng], *weights) -> images function that gets exported.
+
+    `treedefs` are the student's and the decoder's weight structures; `decode` is the run's
+    decoder (`Run.codec`), the identity on a pixel run, whose weights come after the student's.
+    """
     sampler = "stochastic" if stochastic else "ddim"
+    student_def, decoder_def = treedefs
 
     def sample_images(noise, labels, w, *rest):
         rng, leaves = (rest[0], rest[1:]) if stochastic else (None, rest)
-        fn = denoiser.make_denoise_fn(net, jax.tree_util.tree_unflatten(treedef, leaves))
+        count = student_def.num_leaves
+        params = jax.tree_util.tree_unflatten(student_def, leaves[:count])
+        fn = denoiser.make_denoise_fn(net, params)
         x = samplers.run_sampler(sampler, fn, noise, labels, w, rng, steps=steps, **bounds)
-        return jnp.clip(x, -1.0, 1.0)
+        decoder_args = jax.tree_util.tree_unflatten(decoder_def, leaves[count:])
+        return jnp.clip(Partial(decode.func, *decoder_args)(x), -1.0, 1.0)
 
     return jax.jit(sample_images)
 
@@ -80,14 +89,14 @@ def _specs(shape: tuple[int, ...], batch: Any, stochastic: bool) -> list[jax.Sha
     return specs
 
 
-def _io_metadata(shape: tuple[int, ...], batch: int | None, stochastic: bool) -> dict:
+def _io_metadata(shape, noise_shape, batch: int | None, stochastic: bool) -> dict:
     b = "B" if batch is None else batch
     inputs = [
         {
             "name": "noise",
-            "shape": [b, *shape],
+            "shape": [b, *noise_shape],
             "dtype": "float32",
-            "meaning": "N(0, I) start of the sampler at t = 1",
+            "meaning": "N(0, I) start of the sampler at t = 1 (latents on a latent run)",
         },
         {"name": "labels", "shape": [b], "dtype": "int32", "meaning": "class in [0, classes)"},
         {"name": "w", "shape": [b], "dtype": "float32", "meaning": "guidance weight in range"},
@@ -138,11 +147,14 @@ def _is_artifact(directory: epath.Path) -> bool:
 
 def _metadata(run: Run, spec, exported, *, batch_size, stochastic, arrays, names, staging):
     """metadata.json's content (see the module docstring)."""
-    config, shape = run.config, tuple(int(d) for d in run.info.shape)
+    config, shape = run.config, tuple(int(d) for d in run.image_info.shape)
+    noise_shape = tuple(int(d) for d in run.info.shape)
     return {
         "format": export_loader.FORMAT,
         "format_version": export_loader.FORMAT_VERSION,
         "image_shape": list(shape),
+        "noise_shape": list(noise_shape),
+        "latent": {"scale": run.latents().scale} if run.latent else None,
         "num_classes": int(run.info.num_classes),
         "guidance": {"w_min": float(config.guidance.w_min), "w_max": float(config.guidance.w_max)},
         "steps": int(spec.steps),
@@ -153,7 +165,7 @@ def _metadata(run: Run, spec, exported, *, batch_size, stochastic, arrays, names
         "parameterisation": config.model.parameterisation,
         "schedule": {"kind": "cosine_logsnr", **run.bounds},
         "data_range": [-1.0, 1.0],
-        **_io_metadata(shape, batch_size, stochastic),
+        **_io_metadata(shape, noise_shape, batch_size, stochastic),
         "platforms": list(exported.platforms),
         "function": {
             "file": FUNCTION_FILE,
@@ -216,9 +228,18 @@ def export_sampler(
         raise ValueError(f"Only image students [H, W, C] can be exported; this run has {shape}.")
     spec = run.student(int(steps))
     names, arrays, treedef = _flat_weights(run.load_params(spec))
+    _, decode = run.codec()  # a latent run's sampler ends in its decoder
+    decoder_names, decoder_arrays, decoder_def = _flat_weights(decode.args)
+    names += [f"autoencoder/{name}" for name in decoder_names]
+    arrays += decoder_arrays
     (batch,) = jax.export.symbolic_shape("B") if batch_size is None else (int(batch_size),)
     function = _sampler_function(
-        run.model(spec), treedef, run.bounds, steps=int(steps), stochastic=stochastic
+        run.model(spec),
+        (treedef, decoder_def),
+        decode,
+        run.bounds,
+        steps=int(steps),
+        stochastic=stochastic,
     )
     weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
     exported = jax.export.export(function, platforms=tuple(platforms))(

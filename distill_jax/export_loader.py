@@ -109,7 +109,9 @@ class ExportedSampler:
 
     Attributes:
       metadata: the artifact's metadata.json as a dict.
-      image_shape: (H, W, C) of one image.
+      image_shape: (H, W, C) of one image (the output).
+      noise_shape: the shape of one noise input: image_shape, or the latent's (h, w, c) for a
+        latent run's sampler, which decodes its samples itself.
       num_classes: labels are integers in [0, num_classes).
       w_range: (w_min, w_max), the guidance weights the student was trained for.
       batch_size: the fixed batch size, or None when any batch size is accepted.
@@ -119,6 +121,7 @@ class ExportedSampler:
     def __init__(self, exported: jax.export.Exported, weights: list[np.ndarray], metadata: dict):
         self.metadata = metadata
         self.image_shape = tuple(metadata["image_shape"])
+        self.noise_shape = tuple(metadata.get("noise_shape", metadata["image_shape"]))
         self.num_classes = int(metadata["num_classes"])
         self.w_range = (float(metadata["guidance"]["w_min"]), float(metadata["guidance"]["w_max"]))
         self.batch_size = metadata["batch_size"]
@@ -129,8 +132,8 @@ class ExportedSampler:
 
     def _batch(self, noise: object) -> tuple[np.ndarray, int]:
         noise = np.asarray(noise)
-        expected = ("B" if self.batch_size is None else self.batch_size, *self.image_shape)
-        if noise.ndim != 4 or tuple(noise.shape[1:]) != self.image_shape:
+        expected = ("B" if self.batch_size is None else self.batch_size, *self.noise_shape)
+        if noise.ndim != 4 or tuple(noise.shape[1:]) != self.noise_shape:
             raise ValueError(f"noise has shape {noise.shape}; expected {expected} (B, H, W, C).")
         if self.batch_size is not None and noise.shape[0] != self.batch_size:
             raise ValueError(
@@ -177,7 +180,7 @@ class ExportedSampler:
         """Sample images, float32 [B, H, W, C] in [-1, 1].
 
         Args:
-          noise: float32 [B, H, W, C] standard normal noise, the sampler's start at t = 1.
+          noise: float32 [B, *noise_shape] standard normal noise, the sampler's start at t = 1.
           labels: int [B] (or a scalar) class labels in [0, num_classes).
           w: [B] (or a scalar) guidance weights in [w_min, w_max].
           rng: stochastic samplers only: an int seed or a uint32[2] jax.random.PRNGKey.
@@ -247,7 +250,7 @@ def _sample_command(args: argparse.Namespace) -> None:
         raise ValueError(f"--num={args.num} is invalid: accepted an integer >= 1.")
     batch = args.num if sampler.batch_size is None else sampler.batch_size
     noise_key, rng_key = jax.random.split(jax.random.key(args.seed))
-    noise = np.asarray(jax.random.normal(noise_key, (batch, *sampler.image_shape)), np.float32)
+    noise = np.asarray(jax.random.normal(noise_key, (batch, *sampler.noise_shape)), np.float32)
     w = sampler.w_range[0] if args.w is None else args.w
     rng = np.asarray(jax.random.key_data(rng_key), np.uint32) if sampler.stochastic else None
     images = sampler(noise, args.label, w, rng=rng)[: args.num]

@@ -99,12 +99,17 @@ def named_mask(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def _check_inputs(run: Run, num: int, init, t_start: float, mask) -> np.ndarray | None:
     """Validate the image-to-image / inpainting inputs; the mask broadcast to [N, *shape]."""
-    shape = tuple(run.info.shape)
+    shape = tuple(run.image_info.shape)
     if init is not None and tuple(np.shape(init)) != (num, *shape):
         raise ValueError(f"init has shape {np.shape(init)}; expected {(num, *shape)}.")
     if mask is not None:
         if init is None:
             raise ValueError("Inpainting needs init images (the known pixels) with the mask.")
+        if run.latent:
+            raise ValueError(
+                "Inpainting (--mask) works on pixel runs only: a latent run's sampler cannot "
+                "keep known pixels. Image-to-image (--init with --t_start) works on both."
+            )
         return np.broadcast_to(np.asarray(mask, np.float32), (num, *shape))
     if init is None and t_start != 1.0:
         raise ValueError("t_start < 1 (image-to-image) needs init images.")
@@ -149,6 +154,9 @@ def sample(
 ) -> np.ndarray:
     """Draw len(labels) samples, float32 [N, *shape] in the data range ([-1, 1] for images).
 
+    On a latent run the sampler runs on latents and the samples are decoded: the result has
+    the images' shape (`run.image_info.shape`), as have `init` and `mask`.
+
     Args:
       run: the run (`Run.open`).
       model: 'teacher' or 'student'.
@@ -176,6 +184,9 @@ def sample(
         sampler = "ancestral" if model == "teacher" else "stochastic"
     key = jax.random.PRNGKey(seed)
     batch_size = min(batch_size, num)
+    encode, decode = run.codec()
+    if init is not None:
+        init = _apply_in_batches(encode, np.asarray(init, np.float32), batch_size)
     out = []
     for start in range(0, num, batch_size):
         stop = min(start + batch_size, num)
@@ -192,8 +203,23 @@ def sample(
             t_start=t_start,
             mask=None if mask is None else chunk(mask),
         )
-        out.append(np.asarray(x)[: stop - start])
+        out.append(np.asarray(_apply(decode, x))[: stop - start])
     return np.concatenate(out).astype(np.float32)
+
+
+@jax.jit
+def _apply(fn: Partial, x: jax.Array) -> jax.Array:
+    """fn(x) compiled once per (fn's static part, shape): the run's encoder or decoder."""
+    return fn(x)
+
+
+def _apply_in_batches(fn: Partial, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """fn over x in padded batches of `batch_size` (one compiled shape)."""
+    out = []
+    for start in range(0, len(x), batch_size):
+        stop = min(start + batch_size, len(x))
+        out.append(np.asarray(_apply(fn, _padded(x, start, stop, batch_size)))[: stop - start])
+    return np.concatenate(out)
 
 
 def _read_npz(path: epath.PathLike, accepted: str) -> dict[str, np.ndarray]:
@@ -251,7 +277,7 @@ def _load_mask(mask: str, shape: tuple[int, ...], num: int) -> np.ndarray:
 
 def _sample_inputs(run: Run, num: int, labels, init, mask):
     """(labels [N], init x or None, mask or None) for `sample_to_files`, checked."""
-    shape = tuple(run.info.shape)
+    shape = tuple(run.image_info.shape)
     x_init = init_labels = mask_array = None
     if init is not None:
         x_init, init_labels = load_images(init)
@@ -277,7 +303,7 @@ def _sample_inputs(run: Run, num: int, labels, init, mask):
 
 def _write_samples(run: Run, x: np.ndarray, labels: np.ndarray, out: epath.Path, title: str):
     """The .npz (images uint8 or vectors x, labels) and its PNG picture; both paths."""
-    image_data = len(run.info.shape) == 3
+    image_data = len(run.image_info.shape) == 3
     arrays = {"labels": labels.astype(np.int32)}
     arrays["images" if image_data else "x"] = images.to_uint8(x) if image_data else x
     with files.atomic_path(out) as tmp, tmp.open("wb") as handle:

@@ -24,7 +24,7 @@ saves it beside the train state with grain's Orbax handler (one JSON file per pr
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import grain
 import jax
@@ -64,6 +64,7 @@ def make_train_loader(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    source: Sequence | None = None,
 ) -> grain.DatasetIterator:
     """An endless iterator of this process's share of each global training batch.
 
@@ -73,6 +74,8 @@ def make_train_loader(
       seed: shuffle seed; the same seed gives the same batches.
       process_index: this process (default jax.process_index()).
       process_count: number of processes (default jax.process_count()).
+      source: examples to read instead of data_config's train split (the cached latents of
+        a latent run: {'x': float32, 'label': int32} examples).
 
     Returns:
       A `grain.DatasetIterator` yielding {'x': float32 [B / P, ...], 'label': int32 [B / P]}
@@ -87,7 +90,8 @@ def make_train_loader(
     local_batch = check_batch_size(batch_size, processes=process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count}).")
-    source, _ = load_source(data_config, split=data_config.train_split, seed=seed)
+    if source is None:
+        source, _ = load_source(data_config, split=data_config.train_split, seed=seed)
     image_size = int(data_config.image_size)
     dataset = (
         grain.MapDataset.source(source)

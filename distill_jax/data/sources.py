@@ -82,9 +82,7 @@ def gmm_from_config(gmm_config: ml_collections.ConfigDict) -> GaussianMixture:
     )
 
 
-def sample_mixture(
-    gmm: GaussianMixture, *, num: int, seed: Any
-) -> tuple[np.ndarray, np.ndarray]:
+def sample_mixture(gmm: GaussianMixture, *, num: int, seed: Any) -> tuple[np.ndarray, np.ndarray]:
     """Draw `num` samples of a mixture with numpy: x float32 [num, D], labels int32 [num].
 
     `seed` is anything `numpy.random.default_rng` accepts, so the same seed gives the same

@@ -20,9 +20,7 @@ LOGSNR_MAX = 20.0
 
 def _schedule_coefficients(logsnr_min: float, logsnr_max: float) -> tuple[jax.Array, jax.Array]:
     if not logsnr_min < logsnr_max:
-        raise ValueError(
-            f"logsnr_min={logsnr_min} must be below logsnr_max={logsnr_max}."
-        )
+        raise ValueError(f"logsnr_min={logsnr_min} must be below logsnr_max={logsnr_max}.")
     b = jnp.arctan(jnp.exp(-0.5 * logsnr_max))
     a = jnp.arctan(jnp.exp(-0.5 * logsnr_min)) - b
     return a, b

@@ -45,11 +45,15 @@ class ClassifierNet(nn.Module):
 
     num_classes: int
     features: int = 64
+    input_size: int = 0  # images are resized to this square first (0: kept as they are)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Logits [B, num_classes] and penultimate ReLU features [B, features]."""
         h = x
+        if x.ndim == 4 and self.input_size and x.shape[1:3] != (self.input_size,) * 2:
+            size = (x.shape[0], self.input_size, self.input_size, x.shape[3])
+            h = jax.image.resize(x, size, "linear", antialias=True)
         if x.ndim == 4:
             channels = 32
             while True:
@@ -166,7 +170,11 @@ def train_classifier(config: ml_collections.ConfigDict) -> tuple[ClassifierNet, 
     x, labels = loader.make_eval_arrays(config.data, split=config.data.train_split)
     x_test, labels_test = loader.make_eval_arrays(config.data, split=config.data.eval_split)
     num_classes = int(max(labels.max(), labels_test.max())) + 1
-    net = ClassifierNet(num_classes=num_classes, features=int(settings.features))
+    net = ClassifierNet(
+        num_classes=num_classes,
+        features=int(settings.features),
+        input_size=int(settings.image_size),
+    )
     params = net.init(jax.random.PRNGKey(int(settings.seed)), x[:1])["params"]
     schedule = optax.cosine_decay_schedule(float(settings.learning_rate), int(settings.num_steps))
     optimizer = optax.adamw(schedule, weight_decay=float(settings.weight_decay))
@@ -226,7 +234,9 @@ def load_or_train_classifier(config: ml_collections.ConfigDict) -> TrainedClassi
     if info_path.exists() and (directory / "params").exists():
         info = json.loads(info_path.read_text())
         net = ClassifierNet(
-            num_classes=int(info["num_classes"]), features=int(info["training"]["features"])
+            num_classes=int(info["num_classes"]),
+            features=int(info["training"]["features"]),
+            input_size=int(info["training"].get("image_size", 0)),
         )
         params = checkpointer.restore(directory / "params", _abstract_params(net, info))
         return TrainedClassifier(net, params, float(info["test_accuracy"]), directory, info)

@@ -129,9 +129,7 @@ class ConditioningEmbedding(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(
-        self, t: jax.Array, labels: jax.Array, w: jax.Array | None = None
-    ) -> jax.Array:
+    def __call__(self, t: jax.Array, labels: jax.Array, w: jax.Array | None = None) -> jax.Array:
         """Embed t [B] (times in [0, 1]), labels [B] int and w [B] -> [B, emb_dim].
 
         A scalar t or w is broadcast to the batch. w is required when `use_guidance` and

@@ -4,13 +4,14 @@
 config's stages; `workdir` the layout and the recorded config.
 """
 
-from distill_jax.run.run import Run
+from distill_jax.run.run import Latents, Run
 from distill_jax.run.stages import KINDS, StageKind, StageSpec, plan_stages, round_name
 from distill_jax.run.workdir import ConfigMismatchError, WorkdirBusyError, config_differences
 
 __all__ = [
     "KINDS",
     "ConfigMismatchError",
+    "Latents",
     "Run",
     "StageKind",
     "StageSpec",

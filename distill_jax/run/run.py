@@ -8,11 +8,13 @@ export, the notebook and the CLI only read through it (`open`, `students`, `load
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 from etils import epath
 from jax.tree_util import Partial
 
@@ -20,7 +22,7 @@ from distill_jax import checkpoints
 from distill_jax import config as config_lib
 from distill_jax.data import sources
 from distill_jax.diffusion import gmm, guidance
-from distill_jax.models import denoiser
+from distill_jax.models import autoencoder, denoiser
 from distill_jax.run import stages as stages_lib
 from distill_jax.run import workdir as workdir_lib
 
@@ -32,9 +34,68 @@ def _dataset_info(config: ml_collections.ConfigDict) -> sources.DatasetInfo:
     return info
 
 
+def _diffusion_info(
+    config: ml_collections.ConfigDict, image_info: sources.DatasetInfo
+) -> sources.DatasetInfo:
+    """What the diffusion models see: the images, or on a latent run the latents' shape."""
+    if not config.autoencoder.enabled:
+        return image_info
+    if len(image_info.shape) != 3:
+        raise ValueError(
+            f"config.autoencoder.enabled=True needs image data [H, W, C]; dataset "
+            f"{image_info.name!r} has examples of shape {image_info.shape}."
+        )
+    shape = autoencoder.latent_shape(config.autoencoder, image_info.shape)
+    return dataclasses.replace(image_info, shape=shape)
+
+
+class _ScaledLatents(sources.ArraySource):
+    """The cached latents (memory-mapped), scaled when an example is read."""
+
+    def __init__(self, latents: np.ndarray, labels: np.ndarray, scale: float):
+        super().__init__({"x": latents, "label": labels})
+        self.scale = np.float32(scale)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        example = super().__getitem__(index)
+        return {"x": np.asarray(example["x"], np.float32) * self.scale, "label": example["label"]}
+
+
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Latents:
+    """The latent space of a latent run: what its autoencoder stage recorded when it finished.
+
+    Attributes:
+      scale: diffusion runs on scale * mean(q(z | x)); 1 / std of the encoded train split.
+      shape: one latent's shape (h, w, c).
+    """
+
+    scale: float
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> Latents | None:
+        """The `latents` entry of a FINISHED.json record (None if it has none)."""
+        entry = (record or {}).get("latents")
+        if not isinstance(entry, dict):
+            return None
+        return cls(float(entry["scale"]), tuple(int(d) for d in entry["shape"]))
+
+    def to_record(self) -> dict:
+        """The FINISHED.json entry."""
+        return {"latents": {"scale": self.scale, "shape": list(self.shape)}}
+
+
 @dataclasses.dataclass
 class Run:
     """A run: its workdir, config, dataset info and the stages the config makes.
+
+    `image_info` describes the dataset's images; `info` what the diffusion models see (the
+    same, or on a latent run the latents: shape (H / f, W / f, latent_channels)).
 
     Build one with `Run.create` (to train: validates the config against the workdir's record,
     writes nothing) or `Run.open` (to read a run that exists).
@@ -42,8 +103,20 @@ class Run:
 
     workdir: epath.Path
     config: ml_collections.ConfigDict
-    info: sources.DatasetInfo
+    image_info: sources.DatasetInfo
     stages: list[stages_lib.StageSpec]
+    info: sources.DatasetInfo = dataclasses.field(init=False)
+    _codec: tuple | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.info = _diffusion_info(self.config, self.image_info)
+        for spec in self.stages:  # a latent that does not fit the U-Net fails here, not later
+            self.model(spec)
+
+    @property
+    def latent(self) -> bool:
+        """Whether diffusion runs on the latents of an autoencoder stage."""
+        return bool(self.config.autoencoder.enabled)
 
     @classmethod
     def create(
@@ -133,11 +206,16 @@ class Run:
             return None
         section = self.config[kind.section]
         dropout = float(section.dropout if "dropout" in section else self.config.model.dropout)
-        return kind.model(self.config, self.info, dropout)
+        return kind.model(self.config, self.data_info(spec), dropout)
+
+    def data_info(self, spec: stages_lib.StageSpec) -> sources.DatasetInfo:
+        """What the stage trains on: the images (`image_info`) or the diffusion data (`info`)."""
+        return self.image_info if spec.stage_kind.on_images else self.info
 
     def init_params(self, spec: stages_lib.StageSpec, rng: jax.Array) -> PyTree:
         """Freshly initialised parameters of the stage's network (pure in `rng`)."""
-        return denoiser.init_params(self.model(spec), rng, data_shape=tuple(self.info.shape))
+        shape = tuple(self.data_info(spec).shape)
+        return spec.stage_kind.init(self.model(spec), rng, data_shape=shape)
 
     def abstract_params(self, spec: stages_lib.StageSpec) -> PyTree:
         """The shapes and dtypes of the stage's parameters (jax.eval_shape, no computation)."""
@@ -178,6 +256,7 @@ class Run:
                 f"The {spec.name} stage at {source} has not finished training (no "
                 f"{checkpoints.FINISHED_FILE}); finish it with `distill-jax run` first."
             )
+        self._check_latents(spec, checkpoints.stage_finished(source), source)
         abstract = self.abstract_params(spec)
         if shardings is not None:
             abstract = jax.tree.map(
@@ -188,6 +267,76 @@ class Run:
         return checkpoints.restore_params(
             source, abstract, which=which, what=f"{spec.name} checkpoint"
         )
+
+    def latents(self) -> Latents:
+        """The latent space of this (latent) run, as its finished autoencoder recorded it.
+
+        Raises:
+          FileNotFoundError: the autoencoder stage is missing or unfinished.
+        """
+        spec = self.stage("autoencoder") if self.latent else None
+        record = self.finished(spec) if spec is not None else None
+        latents = Latents.from_record(record)
+        if latents is None:
+            raise FileNotFoundError(
+                f"This latent run has no finished autoencoder in "
+                f"{self.workdir / 'autoencoder'}: train it first (`distill-jax train` or "
+                "`distill-jax run`)."
+            )
+        return latents
+
+    def finish_record(self, spec: stages_lib.StageSpec) -> dict:
+        """What FINISHED.json records of a trained stage.
+
+        Its name and, for a diffusion stage of a latent run, the latents it learnt on (checked
+        when it is loaded as a teacher).
+        """
+        record = {"stage": spec.name}
+        if self.latent and not spec.stage_kind.on_images:
+            record.update(self.latents().to_record())
+        return record
+
+    def _check_latents(self, spec: stages_lib.StageSpec, record: dict, source) -> None:
+        """Refuse a diffusion stage trained on other latents than this run's autoencoder's."""
+        if spec.stage_kind.on_images or not self.latent:
+            return
+        theirs, ours = Latents.from_record(record), self.latents()
+        if theirs is None or not (
+            theirs.shape == ours.shape and abs(theirs.scale / ours.scale - 1.0) < 1e-6
+        ):
+            shown = "pixels" if theirs is None else f"latents {theirs}"
+            raise ValueError(
+                f"The {spec.name} stage at {source} was trained on {shown}, but this run's "
+                f"autoencoder gives latents {ours}: use the autoencoder it was trained with, "
+                "or train it again on these latents."
+            )
+
+    def codec(self) -> tuple[Partial, Partial]:
+        """(encode, decode) between images and the diffusion data, as pytree Partials.
+
+        Identity functions on a pixel run; on a latent run the finished autoencoder's EMA
+        weights with the recorded latent scale (see `autoencoder.make_codec`).
+        """
+        if not self.latent:
+            return Partial(_identity), Partial(_identity)
+        if self._codec is None:  # loaded once per Run: every sample() call decodes
+            spec = self.stage("autoencoder")
+            scale = self.latents().scale
+            self._codec = autoencoder.make_codec(self.model(spec), self.load_params(spec), scale)
+        return self._codec
+
+    def train_source(self, spec: stages_lib.StageSpec) -> sources.ArraySource | None:
+        """The stage's training examples, when they are not config.data's images (None).
+
+        For a diffusion stage of a latent run: the scaled, cached latents of the train split.
+        """
+        if spec.stage_kind.on_images or not self.latent:
+            return None
+        scale = self.latents().scale
+        directory = self.directory(self.stage("autoencoder"))
+        latents = np.load(os.fspath(directory / workdir_lib.LATENTS_FILE), mmap_mode="r")
+        labels = np.load(os.fspath(directory / workdir_lib.LABELS_FILE))
+        return _ScaledLatents(latents, labels, scale)
 
     def denoise_fn(self, spec: stages_lib.StageSpec, params: PyTree = None) -> Partial:
         """The stage's x-hat denoiser(z, t, labels, w) as a Partial (weights loaded if None).

@@ -4,8 +4,9 @@ A stage kind says what a stage is: which config section holds its batch size, st
 optimiser, whether its network takes the guidance weight w, and how its network is built. A
 config's run is the list of `StageSpec`s `plan_stages` makes: the teacher, stage one, then one
 stage-two round per halving, each naming the stage whose weights it learns from. A new kind of
-stage (an autoencoder, a text encoder) is one more `StageKind` here plus its own module; the
-callers (training, sampling, evaluation, export, CLI) go through `Run` and need no new branch.
+stage (the autoencoder of a latent run, a text encoder) is one more `StageKind` here plus its
+own module; the callers (training, sampling, evaluation, export, CLI) go through `Run` and need
+no new branch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import ml_collections
 
 from distill_jax import config as config_lib
 from distill_jax.data import sources
-from distill_jax.models import denoiser
+from distill_jax.models import autoencoder, denoiser
 
 ModelFactory = Callable[[ml_collections.ConfigDict, sources.DatasetInfo, float], nn.Module]
 
@@ -39,6 +40,13 @@ def _denoiser_factory(use_guidance: bool) -> ModelFactory:
     return build
 
 
+def _autoencoder_factory(
+    config: ml_collections.ConfigDict, info: sources.DatasetInfo, dropout: float
+) -> nn.Module:
+    del dropout  # the autoencoder has none
+    return autoencoder.build_autoencoder(config.autoencoder, image_shape=info.shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class StageKind:
     """What a kind of stage is.
@@ -49,17 +57,30 @@ class StageKind:
       takes_w: whether its network takes the guidance weight (a distilled student).
       model: (config, dataset info, dropout) -> the Flax network; None for a stage without a
         network (the exact Gaussian-mixture denoiser), which also has no checkpoints.
+      init: (network, rng, data_shape) -> its initial params (pure in rng).
+      on_images: it trains on the images themselves, not on what diffusion runs on (the
+        latents of a latent run); its network sees `Run.image_info`, the others `Run.info`.
     """
 
     name: str
     section: str
     takes_w: bool
     model: ModelFactory | None
+    init: Callable = denoiser.init_params
+    on_images: bool = False
 
 
 KINDS: dict[str, StageKind] = {
     kind.name: kind
     for kind in (
+        StageKind(
+            "autoencoder",
+            "autoencoder",
+            takes_w=False,
+            model=_autoencoder_factory,
+            init=autoencoder.init_autoencoder,
+            on_images=True,
+        ),
         StageKind("teacher", "teacher", takes_w=False, model=_denoiser_factory(False)),
         StageKind("exact_gmm", "teacher", takes_w=False, model=None),
         StageKind("stage1", "stage1", takes_w=True, model=_denoiser_factory(True)),
@@ -107,7 +128,20 @@ def plan_stages(config: ml_collections.ConfigDict) -> list[StageSpec]:
     seed = int(config.seed)
     teacher_kind = "exact_gmm" if config.teacher.kind == "exact_gmm" else "teacher"
     n_start = int(config.stage2.n_start)
-    stages = [
+    stages = []
+    if config.autoencoder.enabled:
+        # Not the teacher's `teacher`: the teacher learns from its latents, not its weights.
+        stages.append(
+            StageSpec(
+                "autoencoder",
+                "autoencoder",
+                None,
+                int(config.autoencoder.num_steps),
+                None,
+                seed + 7919,
+            )
+        )
+    stages += [
         StageSpec("teacher", teacher_kind, None, int(config.teacher.num_steps), None, seed),
         StageSpec("stage1", "stage1", n_start, int(config.stage1.num_steps), "teacher", seed + 1),
     ]

@@ -3,6 +3,8 @@
 Layout (every path under the run's workdir, local or `gs://`, as an `etils.epath.Path`):
 
   config.json            the config of the run (config.previous.json: the one it replaced)
+  autoencoder/           latent runs: the KL autoencoder's checkpoints; FINISHED.json holds the
+                         latent scale and shape, latents.npz the encoded train split
   teacher/               the teacher's Orbax checkpoints (FINISHED.json when done)
   stage1/                stage one's guidance-conditioned student
   stage2/steps_XXXX/     one Orbax directory per halving round, named by the student's steps
@@ -42,6 +44,8 @@ TIMINGS_FILE = "timings.json"
 EVAL_DIR = "eval"
 REPORT_FILE = "report.md"
 LOCK_FILE = ".lock"
+LATENTS_FILE = "latents.npy"  # in the autoencoder's directory: the encoded train split
+LABELS_FILE = "latent_labels.npy"  # and its labels
 
 # Keys whose change makes existing checkpoints meaningless (another network or another data).
 MODEL_DEFINING_PREFIXES = (
@@ -52,6 +56,10 @@ MODEL_DEFINING_PREFIXES = (
     "data.gmm.",
     "diffusion.logsnr_min",
     "diffusion.logsnr_max",
+    "autoencoder.enabled",
+    "autoencoder.channel",  # channels and channel_mult
+    "autoencoder.num_res_blocks",
+    "autoencoder.latent_channels",
 )
 
 

@@ -48,6 +48,8 @@ class Stage:
       abstract_params: the shapes/dtypes of the params (jax.ShapeDtypeStruct pytree).
       teacher: the frozen teacher pytree passed to every step (None for the teacher stage):
         an argument of the step, never in the optimiser, never re-saved.
+      finish: final state -> more entries for FINISHED.json, run after the last save and
+        before the stage is marked finished (so an interruption in it reruns it on resume).
     """
 
     spec: StageSpec
@@ -57,6 +59,7 @@ class Stage:
     init_params: Callable[[PyTree], PyTree]
     abstract_params: PyTree
     teacher: PyTree = None
+    finish: Callable[[state_lib.TrainState], dict] | None = None
 
 
 class NonFiniteError(FloatingPointError):
@@ -170,7 +173,10 @@ def run_stage(
         stage.batch_size, devices=mesh.size, processes=jax.process_count(), key=f"{name} batch_size"
     )
     data_iter = data_loader.make_train_loader(
-        run.config.data, batch_size=stage.batch_size, seed=stage.spec.seed
+        run.config.data,
+        batch_size=stage.batch_size,
+        seed=stage.spec.seed,
+        source=run.train_source(stage.spec),
     )
     ckpt = run.checkpointer(stage.spec)
     try:
@@ -183,7 +189,10 @@ def run_stage(
         state = _train(stage, run, compiled, state, teacher, data_iter, ckpt, end)
         ckpt.wait(end)
         if end == stage.spec.num_steps:
-            ckpt.mark_finished(end, {"stage": name})
+            record = run.finish_record(stage.spec)
+            if stage.finish is not None:
+                record.update(stage.finish(state))
+            ckpt.mark_finished(end, record)
     finally:
         ckpt.close()
     return state

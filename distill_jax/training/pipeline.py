@@ -8,6 +8,7 @@ trainable stage kind is one entry in the run layer's registry and one builder he
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +21,8 @@ from etils import epath
 
 from distill_jax import parallel
 from distill_jax.models import denoiser
-from distill_jax.run import Run, StageSpec
-from distill_jax.training import distill, loop, teacher
+from distill_jax.run import Latents, Run, StageSpec
+from distill_jax.training import autoencoder, distill, loop, teacher
 
 PyTree = Any
 
@@ -38,6 +39,31 @@ def _stage(run: Run, spec: StageSpec, loss_fn, init_params, teacher: PyTree = No
         abstract_params=run.abstract_params(spec),
         teacher=teacher,
     )
+
+
+def _autoencoder_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop.Stage:
+    """A latent run's autoencoder.
+
+    When it finishes it caches the encoded train split and records the latent scale (see
+    `training.autoencoder`).
+    """
+    del teacher_state  # trained from data alone
+    model = run.model(spec)
+    loss_fn = autoencoder.make_autoencoder_loss(model, run.config.autoencoder)
+    key = jax.random.PRNGKey(spec.seed)
+
+    def finish(state) -> dict:
+        ema = jax.device_get(state.ema_params)
+        shape, scale = autoencoder.encode_train_split(
+            model, ema, run.config.data, run.directory(spec)
+        )
+        logging.info(
+            "[%s] latent scale %.5f (1 / std of the encoded train split)", spec.name, scale
+        )
+        return Latents(scale, shape).to_record()
+
+    stage = _stage(run, spec, loss_fn, lambda _: run.init_params(spec, key))
+    return dataclasses.replace(stage, finish=finish)
 
 
 def _teacher_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop.Stage:
@@ -89,6 +115,7 @@ def _stage_two_stage(run: Run, spec: StageSpec, teacher_params: PyTree) -> loop.
 
 
 BUILDERS: dict[str, Callable[[Run, StageSpec, PyTree], loop.Stage]] = {
+    "autoencoder": _autoencoder_stage,
     "teacher": _teacher_stage,
     "stage1": _stage_one_stage,
     "stage2": _stage_two_stage,
@@ -144,6 +171,11 @@ def train_teacher(
     run = Run.create(config, workdir, allow_config_change=allow_config_change)
     spec = run.stage("teacher")
     with run.locked():
+        if run.latent:  # the teacher learns on the autoencoder's latents
+            state = train_stage(run, run.stage("autoencoder"), _mesh(config), stop_after=stop_after)
+            if run.finished(run.stage("autoencoder")) is None:  # stopped early (tests)
+                run.record_config()
+                return state
         if spec.kind not in BUILDERS:
             logging.info("[teacher] the %s teacher needs no training.", spec.kind)
             state = None
@@ -184,6 +216,8 @@ def distill_stages(
             f"Stage two needs a finished stage one in {run.directory(run.stage('stage1'))}; "
             "run --only=stage1."
         )
+    if run.latent:
+        run.latents()  # a missing or unfinished autoencoder is refused before any write
     mesh = _mesh(config)
     wanted = {"stage1", "stage2"} if only is None else {only}
     stage_one = run.stage("stage1")
