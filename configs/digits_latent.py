@@ -34,8 +34,9 @@ def get_config(variant: str = ""):
     ae.channel_mult = (1, 2, 2)  # factor 4: 32x32 -> 8x8
     ae.num_res_blocks = 1
     ae.latent_channels = 4
-    ae.batch_size = 64
-    ae.num_steps = 1500
+    # About 3 minutes here: the L1 error is flat after ~600 steps at batch 32.
+    ae.batch_size = 32
+    ae.num_steps = 1000
     # FD, IS and accuracy are measured at the digits' own 8x8 (the classifier resizes its
     # inputs): the same scale as the pixel run's figures, and 16x cheaper than at 32x32.
     c.eval.classifier.image_size = 8

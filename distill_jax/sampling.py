@@ -186,7 +186,7 @@ def sample(
     batch_size = min(batch_size, num)
     encode, decode = run.codec()
     if init is not None:
-        init = _apply_in_batches(encode, np.asarray(init, np.float32), batch_size)
+        init = apply_in_batches(encode, np.asarray(init, np.float32), batch_size)
     out = []
     for start in range(0, num, batch_size):
         stop = min(start + batch_size, num)
@@ -213,7 +213,7 @@ def _apply(fn: Partial, x: jax.Array) -> jax.Array:
     return fn(x)
 
 
-def _apply_in_batches(fn: Partial, x: np.ndarray, batch_size: int) -> np.ndarray:
+def apply_in_batches(fn: Partial, x: np.ndarray, batch_size: int) -> np.ndarray:
     """fn over x in padded batches of `batch_size` (one compiled shape)."""
     out = []
     for start in range(0, len(x), batch_size):

@@ -10,6 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"
+LATENT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_latent.py") + ":smoke"
 
 
 def snapshot(directory) -> dict | None:
@@ -43,11 +44,8 @@ def classifier_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("distill_jax_cache")
 
 
-@pytest.fixture(scope="session")
-def smoke_workdir(tmp_path_factory, classifier_cache):
-    """A workdir made by `distill-jax run --config=configs/digits.py:smoke` (all stages,
-    evaluation and report), shared by every test of the session; read-only for tests."""
-    workdir = tmp_path_factory.mktemp("smoke") / "run"
+def _smoke_run(tmp_path_factory, classifier_cache, config: str, name: str):
+    workdir = tmp_path_factory.mktemp(name) / "run"
     env = dict(os.environ, DISTILL_JAX_CACHE=str(classifier_cache))
     result = subprocess.run(
         [
@@ -55,7 +53,7 @@ def smoke_workdir(tmp_path_factory, classifier_cache):
             "-m",
             "distill_jax",
             "run",
-            f"--config={SMOKE_CONFIG}",
+            f"--config={config}",
             f"--workdir={workdir}",
         ],
         cwd=ROOT,
@@ -66,3 +64,17 @@ def smoke_workdir(tmp_path_factory, classifier_cache):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return workdir
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory, classifier_cache):
+    """A workdir made by `distill-jax run --config=configs/digits.py:smoke` (all stages,
+    evaluation and report), shared by every test of the session; read-only for tests."""
+    return _smoke_run(tmp_path_factory, classifier_cache, SMOKE_CONFIG, "smoke")
+
+
+@pytest.fixture(scope="session")
+def latent_workdir(tmp_path_factory, classifier_cache):
+    """The same for `configs/digits_latent.py:smoke`: autoencoder, teacher, stage one and the
+    rounds on its latents, evaluation and report; read-only for tests."""
+    return _smoke_run(tmp_path_factory, classifier_cache, LATENT_SMOKE_CONFIG, "latent")

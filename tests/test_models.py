@@ -148,7 +148,9 @@ def test_unet_output_shapes(data_shape, overrides, out_channels):
 def test_mlp_output_shapes(parameterisation, out_dim):
     model = build_model(
         model_config(kind="mlp", parameterisation=parameterisation),
-        data_shape=POINT, num_classes=NUM_CLASSES, use_guidance=True,
+        data_shape=POINT,
+        num_classes=NUM_CLASSES,
+        use_guidance=True,
     )
     assert isinstance(model, MLPDenoiser)
     out = jax.eval_shape(
@@ -256,7 +258,9 @@ def test_student_requires_w(unet_student):
 def test_bfloat16_compute_keeps_float32_params_and_output(unet_teacher):
     model32, _, params = unet_teacher
     model16 = build_model(
-        model_config(dtype="bfloat16"), data_shape=IMAGE, num_classes=NUM_CLASSES,
+        model_config(dtype="bfloat16"),
+        data_shape=IMAGE,
+        num_classes=NUM_CLASSES,
         use_guidance=False,
     )
     params16 = jax.eval_shape(

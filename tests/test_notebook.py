@@ -1,15 +1,20 @@
-"""The exploration notebook (launch/explore.ipynb) executes top to bottom on the smoke run."""
+"""The exploration notebook (launch/explore.ipynb) runs top to bottom on the smoke runs.
+
+On the latent run it samples through the run layer like any other: the images come decoded.
+"""
 
 import pathlib
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "launch" / "explore.ipynb"
 
 
-def test_explore_notebook_runs_on_the_smoke_workdir(smoke_workdir, tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTILL_JAX_WORKDIR", str(smoke_workdir))
+@pytest.mark.parametrize("workdir", ["smoke_workdir", "latent_workdir"])
+def test_explore_notebook_runs_on_the_smoke_workdirs(workdir, request, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_JAX_WORKDIR", str(request.getfixturevalue(workdir)))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(

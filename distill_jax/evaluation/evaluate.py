@@ -131,6 +131,7 @@ class _Context:
         default_factory=dict
     )
     teacher_fn: object = None
+    autoencoder_row: dict | None = None  # a latent run's reconstructions (`_autoencoder_row`)
 
     @property
     def reference_steps(self) -> int:
@@ -195,7 +196,37 @@ def _context(run: Run) -> tuple[_Context, dict]:
     )
     labels = sampling.class_labels(num, info.num_classes)
     batch_size = min(int(config.eval.batch_size), num)
-    return _Context(run, classifier, reference, labels, batch_size, grids), data_row
+    ctx = _Context(run, classifier, reference, labels, batch_size, grids)
+    if run.latent:
+        ctx.autoencoder_row = _autoencoder_row(ctx, x_data, labels_data)
+    return ctx, data_row
+
+
+def _autoencoder_row(ctx: _Context, x: np.ndarray, labels: np.ndarray) -> dict:
+    """A latent run's floor: the eval images encoded and decoded, measured like samples.
+
+    Every latent sampler's samples are decodings, so the reconstructions' FD is (about) the
+    best FD any of them can reach.
+    """
+    encode, decode = ctx.run.codec()
+    recon = sampling.apply_in_batches(decode, sampling.apply_in_batches(encode, x, 250), 250)
+    feats, probs = ctx.classifier.features_and_probs(recon)
+    images.save_samples_png(
+        ctx.grids / "reconstructions.png",
+        images.displayable(np.clip(recon, -1.0, 1.0)),
+        labels,
+        ctx.run.image_info.num_classes,
+        rows=int(ctx.run.config.eval.grid_rows),
+        title="autoencoder reconstructions",
+    )
+    latents = ctx.run.latents()
+    return dict(
+        recon_mse=float(np.mean(np.square(recon - x))),
+        latent_scale=latents.scale,
+        latent_shape=list(latents.shape),
+        grid="grids/reconstructions.png",
+        **metrics.sample_metrics(feats, probs, labels, ctx.reference),
+    )
 
 
 def _row_key(ctx: _Context, entry: Entry) -> dict:
@@ -321,6 +352,7 @@ def evaluate_run(
       fresh: ignore eval/progress.jsonl and measure every row again.
     """
     run = Run.open(workdir, eval_config=eval_config)
+    run.codec()  # a latent run without its finished autoencoder is refused before any write
     with run.locked():
         return _evaluate(run, fresh=fresh)
 
@@ -343,6 +375,7 @@ def _evaluate(run: Run, *, fresh: bool) -> dict[str, epath.Path]:
         ),
         reference_split=run.config.eval.reference_split or run.config.data.train_split,
         data=data_row,
+        autoencoder=ctx.autoencoder_row,
         rows=rows,
     )
     paths = table.write_tables(out, rows, payload, data_row)

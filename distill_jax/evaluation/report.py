@@ -81,6 +81,29 @@ def _times_section(workdir: epath.Path) -> list[str]:
     return lines
 
 
+def _autoencoder_section(row: dict | None, data_row: dict) -> list[str]:
+    """A latent run's autoencoder: reconstruction error and the FD floor of its samples."""
+    if not row:
+        return []
+    return [
+        "## Autoencoder",
+        "",
+        f"Latents {'x'.join(str(d) for d in row['latent_shape'])}, scale "
+        f"{row['latent_scale']:.5f} (1 / std of the encoded train split). Every sample is a "
+        "decoding, so the reconstructions' FD is the floor of every latent sampler's FD.",
+        "",
+        "| images | reconstruction MSE | FD ↓ | IS ↑ | accuracy ↑ |",
+        "|---|---|---|---|---|",
+        f"| real data | - | {data_row['fd']:.3f} | {data_row['inception_score']:.3f} | "
+        f"{data_row['accuracy']:.3f} |",
+        f"| reconstructions | {row['recon_mse']:.5f} | {row['fd']:.3f} | "
+        f"{row['inception_score']:.3f} | {row['accuracy']:.3f} |",
+        "",
+        f"![reconstructions](eval/{row['grid']})",
+        "",
+    ]
+
+
 def write_report(workdir: epath.PathLike) -> epath.Path:
     """Write workdir/report.md from eval/results.json and the timing records; return its path."""
     workdir = epath.Path(workdir).absolute()
@@ -105,6 +128,7 @@ def write_report(workdir: epath.PathLike) -> epath.Path:
         "",
     ]
     lines += _times_section(workdir)
+    lines += _autoencoder_section(results.get("autoencoder"), data_row)
     lines += [
         "## Results",
         "",

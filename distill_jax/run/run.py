@@ -111,7 +111,17 @@ class Run:
     def __post_init__(self):
         self.info = _diffusion_info(self.config, self.image_info)
         for spec in self.stages:  # a latent that does not fit the U-Net fails here, not later
-            self.model(spec)
+            try:
+                self.model(spec)
+            except ValueError as error:
+                if not self.latent or spec.stage_kind.on_images:
+                    raise
+                height, width, _ = self.image_info.shape
+                latent = "x".join(str(d) for d in self.info.shape)
+                raise ValueError(
+                    f"The latent of this run ({latent}: {height}x{width} images through the "
+                    f"autoencoder) does not fit the U-Net: {error}"
+                ) from None
 
     @property
     def latent(self) -> bool:
