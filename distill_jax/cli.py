@@ -201,6 +201,31 @@ def _own_info_only(record) -> bool:
     )
 
 
+def _quiet_closed_loop_reports() -> None:
+    """Drop one known, harmless report: "RuntimeError: Event loop is closed".
+
+    When an Orbax restore fails (a damaged checkpoint), Orbax closes its asyncio loop while
+    tensorstore still completes the other reads; their callbacks into the closed loop raise in
+    tensorstore's threads, which print a traceback beside the one-line error. Every other
+    exception still reaches the default hooks.
+    """
+
+    def closed_loop(error: BaseException | None) -> bool:
+        return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+    default_hook, default_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, error, trace):
+        if not closed_loop(error):
+            default_hook(kind, error, trace)
+
+    def unraisablehook(report):
+        if not closed_loop(report.exc_value):
+            default_unraisable(report)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def main(argv: list[str]) -> None:
     """Dispatch the command named by the first positional argument."""
     command = argv[1] if len(argv) > 1 else ""
@@ -211,6 +236,7 @@ def main(argv: list[str]) -> None:
     from distill_jax.run import WorkdirBusyError
     from distill_jax.training import loop
 
+    _quiet_closed_loop_reports()
     try:
         command = _check_flags(argv)
         from distill_jax import parallel
