@@ -13,6 +13,20 @@ SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"
 LATENT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_latent.py") + ":smoke"
 
 
+# The start of a script run in a fresh interpreter where importing distill_jax fails: what an
+# exported sampler's user has. Tests append their own body and check sys.modules at the end.
+NO_DISTILL_JAX = """
+import importlib.abc, sys
+
+class NoDistillJax(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "distill_jax":
+            raise ImportError("distill_jax must not be imported by the exported sampler")
+
+sys.meta_path.insert(0, NoDistillJax())
+"""
+
+
 def snapshot(directory) -> dict | None:
     """{relative path: (content hash or 'dir', mtime)} of everything under `directory`.
 

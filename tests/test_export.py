@@ -12,6 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from conftest import NO_DISTILL_JAX
 
 from distill_jax import export, sampling
 from distill_jax.diffusion import samplers
@@ -64,16 +65,8 @@ def _library_images(workdir, steps, noise, labels, w, key=None):
 
 # Runs in a fresh interpreter: any attempt to import distill_jax fails, and at the end it must
 # not have been imported at all.
-STANDALONE = textwrap.dedent(
+STANDALONE = NO_DISTILL_JAX + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class NoDistillJax(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "distill_jax":
-                raise ImportError("distill_jax must not be imported by the exported sampler")
-
-    sys.meta_path.insert(0, NoDistillJax())
     import numpy as np
     ddim_dir, stochastic_dir, inputs, out = sys.argv[1:5]
     sys.path.insert(0, ddim_dir)

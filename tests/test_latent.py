@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import snapshot
+from conftest import NO_DISTILL_JAX, snapshot
 
 from distill_jax import export, sampling
 from distill_jax.config import load_config
@@ -87,16 +87,8 @@ def test_sampling_a_latent_run_decodes_images(latent_workdir, tmp_path):
 
 
 # A fresh interpreter in which importing distill_jax fails: only the artifact's own loader.
-STANDALONE = textwrap.dedent(
+STANDALONE = NO_DISTILL_JAX + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class NoDistillJax(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "distill_jax":
-                raise ImportError("distill_jax must not be imported by the exported sampler")
-
-    sys.meta_path.insert(0, NoDistillJax())
     import numpy as np
     artifact, inputs, out = sys.argv[1:4]
     sys.path.insert(0, artifact)

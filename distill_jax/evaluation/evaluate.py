@@ -209,7 +209,8 @@ def _autoencoder_row(ctx: _Context, x: np.ndarray, labels: np.ndarray) -> dict:
     best FD any of them can reach.
     """
     encode, decode = ctx.run.codec()
-    recon = sampling.apply_in_batches(decode, sampling.apply_in_batches(encode, x, 250), 250)
+    latents = sampling.apply_in_batches(encode, x, ctx.batch_size)
+    recon = sampling.apply_in_batches(decode, latents, ctx.batch_size)
     feats, probs = ctx.classifier.features_and_probs(recon)
     images.save_samples_png(
         ctx.grids / "reconstructions.png",
