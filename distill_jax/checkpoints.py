@@ -166,7 +166,11 @@ class StageCheckpointer:
         except Exception as error:  # noqa: BLE001 - Orbax re-raises the writer's error
             raise self._save_error(step, error) from error
 
-    def _save_error(self, step: int, error: BaseException) -> CheckpointSaveError:
+    def _save_error(self, step: int, error: BaseException) -> Exception:
+        """CheckpointSaveError, or PeerLostError when the save failed because a process died."""
+        lost = parallel.lost_peer_error(error)
+        if lost is not None:
+            return lost
         kept = sorted(self._manager.all_steps())
         return CheckpointSaveError(
             f"saving the checkpoint of step {step} to {self.directory} failed "

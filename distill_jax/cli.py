@@ -81,6 +81,7 @@ _TRACEBACK = flags.DEFINE_bool(
 # What a user's input or environment can cause: shown as one line, exit code 2.
 USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
 EXIT_USER_ERROR = 2
+EXIT_PEER_LOST = 3  # another process of a multi-process job died; rerun to resume
 
 
 def _usage_error(message: str) -> None:
@@ -233,14 +234,13 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     # ABSLHandler.handle delegates to its python_handler, so the filter goes there.
     logging.get_absl_handler().python_handler.addFilter(_own_info_only)
+    from distill_jax import parallel
     from distill_jax.run import WorkdirBusyError
     from distill_jax.training import loop
 
     _quiet_closed_loop_reports()
     try:
         command = _check_flags(argv)
-        from distill_jax import parallel
-
         parallel.initialize_distributed()
         parallel.enable_compilation_cache()
         COMMAND_FUNCTIONS[command]()
@@ -253,6 +253,13 @@ def main(argv: list[str]) -> None:
         if _TRACEBACK.value or _wants_traceback(argv):
             raise
         _exit_with(f"distill-jax {command}".rstrip(), error)
+    except Exception as error:  # noqa: BLE001 - a collective raises JaxRuntimeError, not ours
+        # Another process of the job died: say so in one line and leave without the shutdown
+        # barrier (it would fail too, and abort with a page of C++ log).
+        lost = parallel.lost_peer_error(error)
+        if lost is None or _TRACEBACK.value or _wants_traceback(argv):
+            raise
+        _exit_with(f"distill-jax {command}".rstrip(), lost, EXIT_PEER_LOST)
 
 
 def _train() -> None:

@@ -133,6 +133,45 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+# Words in the errors a collective or the coordination service raises when another process of
+# the job has gone (killed, crashed, preempted): Gloo on CPU, NCCL on GPU, the service itself.
+_LOST_PEER_MARKERS = (
+    "Gloo",
+    "NCCL",
+    "heartbeat",
+    "coordination service",
+    "Connection reset by peer",
+    "Connection closed",
+)
+
+
+class PeerLostError(RuntimeError):
+    """Another process of this multi-process job stopped, so this one cannot go on."""
+
+
+def lost_peer_error(error: BaseException) -> PeerLostError | None:
+    """A PeerLostError explaining `error` if it says another process is gone, else None.
+
+    Only in multi-process jobs: looks at the error and its cause for the words a failed
+    collective or the coordination service uses.
+    """
+    if isinstance(error, PeerLostError):
+        return error
+    if jax.process_count() < 2:
+        return None
+    for cause in (error, error.__cause__, error.__context__):
+        text = str(cause).strip() if cause is not None else ""
+        if any(marker in text for marker in _LOST_PEER_MARKERS):
+            return PeerLostError(
+                f"process {jax.process_index()} of {jax.process_count()} lost contact with "
+                f"another process of this job ({type(cause).__name__}: "
+                f"{text.splitlines()[0]}). Another process stopped (killed, crashed or "
+                "preempted): its log says why. The committed checkpoints are intact: rerun the "
+                "same command on every host to resume."
+            )
+    return None
+
+
 def make_mesh(num_data_devices: int = -1, *, fsdp: int = 1) -> Mesh:
     """A 2-D mesh ('data', 'fsdp') of shape (num_data_devices, fsdp) over the first devices.
 
