@@ -270,7 +270,8 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
     """Turn on JAX's persistent compilation cache; return its directory (None when off).
 
     Stage-two rounds of equal length compile to the same program, and reruns of a config
-    recompile nothing, so on CPU this saves much of a short run's time. The directory is
+    (or a second identical `sample` command) recompile nothing, so on CPU this saves much of a
+    short run's time. Every program is stored, however quick its compilation. The directory is
     `directory`, else $DISTILL_JAX_COMPILATION_CACHE ('off' disables it), else
     ~/.cache/distill_jax/xla.
     """
@@ -279,4 +280,7 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
         return None
     directory = directory or os.path.join(os.path.expanduser("~"), ".cache", "distill_jax", "xla")
     jax.config.update("jax_compilation_cache_dir", directory)
+    # JAX stores only programs that took a second or more to compile; on a CPU a sampler or a
+    # small step compiles faster than that, yet a command's start-up is a few of them.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return directory

@@ -115,3 +115,28 @@ def test_teacher_image_to_image_and_inpainting(smoke_workdir, tmp_path):
         sampling.sample_to_files(
             smoke_workdir, model="student", steps=2, w=1.0, num=2, out=tmp_path / "c", mask="top"
         )
+
+
+def test_second_identical_sample_command_compiles_nothing(smoke_workdir, tmp_path):
+    # Every program of a sample command goes to the persistent cache (even those that compile
+    # in milliseconds), so the same command again only reads it back.
+    flags = ["--model=student", "--steps=2", "--guidance=1", "--num=4", f"--out={tmp_path}/s.npz"]
+    env = {"DISTILL_JAX_COMPILATION_CACHE": str(tmp_path / "cache"), "JAX_LOG_COMPILES": "1"}
+    logs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-m", "distill_jax", "sample", f"--workdir={smoke_workdir}", *flags],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs.append(result.stderr)
+    compiled = [line for line in logs[1].splitlines() if "Compiling jit(" in line]
+    hits = [line for line in logs[1].splitlines() if "Persistent compilation cache hit" in line]
+    assert compiled and "jit(_sample)" in "".join(compiled)
+    assert len(hits) == len(compiled), "\n".join(compiled)
+    # The first command had nothing to read: it compiled and stored every program.
+    assert "Persistent compilation cache hit" not in logs[0]

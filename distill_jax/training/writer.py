@@ -17,7 +17,6 @@ import jax
 import tqdm
 from absl import logging
 from etils import epath
-from tensorboardX import SummaryWriter
 
 from distill_jax import files
 
@@ -45,6 +44,10 @@ class MetricsWriter:
         metrics_file = epath.Path(metrics_file)
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         self._jsonl = metrics_file.open("a")
+        # Imported here: tensorboardX imports torch when it is installed (the bench extra),
+        # which would add a second to every command's start-up, sampling included.
+        from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(str(epath.Path(logs_dir) / stage))
         if sys.stderr.isatty():
             self._bar = tqdm.tqdm(
