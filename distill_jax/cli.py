@@ -7,7 +7,8 @@ Commands:
   run       the whole pipeline: every stage, skipping finished ones and resuming the rest,
             then the evaluation and workdir/report.md
   sample    draw samples from a run: --model=teacher|student --steps=N --guidance=W
-            [--stochastic] --num=K [--labels=0,3] --seed=S --out=FILE.npz, plus image-to-image
+            [--stochastic] [--guidance_schedule=interval:0.2,0.8|ramp:0,2] --num=K
+            [--labels=0,3] --seed=S --out=FILE.npz, plus image-to-image
             (--init=FILE.npz --t_start=T) and inpainting (--init=FILE.npz --mask=left|...|FILE)
   evaluate  the table of FD / IS / accuracy of the teacher and every student, plots, grids,
             and workdir/report.md; reads the workdir's config (a --config replaces its eval
@@ -54,6 +55,12 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 _MODEL = flags.DEFINE_enum("model", "student", ["teacher", "student"], "sample: which model.")
 _STEPS = flags.DEFINE_integer("steps", None, "sample: sampling steps N.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "sample: guidance weight w.")
+_SCHEDULE = flags.DEFINE_string(
+    "guidance_schedule",
+    "constant",
+    "sample, export: how w varies over the steps: constant, interval:LO,HI (w for t in [LO, HI], "
+    "0 elsewhere) or ramp:G1,G0 (w times a gain linear in t, G1 at t=1, G0 at t=0).",
+)
 _STOCHASTIC = flags.DEFINE_bool(
     "stochastic", False, "sample: the student's stochastic sampler (ancestral for the teacher)."
 )
@@ -181,6 +188,7 @@ def _check_sample_flags(command: str) -> None:
     """Counts, ranges and finite numbers of the sample and export flags."""
     if _STEPS.value < 1:
         raise ValueError(f"--steps={_STEPS.value} is invalid: accepted an integer >= 1.")
+    _schedule()
     if command == "export":
         return
     if not math.isfinite(_GUIDANCE.value):
@@ -189,6 +197,16 @@ def _check_sample_flags(command: str) -> None:
         raise ValueError(f"--num={_NUM.value} is invalid: accepted an integer >= 1.")
     if not 0.0 < _T_START.value <= 1.0:
         raise ValueError(f"--t_start={_T_START.value} is invalid: accepted a number in (0, 1].")
+
+
+def _schedule():
+    """The --guidance_schedule flag as a GuidanceSchedule (a bad one: one clear line)."""
+    from distill_jax.diffusion import guidance_schedule
+
+    try:
+        return guidance_schedule.parse_schedule(_SCHEDULE.value)
+    except ValueError as error:
+        raise ValueError(f"--guidance_schedule={_SCHEDULE.value!r}: {error}") from None
 
 
 def _own_info_only(record) -> bool:
@@ -343,6 +361,7 @@ def _export() -> None:
         batch_size=_BATCH_SIZE.value,
         platforms=tuple(_PLATFORMS.value),
         overwrite=_OVERWRITE.value,
+        schedule=_schedule(),
     )
     logging.info("[export] wrote %s (%d steps)", _OUT.value, metadata["steps"])
 
@@ -368,6 +387,7 @@ def _sample() -> None:
         init=_INIT.value,
         t_start=_T_START.value,
         mask=_MASK.value,
+        schedule=_schedule(),
     )
     logging.info("[sample] wrote %s and %s", npz, png)
 

@@ -12,6 +12,7 @@ import math
 
 import ml_collections
 
+from distill_jax.diffusion import guidance_schedule
 from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
 from distill_jax.diffusion.weighting import WEIGHTINGS
 from distill_jax.models.denoiser import DTYPES, MODEL_KINDS
@@ -180,6 +181,8 @@ def _eval_config() -> ml_collections.ConfigDict:
     eval.num_samples = 500  # generated samples per (sampler, steps, w, seed)
     eval.guidance_weights = (0.0, 0.3, 1.0, 2.0, 4.0)
     eval.seeds = 2  # independent sample sets; tables report mean and spread over them
+    # Extra rows per guidance schedule ('interval:LO,HI', 'ramp:G1,G0'): see evaluate.py.
+    eval.guidance_schedules = ()
     eval.batch_size = 250  # samples per sampler call
     eval.teacher_steps = ()  # guided-DDIM teacher step counts; () = 1, 2, 4, ..., n_start
     eval.student_steps = ()  # student step counts to evaluate; () = every finished one
@@ -327,6 +330,14 @@ def _check_run_sections(config: ml_collections.ConfigDict) -> None:
     for w in config.eval.guidance_weights:
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
             _fail("eval.guidance_weights", tuple(config.eval.guidance_weights), "finite numbers")
+    schedules = config.eval.guidance_schedules
+    if isinstance(schedules, str) or not isinstance(schedules, tuple | list):
+        _fail("eval.guidance_schedules", schedules, "a tuple of names, e.g. ('interval:0.2,0.8',)")
+    for name in schedules:
+        try:
+            guidance_schedule.parse_schedule(name)
+        except ValueError as error:
+            raise ValueError(f"config.eval.guidance_schedules: {error}") from None
 
 
 def _check_autoencoder(config: ml_collections.ConfigDict) -> None:

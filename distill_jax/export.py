@@ -9,7 +9,8 @@ with jax and numpy alone (its `run_sampler.py`, a copy of `distill_jax.export_lo
                      -> images [B, H, W, C] f32 clipped to the data range [-1, 1]
   weights.npz        the student's EMA weights, one array per parameter named by its path
                      ("Dense_0/kernel"), in the order metadata.json lists them
-  metadata.json      format and version, image shape, classes, guidance range, steps, sampler,
+  metadata.json      format and version, image shape, classes, guidance range and schedule
+                     (the per-step gains baked into the function), steps, sampler,
                      parameterisation, schedule bounds, input/output specs, sha256 checksums
   run_sampler.py     the loader: `load_exported(DIR)(noise, labels, w)` or a command line
 
@@ -34,6 +35,7 @@ from jax.tree_util import Partial
 
 from distill_jax import export_loader, files, trees
 from distill_jax.diffusion import samplers
+from distill_jax.diffusion.guidance_schedule import CONSTANT, GuidanceSchedule
 from distill_jax.models import denoiser
 from distill_jax.run import Run
 
@@ -57,12 +59,14 @@ def _flat_weights(params: Any) -> tuple[list[str], list[np.ndarray], Any]:
     return names, arrays, treedef
 
 
-def _sampler_function(net, treedefs, decode, bounds: dict, *, steps: int, stochastic: bool):
+def _sampler_function(net, treedefs, decode, bounds: dict, *, gains: np.ndarray, stochastic):
     """The jitted (noise, labels, w[, rng], *weights) -> images function that gets exported.
 
     `treedefs` are the student's and the decoder's weight structures; `decode` is the run's
     decoder (`Run.codec`), the identity on a pixel run, whose weights come after the student's.
+    `gains` [steps] are the guidance schedule's gains: step k is guided with gains[k] * w.
     """
+    steps = len(gains)
     sampler = "stochastic" if stochastic else "ddim"
     student_def, decoder_def = treedefs
 
@@ -71,7 +75,8 @@ def _sampler_function(net, treedefs, decode, bounds: dict, *, steps: int, stocha
         count = student_def.num_leaves
         params = jax.tree_util.tree_unflatten(student_def, leaves[:count])
         fn = denoiser.make_denoise_fn(net, params)
-        x = samplers.run_sampler(sampler, fn, noise, labels, w, rng, steps=steps, **bounds)
+        w_steps = jnp.asarray(gains)[:, None] * w[None, :]
+        x = samplers.run_sampler(sampler, fn, noise, labels, w_steps, rng, steps=steps, **bounds)
         decoder_args = jax.tree_util.tree_unflatten(decoder_def, leaves[count:])
         return jnp.clip(Partial(decode.func, *decoder_args)(x), -1.0, 1.0)
 
@@ -145,7 +150,9 @@ def _is_artifact(directory: epath.Path) -> bool:
     return isinstance(metadata, dict) and metadata.get("format") == export_loader.FORMAT
 
 
-def _metadata(run: Run, spec, exported, *, batch_size, stochastic, arrays, names, staging):
+def _metadata(
+    run: Run, spec, exported, *, batch_size, stochastic, schedule, arrays, names, staging
+):
     """metadata.json's content (see the module docstring)."""
     config, shape = run.config, tuple(int(d) for d in run.image_info.shape)
     noise_shape = tuple(int(d) for d in run.info.shape)
@@ -157,6 +164,11 @@ def _metadata(run: Run, spec, exported, *, batch_size, stochastic, arrays, names
         "latent": {"scale": run.latents().scale} if run.latent else None,
         "num_classes": int(run.info.num_classes),
         "guidance": {"w_min": float(config.guidance.w_min), "w_max": float(config.guidance.w_max)},
+        "guidance_schedule": {
+            "name": schedule.name,
+            "gains": schedule.weights(1.0, steps=int(spec.steps)).tolist(),
+            "meaning": "step k (first step first) is guided with gains[k] * w",
+        },
         "steps": int(spec.steps),
         "stochastic": bool(stochastic),
         "sampler": "stochastic" if stochastic else "ddim",
@@ -199,6 +211,7 @@ def export_sampler(
     batch_size: int | None = None,
     platforms: Sequence[str] = PLATFORMS,
     overwrite: bool = False,
+    schedule: GuidanceSchedule = CONSTANT,
 ) -> dict:
     """Write the `steps`-step student of `workdir` as a sampler artifact directory at `out`.
 
@@ -212,6 +225,8 @@ def export_sampler(
       platforms: the backends the serialized function is lowered for (any of cpu, cuda, tpu;
         lowering needs no such device).
       overwrite: replace an existing `out` that holds an earlier export (never anything else).
+      schedule: the guidance schedule baked into the sampler (`guidance_schedule`): the
+        exported function still takes one w per example, and guides step k with gain_k * w.
 
     Returns:
       The metadata written to out/metadata.json.
@@ -238,7 +253,7 @@ def export_sampler(
         (treedef, decoder_def),
         decode,
         run.bounds,
-        steps=int(steps),
+        gains=schedule.weights(1.0, steps=int(steps)),
         stochastic=stochastic,
     )
     weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
@@ -256,6 +271,7 @@ def export_sampler(
             exported,
             batch_size=batch_size,
             stochastic=stochastic,
+            schedule=schedule,
             arrays=arrays,
             names=names,
             staging=staging,

@@ -114,6 +114,8 @@ class ExportedSampler:
         latent run's sampler, which decodes its samples itself.
       num_classes: labels are integers in [0, num_classes).
       w_range: (w_min, w_max), the guidance weights the student was trained for.
+      schedule, gains: the guidance schedule baked in: step k is guided with gains[k] * w, so
+        every gains[k] * w must lie in w_range.
       batch_size: the fixed batch size, or None when any batch size is accepted.
       stochastic: whether the sampler takes an `rng` (the distilled stochastic sampler).
     """
@@ -124,6 +126,10 @@ class ExportedSampler:
         self.noise_shape = tuple(metadata.get("noise_shape", metadata["image_shape"]))
         self.num_classes = int(metadata["num_classes"])
         self.w_range = (float(metadata["guidance"]["w_min"]), float(metadata["guidance"]["w_max"]))
+        # Exports before guidance schedules were constant: gain 1 at every step.
+        schedule = metadata.get("guidance_schedule", {"name": "constant", "gains": [1.0]})
+        self.schedule = str(schedule["name"])
+        self.gains = np.asarray(schedule["gains"], np.float32)
         self.batch_size = metadata["batch_size"]
         self.stochastic = bool(metadata["stochastic"])
         self._exported = exported
@@ -198,10 +204,13 @@ class ExportedSampler:
             )
         w = self._per_example("w", w, batch, "float").astype(np.float32)
         low, high = self.w_range
-        if not np.all(np.isfinite(w)) or w.min() < low or w.max() > high:
+        steps = np.outer(self.gains, w)
+        if not np.all(np.isfinite(w)) or steps.min() < low or steps.max() > high:
+            given = f"w from {w.min()} to {w.max()}"
+            if self.schedule != "constant":
+                given += f" gives per-step weights {steps.min()} to {steps.max()} ({self.schedule})"
             raise ValueError(
-                f"guidance weight w must lie in the trained range [{low}, {high}]; got values "
-                f"from {w.min()} to {w.max()}."
+                f"guidance weights must lie in the trained range [{low}, {high}]; {given}."
             )
         args = [noise, labels.astype(np.int32), w]
         if self.stochastic:

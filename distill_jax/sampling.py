@@ -29,34 +29,60 @@ from jax.tree_util import Partial
 
 from distill_jax import files, images
 from distill_jax.diffusion import samplers
+from distill_jax.diffusion.guidance_schedule import (
+    CONSTANT,
+    GuidanceSchedule,
+    guided_evaluations,
+)
 from distill_jax.run import Run
 
 MODELS = ("teacher", "student")
 MASKS = ("left", "right", "top", "bottom", "center")
 
 
-def check_guidance(run: Run, w: float) -> None:
-    """Fail unless the student was trained for guidance weight `w`."""
+def check_guidance(run: Run, weights: np.ndarray | float, schedule: str = "constant") -> None:
+    """Fail unless the student was trained for every guidance weight in `weights`.
+
+    `weights` is a weight or the per-step weights of `schedule` (named in the message).
+    """
     low, high = float(run.config.guidance.w_min), float(run.config.guidance.w_max)
-    if not low <= float(w) <= high:
-        raise ValueError(
-            f"Guidance weight {w} is outside the student's trained range [{low}, {high}] "
-            "(config.guidance.w_min, w_max)."
+    weights = np.atleast_1d(np.asarray(weights, np.float64))
+    if np.all((weights >= low) & (weights <= high)):
+        return
+    what = f"Guidance weight {weights[0]:g} is"
+    if weights.size > 1 or schedule != "constant":
+        what = (
+            f"Guidance schedule {schedule} gives per-step weights {weights.min():g}.."
+            f"{weights.max():g}, partly"
         )
+    raise ValueError(
+        f"{what} outside the student's trained range [{low:g}, {high:g}] "
+        "(config.guidance.w_min, w_max)."
+    )
 
 
-def denoise_fn(run: Run, model: str, steps: int) -> Partial:
-    """The x-hat denoiser of the guided teacher or of the `steps`-step student (a Partial)."""
+def denoise_fn(run: Run, model: str, steps: int, *, skip_unguided: bool = False) -> Partial:
+    """The x-hat denoiser of the guided teacher or of the `steps`-step student (a Partial).
+
+    skip_unguided: the teacher evaluates only its conditional half at steps whose w is 0 (for
+    guidance schedules with unguided steps; it compiles the network twice).
+    """
     if model == "teacher":
-        return run.guided_teacher_fn()
+        return run.guided_teacher_fn(skip_unguided=skip_unguided)
     if model != "student":
         raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
     return run.denoise_fn(run.student(steps))
 
 
-def evaluations_per_sample(model: str, steps: int) -> int:
-    """Network evaluations per sample: 2 per step for the guided teacher, 1 for a student."""
-    return 2 * steps if model == "teacher" else steps
+def evaluations_per_sample(model: str, steps: int, weights: np.ndarray | None = None) -> int:
+    """Network evaluations per sample of `steps` steps.
+
+    1 per step for a student; 2 per step for the guided teacher, 1 at a step whose weight is 0
+    when its per-step `weights` are given.
+    """
+    if model != "teacher":
+        return steps
+    return 2 * steps if weights is None else guided_evaluations(weights)
 
 
 def _checked_labels(labels, num_classes: int, *, source: str = "labels") -> np.ndarray:
@@ -151,6 +177,7 @@ def sample(
     mask: np.ndarray | None = None,
     batch_size: int = 250,
     fn: Partial | None = None,
+    schedule: GuidanceSchedule = CONSTANT,
 ) -> np.ndarray:
     """Draw len(labels) samples, float32 [N, *shape] in the data range ([-1, 1] for images).
 
@@ -170,12 +197,15 @@ def sample(
       mask: [N or 1, *shape] inpainting mask, 1 = keep `init`'s pixel.
       batch_size: samples per sampler call (the last call is padded, so one compilation).
       fn: a denoise_fn to reuse (from `denoise_fn(run, model, steps)`), loaded if None.
+      schedule: how w varies over the steps (`guidance_schedule`); constant by default.
     """
     if not np.isfinite(w):
         raise ValueError(f"guidance weight w={w} is invalid: accepted a finite number.")
+    weights = schedule.weights(w, steps=int(steps), t_start=float(t_start))
     if model == "student":
-        check_guidance(run, w)
-    fn = denoise_fn(run, model, steps) if fn is None else fn
+        check_guidance(run, weights, schedule.name)
+    if fn is None:
+        fn = denoise_fn(run, model, steps, skip_unguided=bool(np.any(weights == 0)))
     labels = np.asarray(labels, np.int32)
     num = len(labels)
     mask = _check_inputs(run, num, init, t_start, mask)
@@ -196,7 +226,7 @@ def sample(
             fn,
             sampler,
             chunk(labels),
-            w,
+            weights[:, None],
             jax.random.fold_in(key, start // batch_size),
             steps=steps,
             init=None if init is None else chunk(init),
@@ -334,6 +364,7 @@ def sample_to_files(
     init: str | None = None,
     t_start: float = 1.0,
     mask: str | None = None,
+    schedule: GuidanceSchedule = CONSTANT,
 ) -> tuple[epath.Path, epath.Path]:
     """Sample, write `out` (.npz) and a PNG picture beside it (.png); return both paths.
 
@@ -365,8 +396,11 @@ def sample_to_files(
         init=x_init,
         t_start=t_start,
         mask=mask_array,
+        schedule=schedule,
     )
     out = epath.Path(out)
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")
-    return _write_samples(run, x, label_array, out, f"{model} N={steps} w={w:g}")
+    title = f"{model} N={steps} w={w:g}"
+    title += "" if schedule.kind == "constant" else f" {schedule.name}"
+    return _write_samples(run, x, label_array, out, title)

@@ -16,12 +16,16 @@ from conftest import NO_DISTILL_JAX
 
 from distill_jax import export, sampling
 from distill_jax.diffusion import samplers
+from distill_jax.diffusion.guidance_schedule import CONSTANT, parse_schedule
 from distill_jax.run import Run
+
+INTERVAL = parse_schedule("interval:0.2,0.8")
 
 
 @pytest.fixture(scope="module")
 def artifacts(smoke_workdir, tmp_path_factory):
-    """A DDIM 1-step export (symbolic batch, every platform) and a stochastic 2-step one."""
+    """A DDIM 1-step export (symbolic batch, every platform) and a stochastic 2-step one with a
+    guidance interval (its first step, at t = 1, unguided)."""
     root = tmp_path_factory.mktemp("exports")
     ddim = export.export_sampler(smoke_workdir, steps=1, out=root / "ddim")
     stochastic = export.export_sampler(
@@ -31,6 +35,7 @@ def artifacts(smoke_workdir, tmp_path_factory):
         stochastic=True,
         batch_size=3,
         platforms=("cpu",),
+        schedule=INTERVAL,
     )
     return {"ddim": (root / "ddim", ddim), "stochastic": (root / "stochastic", stochastic)}
 
@@ -53,9 +58,11 @@ def _inputs(batch: int, seed: int):
     return noise, labels, w
 
 
-def _library_images(workdir, steps, noise, labels, w, key=None):
+def _library_images(workdir, steps, noise, labels, w, key=None, schedule=CONSTANT):
     run = Run.open(workdir)
     fn = sampling.denoise_fn(run, "student", steps)
+    # Per step and example: the library's schedule at each example's w.
+    w = np.stack([schedule.weights(float(v), steps=steps) for v in w], axis=1)
     if key is None:
         x = samplers.ddim_sample(fn, noise, labels, w, steps=steps, **run.bounds)
     else:
@@ -121,9 +128,11 @@ def test_standalone_process_reproduces_library_samples(artifacts, smoke_workdir,
     np.testing.assert_allclose(got["ddim5"], expected, atol=1e-5)
     np.testing.assert_allclose(got["ddim2"], expected[:2], atol=1e-5)
     expected = _library_images(
-        smoke_workdir, 2, noise[:3], labels[:3], w[:3], key=jax.numpy.asarray(key)
+        smoke_workdir, 2, noise[:3], labels[:3], w[:3], jax.numpy.asarray(key), INTERVAL
     )
     np.testing.assert_allclose(got["stochastic"], expected, atol=1e-5)
+    constant = _library_images(smoke_workdir, 2, noise[:3], labels[:3], w[:3], key)
+    assert not np.array_equal(got["stochastic"], constant)  # the schedule was applied
     cli_images = np.load(tmp_path / "out.npz.cli.npy")
     assert cli_images.shape == (4, 8, 8, 1) and np.abs(cli_images).max() <= 1.0
 

@@ -16,6 +16,11 @@ from distill_jax.diffusion.guidance import (
     guided_xhat,
     make_guided_denoise_fn,
 )
+from distill_jax.diffusion.guidance_schedule import (
+    GuidanceSchedule,
+    guided_evaluations,
+    parse_schedule,
+)
 from distill_jax.diffusion.parameterisation import (
     PARAMETERISATIONS,
     check_parameterisation,
@@ -64,6 +69,7 @@ __all__ = [
     "CondFn",
     "DenoiseFn",
     "GaussianMixture",
+    "GuidanceSchedule",
     "alpha_sigma",
     "alpha_sigma_at",
     "ancestral_sample",
@@ -76,6 +82,7 @@ __all__ = [
     "eps_from_x",
     "expand_to",
     "gmm_xhat",
+    "guided_evaluations",
     "guided_xhat",
     "logsnr_schedule_cosine",
     "loss_weight",
@@ -83,6 +90,7 @@ __all__ = [
     "make_gmm_denoise_fn",
     "make_guided_denoise_fn",
     "noise_to",
+    "parse_schedule",
     "run_sampler",
     "output_channels",
     "progressive_target",

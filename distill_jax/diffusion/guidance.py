@@ -84,11 +84,40 @@ def _guided_denoise(
     return guided_xhat(cond_fn, z, t, labels, w, null_label=null_label)
 
 
-def make_guided_denoise_fn(cond_fn: CondFn, *, null_label: int) -> Partial:
+def _guided_or_conditional(
+    cond_fn: CondFn,
+    null_label: int | jax.Array,
+    z: jax.Array,
+    t: jax.Array,
+    labels: jax.Array,
+    w: jax.Array,
+) -> jax.Array:
+    """Guided x-hat, or the conditional half alone (one evaluation) where every w is 0.
+
+    Equal to `_guided_denoise`: at w = 0 the guided formula is (1 + 0) xhat(z, c).
+    """
+    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), z.shape[:1])
+
+    def conditional(z, t, labels, w):
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+        return cond_fn(z, t, jnp.asarray(labels, jnp.int32)).astype(z.dtype)
+
+    def guided(z, t, labels, w):
+        return guided_xhat(cond_fn, z, t, labels, w, null_label=null_label).astype(z.dtype)
+
+    return jax.lax.cond(jnp.all(w == 0), conditional, guided, z, t, labels, w)
+
+
+def make_guided_denoise_fn(
+    cond_fn: CondFn, *, null_label: int, skip_unguided: bool = False
+) -> Partial:
     """A denoise_fn(z, t, labels, w) -> guided xhat built from a conditional `cond_fn`.
 
     The result is a `jax.tree_util.Partial`, so passing it to a jitted sampler with new
     parameters bound in `cond_fn` (itself a Partial, e.g. Partial(apply_fn, params)) reuses
-    the compiled sampler.
+    the compiled sampler. skip_unguided=True evaluates only the conditional half of a call
+    whose w is 0 for every example (a guidance schedule's unguided steps); it compiles the
+    network twice (a `lax.cond` branch each), so it is meant for samplers, not train steps.
     """
-    return Partial(_guided_denoise, as_partial(cond_fn), null_label)
+    fn = _guided_or_conditional if skip_unguided else _guided_denoise
+    return Partial(fn, as_partial(cond_fn), null_label)

@@ -129,7 +129,7 @@ def _sample(
     denoise_fn: Partial,
     z_init: jax.Array,
     labels: jax.Array,
-    w: jax.Array,
+    w: jax.Array,  # [steps, B]
     rng: jax.Array | None,
     known: jax.Array | None,
     mask: jax.Array | None,
@@ -160,7 +160,7 @@ def _sample(
     def body(k: jax.Array, z: jax.Array) -> jax.Array:
         i = steps - k
         t, s = times(i), times(i - 1)
-        xhat = denoise_fn(z, t, labels, w).astype(z.dtype)
+        xhat = denoise_fn(z, t, labels, w[k]).astype(z.dtype)
         if sampler == "ddim":
             z_s = ddim_step(xhat, z, t, s, **kw)
         else:
@@ -187,6 +187,21 @@ def _check_t_start(t_start: float) -> float:
     if not 0.0 < float(t_start) <= 1.0:
         raise ValueError(f"t_start={t_start!r} is invalid: accepted a number in (0, 1].")
     return float(t_start)
+
+
+def per_step_weights(w, *, steps: int, batch: int) -> jax.Array:
+    """w as [steps, batch] float32: a scalar or [B] repeated per step, [steps, B|1] broadcast."""
+    w = jnp.asarray(w, jnp.float32)
+    constant = w.ndim <= 1 and w.size in (1, batch)
+    per_step = w.ndim == 2 and w.shape[0] == steps and w.shape[1] in (1, batch)
+    if not (constant or per_step):
+        raise ValueError(
+            f"w of shape {w.shape} is invalid: accepted a scalar, [B] (B = {batch}), or per "
+            f"step [{steps}, B] or [{steps}, 1]."
+        )
+    if constant:
+        w = jnp.reshape(w, (1, -1))
+    return jnp.broadcast_to(w, (steps, batch))
 
 
 def _check_inpainting(z_init: jax.Array, known, mask):
@@ -227,7 +242,8 @@ def run_sampler(
       denoise_fn: denoise_fn(z, t, labels, w) -> xhat; a Partial keeps bound params traced.
       z_init: [B, ...] start at t_start (N(0, I) for t_start = 1, `noise_to(x, ...)` otherwise).
       labels: [B] int class labels (or a scalar, broadcast).
-      w: [B] float guidance weights (or a scalar, broadcast).
+      w: guidance weights: a scalar or [B] (the same at every step), or per step [steps, B]
+        or [steps, 1], first step first (a guidance schedule, see `guidance_schedule`).
       rng: PRNG key for the step noise (ancestral, stochastic) or inpainting; unused by plain
         DDIM.
       steps: number of network evaluations N >= 1.
@@ -248,6 +264,7 @@ def run_sampler(
     if z_init.ndim < 1:
         raise ValueError(f"z_init must have a batch axis: got shape {z_init.shape}.")
     known, mask = _check_inpainting(z_init, known, mask)
+    w = per_step_weights(w, steps=steps, batch=z_init.shape[0])
     needs_rng = sampler != "ddim" or known is not None
     if needs_rng and rng is None:
         raise ValueError(f"rng is required by the {sampler} sampler (or for inpainting).")
@@ -255,7 +272,6 @@ def run_sampler(
         rng = None
     batch = z_init.shape[0]
     labels = jnp.broadcast_to(jnp.asarray(labels, jnp.int32), (batch,))
-    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
     return _sample(
         as_partial(denoise_fn),
         z_init,

@@ -7,14 +7,17 @@ The table is made by a list of evaluators (`EVALUATORS`), each a sampler spec pr
   (DDIM) at its N (stage one's student at n_start);
 - student_stochastic: the students with the distilled stochastic sampler when
   config.stage2.stochastic is set.
-A new kind of model or sampler adds an `Evaluator`. For each w in config.eval.guidance_weights
-every row gets FD against real data, FD against the full-step guided teacher's samples at the
-same w and seed ("FD to teacher": how faithfully a sampler reproduces the guided distribution,
-which FD to data cannot say at large w, where guidance itself moves samples away from the data),
-IS and conditional accuracy (mean and spread over config.eval.seeds sample sets of
-config.eval.num_samples; every sampler sees the same noise and labels for a seed, so differences
-between samplers are paired) and the sampling time per image (after a warm-up call, so
-compilation is excluded).
+A new kind of model or sampler adds an `Evaluator`. Each guidance schedule named in
+config.eval.guidance_schedules (e.g. 'interval:0.2,0.8', see `diffusion.guidance_schedule`) adds
+the same rows with that schedule, as sampler 'NAME+SCHEDULE' (the teacher at its full step
+count only); their FD to teacher is to the constant-w full-step teacher.
+For each w in config.eval.guidance_weights every row gets FD against real data, FD against the
+full-step guided teacher's samples at the same w and seed ("FD to teacher": how faithfully a
+sampler reproduces the guided distribution, which FD to data cannot say at large w, where
+guidance itself moves samples away from the data), IS and conditional accuracy (mean and
+spread over config.eval.seeds sample sets of config.eval.num_samples; every sampler sees the
+same noise and labels for a seed, so differences between samplers are paired) and the sampling
+time per image (after a warm-up call, so compilation is excluded).
 
 Outputs in workdir/eval/: results.csv, results.json, results.md, fd_vs_evaluations.png,
 metrics_vs_guidance.png, grids/<sampler>_N<steps>_w<w>.png, grids/data.png. Finished rows are
@@ -36,6 +39,7 @@ from etils import epath
 
 from distill_jax import images, sampling
 from distill_jax.data import loader
+from distill_jax.diffusion.guidance_schedule import CONSTANT, GuidanceSchedule, parse_schedule
 from distill_jax.evaluation import classifier as classifier_lib
 from distill_jax.evaluation import metrics, plots, table
 from distill_jax.run import Run
@@ -83,12 +87,21 @@ class Evaluator:
     step_counts: Callable[[Run], list[int]]
 
     def entries(self, run: Run) -> list[Entry]:
-        """Its rows: every step count x every evaluated w (students: w in the trained range)."""
-        low, high = float(run.config.guidance.w_min), float(run.config.guidance.w_max)
+        """Its rows: every step count x every evaluated w (students: w in the trained range).
+
+        Then the same with each schedule of config.eval.guidance_schedules (the teacher: at
+        its full step count only; students: where the schedule keeps every w in range).
+        """
         weights = [float(w) for w in run.config.eval.guidance_weights]
+        step_counts = self.step_counts(run)
+        entries = [Entry(self, steps, w) for steps in step_counts for w in weights]
+        for name in run.config.eval.guidance_schedules:
+            schedule = parse_schedule(name)
+            counts = step_counts if self.model == "student" else step_counts[-1:]
+            entries += [Entry(self, n, w, schedule) for n in counts for w in weights]
         if self.model == "student":
-            weights = [w for w in weights if low <= w <= high]
-        return [Entry(self, steps, w) for steps in self.step_counts(run) for w in weights]
+            entries = [entry for entry in entries if entry.in_range(run)]
+        return entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,11 +111,30 @@ class Entry:
     evaluator: Evaluator
     steps: int
     w: float
+    schedule: GuidanceSchedule = CONSTANT
+
+    @property
+    def sampler(self) -> str:
+        """The table's sampler column: the evaluator's name, plus '+schedule' if not constant."""
+        if self.schedule.kind == "constant":
+            return self.evaluator.name
+        return f"{self.evaluator.name}+{self.schedule.name}"
 
     @property
     def grid_name(self) -> str:
         """The file name of its sample grid."""
-        return f"{self.evaluator.name}_N{self.steps:04d}_w{self.w:g}.png"
+        name = self.sampler.replace(":", "_").replace(",", "-")
+        return f"{name}_N{self.steps:04d}_w{self.w:g}.png"
+
+    @property
+    def weights(self) -> np.ndarray:
+        """[steps] guidance weight of each step."""
+        return self.schedule.weights(self.w, steps=self.steps)
+
+    def in_range(self, run: Run) -> bool:
+        """Whether every step's weight lies in the students' trained range."""
+        low, high = float(run.config.guidance.w_min), float(run.config.guidance.w_max)
+        return bool(np.all((self.weights >= low) & (self.weights <= high)))
 
 
 EVALUATORS: list[Evaluator] = [
@@ -154,6 +186,7 @@ class _Context:
             labels=self.labels if labels is None else labels,
             seed=1000 + seed,
             fn=fn,
+            schedule=entry.schedule,
         )
 
     def teacher_reference(self, w: float, seed: int) -> metrics.FeatureStatistics:
@@ -235,7 +268,7 @@ def _row_key(ctx: _Context, entry: Entry) -> dict:
     spec = run.stage("teacher") if entry.evaluator.model == "teacher" else run.student(entry.steps)
     model = f"{run.directory(spec).name}:{json.dumps(run.finished(spec), sort_keys=True)}"
     return dict(
-        sampler=entry.evaluator.name,
+        sampler=entry.sampler,
         steps=entry.steps,
         w=entry.w,
         num_samples=int(e.num_samples),
@@ -268,13 +301,15 @@ def _measure(ctx: _Context, entry: Entry, fn) -> dict:
                 ctx.labels,
                 ctx.run.info.num_classes,
                 rows=int(ctx.run.config.eval.grid_rows),
-                title=f"{entry.evaluator.name} N={entry.steps} w={entry.w:g}",
+                title=f"{entry.sampler} N={entry.steps} w={entry.w:g}",
             )
     row = dict(
-        sampler=entry.evaluator.name,
+        sampler=entry.sampler,
         steps=entry.steps,
         w=entry.w,
-        evaluations=sampling.evaluations_per_sample(entry.evaluator.model, entry.steps),
+        evaluations=sampling.evaluations_per_sample(
+            entry.evaluator.model, entry.steps, entry.weights
+        ),
         seconds_per_image=seconds / (len(ctx.labels) * len(per_seed)),
         num_samples=len(ctx.labels),
         seeds=len(per_seed),
@@ -314,10 +349,13 @@ def _measure_all(ctx: _Context, entries: list[Entry], progress: epath.Path) -> l
         if key_text in done and (ctx.grids / entry.grid_name).exists():
             measured[index] = done[key_text]
             continue
-        group = (entry.evaluator.name, entry.steps)
+        skip_unguided = bool(np.any(entry.weights == 0))
+        group = (entry.evaluator.name, entry.steps, skip_unguided)
         if group not in loaded:
             loaded.clear()  # keep one model in memory
-            fn = sampling.denoise_fn(ctx.run, entry.evaluator.model, entry.steps)
+            fn = sampling.denoise_fn(
+                ctx.run, entry.evaluator.model, entry.steps, skip_unguided=skip_unguided
+            )
             # Warm-up on one batch so the timing excludes compilation.
             ctx.draw(entry, 0, fn, labels=ctx.labels[: ctx.batch_size])
             loaded[group] = fn
@@ -328,7 +366,7 @@ def _measure_all(ctx: _Context, entries: list[Entry], progress: epath.Path) -> l
             "[evaluate] %d/%d %s N=%d w=%g: FD %.3f FD-to-teacher %.3f IS %.2f acc %.3f",
             index + 1,
             len(entries),
-            entry.evaluator.name,
+            entry.sampler,
             entry.steps,
             entry.w,
             row["fd"],

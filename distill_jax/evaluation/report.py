@@ -133,8 +133,8 @@ def write_report(workdir: epath.PathLike) -> epath.Path:
         "## Results",
         "",
         "Files: [CSV](eval/results.csv), [JSON](eval/results.json), "
-        "[Markdown](eval/results.md). Teacher: guided DDIM, 2 network evaluations per step; "
-        "students: one per step.",
+        "[Markdown](eval/results.md). Teacher: guided DDIM, 2 network evaluations per step "
+        "(1 where w = 0); students: one per step.",
         "",
         table.markdown_table(rows, data_row, link_grids="eval/"),
     ]

@@ -359,10 +359,15 @@ class Run:
             return gmm.make_gmm_denoise_fn(params, **self.bounds)
         return denoiser.make_denoise_fn(self.model(spec), params)
 
-    def guided_teacher_fn(self) -> Partial:
-        """The guided teacher, (1 + w) xhat(z, c) - w xhat(z, null) in one batched call."""
+    def guided_teacher_fn(self, *, skip_unguided: bool = False) -> Partial:
+        """The guided teacher, (1 + w) xhat(z, c) - w xhat(z, null) in one batched call.
+
+        skip_unguided: only the conditional half where w is 0 (`make_guided_denoise_fn`).
+        """
         cond_fn = self.denoise_fn(self.stage("teacher"))
-        return guidance.make_guided_denoise_fn(cond_fn, null_label=self.info.num_classes)
+        return guidance.make_guided_denoise_fn(
+            cond_fn, null_label=self.info.num_classes, skip_unguided=skip_unguided
+        )
 
     def checkpointer(self, spec: stages_lib.StageSpec) -> checkpoints.StageCheckpointer:
         """The stage's checkpoint manager for training.
