@@ -8,7 +8,12 @@ from distill_jax.config import base_config
 
 
 def get_config(variant: str = ""):
-    """The digits config; `variant` is '' (default) or 'smoke'."""
+    """The digits config; `variant` is '' (default), 'smoke' or 'schedules'.
+
+    'schedules' changes only the evaluation (`distill-jax evaluate --config=...:schedules` on
+    a default run): constant guidance against guidance intervals, for the full-step teacher and
+    the 4- and 1-step students, over a finer sweep of w.
+    """
     c = base_config()
     c.data.name = "digits"
     c.model.kind = "unet"
@@ -54,6 +59,15 @@ def get_config(variant: str = ""):
         c.eval.seeds = 1
         c.eval.guidance_weights = (0.0, 2.0)
         c.eval.teacher_steps = (2, 8)
+    elif variant == "schedules":
+        c.eval.guidance_weights = (0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 4.0)
+        c.eval.teacher_steps = (32,)
+        c.eval.student_steps = (4, 1)
+        # Kynkaanniemi et al.'s EDM2 interval, sigma in (0.28, 5.42], is t in (0.17, 0.88] on
+        # the cosine schedule; the second one only leaves out the noisiest steps.
+        c.eval.guidance_schedules = ("interval:0.17,0.88", "interval:0,0.7")
     elif variant:
-        raise ValueError(f"configs/digits.py variant {variant!r} is unknown: accepted '', 'smoke'.")
+        raise ValueError(
+            f"configs/digits.py variant {variant!r} is unknown: accepted '', 'smoke', 'schedules'."
+        )
     return c

@@ -98,6 +98,9 @@ def _guidance_config() -> ml_collections.ConfigDict:
     guidance = ml_collections.ConfigDict()
     guidance.w_min = 0.0
     guidance.w_max = 4.0
+    # Stage one and two draw w = w_min + (w_max - w_min) * Beta(w_beta, w_beta) per example:
+    # 1 is uniform; below 1 puts more of the draws near both ends of the range.
+    guidance.w_beta = 1.0
     return guidance
 
 
@@ -312,6 +315,7 @@ def _check_run_sections(config: ml_collections.ConfigDict) -> None:
     _check_number(config, "diffusion.p_uncond", low=0, high=1)
     _check_number(config, "guidance.w_max")
     _check_number(config, "guidance.w_min", low=-1)  # w = -1 is the unconditional model
+    _check_number(config, "guidance.w_beta", low=0, low_open=True)
     if not config.guidance.w_min <= config.guidance.w_max:
         _fail("guidance", (config.guidance.w_min, config.guidance.w_max), "w_min <= w_max")
     for key in (

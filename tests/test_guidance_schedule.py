@@ -146,3 +146,7 @@ def test_evaluation_plans_schedule_rows_with_honest_evaluation_counts(smoke_work
     assert 0 < outside < full
     assert sampling.evaluations_per_sample("teacher", full, entry.weights) == 2 * full - outside
     assert entry.grid_name == f"teacher_ddim+interval_0.3-0.8_N{full:04d}_w2.png"
+    # The FD-to-teacher reference is the constant-w full-step teacher, not a schedule's row.
+    ctx = evaluate._Context(Run.open(smoke_workdir), None, None, None, 1, None)
+    references = [e for e in entries if ctx.is_reference(e)]
+    assert {(e.sampler, e.steps) for e in references} == {("teacher_ddim", full)}

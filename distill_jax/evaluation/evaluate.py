@@ -171,8 +171,12 @@ class _Context:
         return max(teacher_step_counts(self.run.config))
 
     def is_reference(self, entry: Entry) -> bool:
-        """Whether `entry` is the full-step teacher row itself."""
-        return entry.evaluator.model == "teacher" and entry.steps == self.reference_steps
+        """Whether `entry` is the full-step constant-w teacher row itself."""
+        return (
+            entry.evaluator.model == "teacher"
+            and entry.steps == self.reference_steps
+            and entry.schedule.kind == "constant"
+        )
 
     def draw(self, entry: Entry, seed: int, fn, labels=None) -> np.ndarray:
         """Samples of `entry`'s sampler with seed 1000 + seed (paired across samplers)."""
@@ -276,7 +280,8 @@ def _row_key(ctx: _Context, entry: Entry) -> dict:
         classifier=ctx.classifier.identity,
         model=model,
         reference_split=e.reference_split or run.config.data.train_split,
-        metrics_version=2,  # 2: rows carry fd_teacher
+        # 2: rows carry fd_teacher; 3: the teacher counts 1 evaluation per step at w = 0.
+        metrics_version=3,
     )
 
 

@@ -2,7 +2,8 @@
 
 Stage one (Meng et al. Sec. 3.1): the student xhat_eta(z_t, c, w) - the teacher's network plus
 the guidance branch - regresses the guided teacher (1 + w) xhat(z_t, c) - w xhat(z_t, null),
-with w ~ U[w_min, w_max] per example and t ~ U[0, 1]. The teacher is frozen: its params are the
+with w ~ U[w_min, w_max] per example (or a symmetric Beta(w_beta, w_beta) scaled to the range,
+config.guidance.w_beta) and t ~ U[0, 1]. The teacher is frozen: its params are the
 step's `teacher` argument and its two halves are one batched call.
 
 Stage two (Sec. 3.2, progressive distillation): in the round whose student has N steps, the
@@ -44,9 +45,11 @@ TeacherDenoiser = Callable[[PyTree], Partial]
 def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigDict):
     x, labels = batch["x"], batch["label"]
     w_rng, eps_rng, rest = jax.random.split(rng, 3)
-    w = jax.random.uniform(
-        w_rng, (x.shape[0],), minval=float(guidance.w_min), maxval=float(guidance.w_max)
-    )
+    low, high, beta = float(guidance.w_min), float(guidance.w_max), float(guidance.w_beta)
+    if beta == 1.0:  # uniform (the same draws as before w_beta existed)
+        w = jax.random.uniform(w_rng, (x.shape[0],), minval=low, maxval=high)
+    else:
+        w = low + (high - low) * jax.random.beta(w_rng, beta, beta, (x.shape[0],))
     eps = jax.random.normal(eps_rng, x.shape, x.dtype)
     return x, labels, w, eps, rest
 
