@@ -8,8 +8,9 @@ from distill_jax.config import base_config
 
 
 def get_config(variant: str = ""):
-    """The digits config; `variant` is '' (default), 'smoke' or 'schedules'.
+    """The digits config; `variant` is '' (default), 'smoke', 'stochastic' or 'schedules'.
 
+    'stochastic' trains the halving rounds for the stochastic sampler, down to 2 steps.
     'schedules' changes only the evaluation (`distill-jax evaluate --config=...:schedules` on
     a default run): constant guidance against guidance intervals, for the full-step teacher and
     the 4- and 1-step students, over a finer sweep of w.
@@ -59,6 +60,14 @@ def get_config(variant: str = ""):
         c.eval.seeds = 1
         c.eval.guidance_weights = (0.0, 2.0)
         c.eval.teacher_steps = (2, 8)
+    elif variant == "stochastic":
+        # The paper's stochastic sampler: rounds 32 -> 2 train each student for jumps of 2/N
+        # (`distill --teacher=` of a default run's teacher; evaluated with that sampler).
+        c.stage2.stochastic = True
+        c.stage2.n_end = 2
+        c.stage2.final_rounds = 2  # N = 4 and 2 train longer, as the default's 4, 2 and 1
+        c.eval.teacher_steps = (32,)
+        c.eval.student_steps = (32, 8, 4, 2)
     elif variant == "schedules":
         c.eval.guidance_weights = (0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 4.0)
         c.eval.teacher_steps = (32,)
@@ -68,6 +77,7 @@ def get_config(variant: str = ""):
         c.eval.guidance_schedules = ("interval:0.17,0.88", "interval:0,0.7")
     elif variant:
         raise ValueError(
-            f"configs/digits.py variant {variant!r} is unknown: accepted '', 'smoke', 'schedules'."
+            f"configs/digits.py variant {variant!r} is unknown: accepted '', 'smoke', "
+            "'stochastic', 'schedules'."
         )
     return c

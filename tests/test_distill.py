@@ -403,3 +403,25 @@ def test_stochastic_variant_samples_match_the_teacher_distribution(stage_one_wor
         # stochastic trajectories leave that distribution), hence the 0.3 bound.
         assert mean_error < 0.05, (w, mean_error)
         assert std_error < 0.3, (w, std_error)
+
+
+def test_w_beta_draws_more_weights_near_the_ends_and_one_is_uniform():
+    import ml_collections
+
+    from distill_jax.training import distill
+
+    batch = {"x": jnp.zeros((20000, 2)), "label": jnp.zeros((20000,), jnp.int32)}
+    rng = jax.random.PRNGKey(0)
+
+    def draws(beta):
+        config = ml_collections.ConfigDict(dict(w_min=0.0, w_max=4.0, w_beta=beta))
+        return np.asarray(distill._sample_common(batch, rng, config)[2])
+
+    uniform = np.asarray(jax.random.uniform(jax.random.split(rng, 3)[0], (20000,), maxval=4.0))
+    np.testing.assert_array_equal(draws(1.0), uniform)  # the draws of runs before w_beta
+    ends = draws(0.5)
+    assert ends.min() >= 0.0 and ends.max() <= 4.0
+    near_ends = np.mean((ends < 0.4) | (ends > 3.6))  # arcsine: 0.41; uniform: 0.2
+    assert 0.37 < near_ends < 0.45
+    with pytest.raises(ValueError, match="w_beta"):
+        load_config("configs/digits.py", {"guidance.w_beta": 0.0})

@@ -87,6 +87,23 @@ def test_inception_score_and_accuracy_extremes():
     assert metrics.mean_and_spread([1.0]) == (1.0, 0.0)
 
 
+def test_within_class_diversity_measures_spread_inside_each_label():
+    labels = np.array([0, 0, 1, 1, 1])
+    features = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    # Class 0: one pair at distance 5; class 1: collapsed onto one point.
+    assert metrics.within_class_diversity(features, labels) == pytest.approx(2.5)
+    rng = np.random.default_rng(0)
+    wide = rng.normal(size=(200, 8))
+    labels = np.arange(200) % 10
+    narrow = metrics.within_class_diversity(0.5 * wide, labels)
+    assert narrow == pytest.approx(0.5 * metrics.within_class_diversity(wide, labels))
+    # Moving whole classes apart changes nothing: only the spread inside a class counts.
+    shifted = wide + 10.0 * labels[:, None]
+    assert metrics.within_class_diversity(shifted, labels) == pytest.approx(
+        metrics.within_class_diversity(wide, labels)
+    )
+
+
 def test_run_wrote_the_evaluation_and_a_report_whose_links_exist(smoke_workdir):
     out = smoke_workdir / "eval"
     for name in (
@@ -113,6 +130,7 @@ def test_run_wrote_the_evaluation_and_a_report_whose_links_exist(smoke_workdir):
         assert 0.0 <= row["accuracy"] <= 1.0 and row["seconds_per_image"] > 0
         assert (out / row["grid"]).is_file()
         assert np.isfinite(row["fd_teacher"]) and row["fd_teacher"] >= 0.0
+        assert row["diversity"] > 0
     by_key = {(r["sampler"], r["steps"], r["w"]): r for r in rows}
     for w in weights:
         # FD to teacher compares with the 8-step teacher's own samples (same noise): zero there,

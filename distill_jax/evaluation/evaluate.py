@@ -4,7 +4,8 @@ The table is made by a list of evaluators (`EVALUATORS`), each a sampler spec pr
 - teacher_ddim: the teacher with guided DDIM at N in config.eval.teacher_steps (default 1, 2, 4,
   ..., n_start), 2N network evaluations per sample;
 - student_ddim: every finished student (or those in config.eval.student_steps), deterministic
-  (DDIM) at its N (stage one's student at n_start);
+  (DDIM) at its N (stage one's student at n_start); on a stochastic run (config.stage2.stochastic)
+  only stage one's, since the halving rounds train their students for the stochastic sampler;
 - student_stochastic: the students with the distilled stochastic sampler when
   config.stage2.stochastic is set.
 A new kind of model or sampler adds an `Evaluator`. Each guidance schedule named in
@@ -64,6 +65,13 @@ def student_step_counts(run: Run) -> list[int]:
         wanted = {int(n) for n in run.config.eval.student_steps}
         steps = [n for n in steps if n in wanted]
     return steps
+
+
+def _deterministic_student_step_counts(run: Run) -> list[int]:
+    """Students trained for DDIM: all, or on a stochastic run only stage one's (N = n_start)."""
+    if not run.config.stage2.stochastic:
+        return student_step_counts(run)
+    return [n for n in student_step_counts(run) if n == int(run.config.stage2.n_start)]
 
 
 def _stochastic_student_step_counts(run: Run) -> list[int]:
@@ -139,7 +147,7 @@ class Entry:
 
 EVALUATORS: list[Evaluator] = [
     Evaluator("teacher_ddim", "teacher", False, lambda run: teacher_step_counts(run.config)),
-    Evaluator("student_ddim", "student", False, student_step_counts),
+    Evaluator("student_ddim", "student", False, _deterministic_student_step_counts),
     Evaluator("student_stochastic", "student", True, _stochastic_student_step_counts),
 ]
 
@@ -280,8 +288,9 @@ def _row_key(ctx: _Context, entry: Entry) -> dict:
         classifier=ctx.classifier.identity,
         model=model,
         reference_split=e.reference_split or run.config.data.train_split,
-        # 2: rows carry fd_teacher; 3: the teacher counts 1 evaluation per step at w = 0.
-        metrics_version=3,
+        # 2: rows carry fd_teacher; 3: the teacher counts 1 evaluation per step at w = 0;
+        # 4: rows carry the within-class diversity.
+        metrics_version=4,
     )
 
 
@@ -320,7 +329,7 @@ def _measure(ctx: _Context, entry: Entry, fn) -> dict:
         seeds=len(per_seed),
         grid=f"grids/{entry.grid_name}",
     )
-    for name in ("fd", "fd_teacher", "inception_score", "accuracy"):
+    for name in ("fd", "fd_teacher", "inception_score", "accuracy", "diversity"):
         row[name], row[f"{name}_std"] = metrics.mean_and_spread([m[name] for m in per_seed])
     return row
 

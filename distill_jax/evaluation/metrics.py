@@ -6,6 +6,9 @@
 - Inception-Score analogue (IS): exp(E_x KL(p(y | x) || p(y))) of the classifier's softmax;
   between 1 and the number of classes, higher for confident and diverse samples.
 - Conditional accuracy: fraction of samples classified as the label they were generated for.
+- Within-class diversity: the mean distance between the features of two samples of the same
+  label, averaged over labels; it falls when a sampler collapses onto few modes per class
+  (which FD and accuracy can miss at high guidance). Compare it with the real-data row's.
 """
 
 from __future__ import annotations
@@ -63,17 +66,39 @@ def conditional_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
 
 
+def within_class_diversity(features: np.ndarray, labels: np.ndarray) -> float:
+    """Mean pairwise Euclidean distance of features [N, F] within each label.
+
+    Averaged over the labels with at least two samples (NaN if none has).
+    """
+    features, labels = np.asarray(features, np.float64), np.asarray(labels)
+    per_class = []
+    for label in np.unique(labels):
+        group = features[labels == label]
+        if len(group) < 2:
+            continue
+        squared = np.sum(group**2, axis=1)
+        d2 = squared[:, None] + squared[None, :] - 2.0 * group @ group.T
+        distances = np.sqrt(np.clip(d2, 0.0, None))
+        per_class.append(distances.sum() / (len(group) * (len(group) - 1)))
+    return float(np.mean(per_class)) if per_class else float("nan")
+
+
 def sample_metrics(
     features: np.ndarray,
     probs: np.ndarray,
     labels: np.ndarray,
     reference: FeatureStatistics,
 ) -> dict[str, float]:
-    """{'fd', 'inception_score', 'accuracy'} of one sample set against the reference statistics."""
+    """{'fd', 'inception_score', 'accuracy', 'diversity'} of one sample set.
+
+    FD is against the reference statistics; diversity is `within_class_diversity`.
+    """
     return dict(
         fd=frechet_distance(feature_statistics(features), reference),
         inception_score=inception_score(probs),
         accuracy=conditional_accuracy(probs, labels),
+        diversity=within_class_diversity(features, labels),
     )
 
 

@@ -2,8 +2,8 @@
 
 A row is one (sampler, steps N, guidance weight w) with the mean and seed spread (standard
 deviation over seeds) of FD (to real data), FD to the full-step guided teacher's samples at the
-same w, IS and conditional accuracy, the network evaluations per sample and the sampling time
-per image.
+same w, IS, conditional accuracy and within-class diversity, the network evaluations per sample
+and the sampling time per image.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ COLUMNS = (
     "inception_score_std",
     "accuracy",
     "accuracy_std",
+    "diversity",
+    "diversity_std",
     "seconds_per_image",
     "num_samples",
     "seeds",
@@ -60,21 +62,23 @@ def markdown_table(rows: list[dict], data_row: dict | None = None, *, link_grids
       link_grids: a path prefix; when given, each row links its sample grid.
     """
     header = (
-        "| sampler | N | w | evals/sample | FD ↓ | FD to teacher ↓ | IS ↑ | accuracy ↑ | ms/image |"
+        "| sampler | N | w | evals/sample | FD ↓ | FD to teacher ↓ | IS ↑ | accuracy ↑ | "
+        "diversity | ms/image |"
     ) + (" grid |" if link_grids else "")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     if data_row is not None:
         lines.append(
             f"| real data ({data_row['split']}) | - | - | - | {data_row['fd']:.3f} | - | "
-            f"{data_row['inception_score']:.3f} | {data_row['accuracy']:.3f} | - |"
-            + (" |" if link_grids else "")
+            f"{data_row['inception_score']:.3f} | {data_row['accuracy']:.3f} | "
+            f"{data_row.get('diversity', float('nan')):.3f} | - |" + (" |" if link_grids else "")
         )
     for row in rows:
         line = (
             f"| {row['sampler']} | {row['steps']} | {row['w']:g} | {row['evaluations']} | "
             f"{_pm(row, 'fd', 3)} | {_pm(row, 'fd_teacher', 3) if 'fd_teacher' in row else '-'} | "
             f"{_pm(row, 'inception_score', 3)} | "
-            f"{_pm(row, 'accuracy', 3)} | {1000 * row['seconds_per_image']:.3f} |"
+            f"{_pm(row, 'accuracy', 3)} | {_pm(row, 'diversity', 3)} | "
+            f"{1000 * row['seconds_per_image']:.3f} |"
         )
         if link_grids:
             line += f" [png]({link_grids}{row['grid']}) |"
