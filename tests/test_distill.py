@@ -20,7 +20,7 @@ from conftest import snapshot
 from jax.tree_util import Partial
 
 from distill_jax import checkpoints, parallel
-from distill_jax.config import load_config
+from distill_jax.config import load_config, validate_config
 from distill_jax.data import sources
 from distill_jax.diffusion import gmm, samplers, schedule
 from distill_jax.diffusion.guidance import make_guided_denoise_fn
@@ -299,6 +299,22 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(
     assert [snapshot(d) for d in watched] == before
 
 
+def test_an_external_teacher_is_linked_so_the_run_can_sample_it(trained_teachers, tmp_path):
+    teacher_dir = trained_teachers / "finished" / "teacher"
+    overrides = {"model.mlp_hidden": 16, "stage1.num_steps": 2, "train.checkpoint_every": 2}
+    workdir = tmp_path / "run"
+    pipeline.distill_stages(_config(**overrides), workdir, only="stage1", teacher_dir=teacher_dir)
+    link = workdir / "teacher"
+    assert link.is_symlink() and link.resolve() == teacher_dir.resolve()
+    run = Run.open(workdir)
+    expected = Run.open(trained_teachers / "finished").load_params(run.stage("teacher"))
+    got = run.load_params(run.stage("teacher"))
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    # A second distill with the same teacher leaves the link alone.
+    pipeline.distill_stages(_config(**overrides), workdir, only="stage1", teacher_dir=teacher_dir)
+    assert link.resolve() == teacher_dir.resolve()
+
+
 def test_cli_refuses_an_incompatible_teacher(trained_teachers, tmp_path):
     teacher_dir = trained_teachers / "finished" / "teacher"
     before = snapshot(trained_teachers)
@@ -424,4 +440,4 @@ def test_w_beta_draws_more_weights_near_the_ends_and_one_is_uniform():
     near_ends = np.mean((ends < 0.4) | (ends > 3.6))  # arcsine: 0.41; uniform: 0.2
     assert 0.37 < near_ends < 0.45
     with pytest.raises(ValueError, match="w_beta"):
-        load_config("configs/digits.py", {"guidance.w_beta": 0.0})
+        validate_config(load_config(str(ROOT / "configs/digits.py"), {"guidance.w_beta": 0.0}))

@@ -9,6 +9,7 @@ trainable stage kind is one entry in the run layer's registry and one builder he
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -126,6 +127,30 @@ def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return parallel.make_mesh(config.train.mesh_data_axis, fsdp=config.train.mesh_fsdp_axis)
 
 
+def _link_teacher(run: Run, teacher_dir: epath.Path) -> None:
+    """Make workdir/teacher a symbolic link to an external teacher stage directory.
+
+    Then `sample`, `evaluate` and a later `distill` of this workdir find the teacher that its
+    students were distilled from. Nothing is done when the workdir has its own teacher; on a
+    filesystem without symbolic links (object stores) a warning says what to copy.
+    """
+    link = run.directory(run.stage("teacher"))
+    if os.path.lexists(str(link)) or jax.process_index() != 0:
+        return
+    target = teacher_dir.absolute()
+    try:
+        os.symlink(str(target), str(link), target_is_directory=True)
+    except (OSError, NotImplementedError):
+        logging.warning(
+            "%s could not link to the external teacher %s; copy that directory there for "
+            "`sample --model=teacher` and `evaluate`.",
+            link,
+            target,
+        )
+        return
+    logging.info("[distill] %s links to the external teacher %s.", link, target)
+
+
 def load_teacher(run: Run, spec: StageSpec, mesh, directory: epath.PathLike | None) -> PyTree:
     """The finished teacher of `spec`, restored straight into its FSDP shardings."""
     teacher_spec = run.stage(spec.teacher)
@@ -227,6 +252,8 @@ def distill_stages(
         preloaded[stage_one.name] = load_teacher(run, stage_one, mesh, teacher_dir)
     trained = []
     with run.locked():
+        if teacher_dir is not None:
+            _link_teacher(run, epath.Path(teacher_dir))
         for spec in run.stages:
             if spec.kind not in wanted or run.finished(spec) is not None:
                 continue
