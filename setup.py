@@ -50,6 +50,8 @@ setup(
         # Preparing standard TFDS image datasets (cifar10, mnist, imagenet_resized)
         # from their original archives needs TensorFlow; the bundled digits do not.
         "tfds-prepare": ["tensorflow-cpu>=2.16"],
+        # bench/torch_side_by_side.py: the same teacher step in PyTorch, for the JAX/torch ratio.
+        "bench": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["distill-jax=distill_jax.cli:run_main"]},
 )
