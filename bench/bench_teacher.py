@@ -37,14 +37,20 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def bench_config(name: str, config, info: DatasetInfo, batch_size: int, steps: int) -> None:
+def teacher_step(config, info: DatasetInfo, batch_size: int):
+    """(compiled step, train state, batch) of the project's teacher train step on random data.
+
+    The step is `state.make_train_step` over the teacher stage's loss (`pipeline.BUILDERS`),
+    jitted with the state donated; bench/torch_side_by_side.py times the same one.
+    """
     mesh = parallel.make_mesh(-1)
     run = Run(epath.Path("/nonexistent"), config, info, plan_stages(config))  # never written
     stage = pipeline.BUILDERS["teacher"](run, run.stage("teacher"), None)
-    optimizer = state_lib.make_optimizer(stage.optimizer, 1000)
+    optimizer = state_lib.make_optimizer(stage.optimizer, int(config.teacher.num_steps))
     state = state_lib.create_state(stage.init_params(None), optimizer, seed=0)
+    ema_decay = float(stage.optimizer.ema_decay)
     step = jax.jit(
-        state_lib.make_train_step(stage.loss_fn, optimizer, ema_decay=0.999),
+        state_lib.make_train_step(stage.loss_fn, optimizer, ema_decay=ema_decay),
         donate_argnums=(0,),
     )
     key = jax.random.PRNGKey(1)
@@ -53,7 +59,11 @@ def bench_config(name: str, config, info: DatasetInfo, batch_size: int, steps: i
         "label": jax.random.randint(key, (batch_size,), 0, info.num_classes),
     }
     batch = loader.to_global_batch(jax.device_get(batch), parallel.batch_sharded(mesh))
-    compiled = step.lower(state, batch, None).compile()
+    return step.lower(state, batch, None).compile(), state, batch
+
+
+def bench_config(name: str, config, info: DatasetInfo, batch_size: int, steps: int) -> None:
+    compiled, state, batch = teacher_step(config, info, batch_size)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", float("nan")))
