@@ -61,14 +61,21 @@ def check_guidance(run: Run, weights: np.ndarray | float, schedule: str = "const
     )
 
 
-def denoise_fn(run: Run, model: str, steps: int, *, skip_unguided: bool = False) -> Partial:
+def unguided_steps(weights: np.ndarray) -> str:
+    """'none', 'some' or 'all': how many of the per-step `weights` are 0."""
+    zero = np.asarray(weights) == 0
+    return "all" if np.all(zero) else "some" if np.any(zero) else "none"
+
+
+def denoise_fn(run: Run, model: str, steps: int, *, weights: np.ndarray | None = None) -> Partial:
     """The x-hat denoiser of the guided teacher or of the `steps`-step student (a Partial).
 
-    skip_unguided: the teacher evaluates only its conditional half at steps whose w is 0 (for
-    guidance schedules with unguided steps; it compiles the network twice).
+    weights: the per-step guidance weights the teacher will be called with; its steps with
+    w = 0 then evaluate only the conditional half (`unguided_steps`). None: guided everywhere.
     """
     if model == "teacher":
-        return run.guided_teacher_fn(skip_unguided=skip_unguided)
+        mode = "none" if weights is None else unguided_steps(weights)
+        return run.guided_teacher_fn(unguided_steps=mode)
     if model != "student":
         raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
     return run.denoise_fn(run.student(steps))
@@ -205,7 +212,7 @@ def sample(
     if model == "student":
         check_guidance(run, weights, schedule.name)
     if fn is None:
-        fn = denoise_fn(run, model, steps, skip_unguided=bool(np.any(weights == 0)))
+        fn = denoise_fn(run, model, steps, weights=weights)
     labels = np.asarray(labels, np.int32)
     num = len(labels)
     mask = _check_inputs(run, num, init, t_start, mask)

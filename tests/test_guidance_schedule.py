@@ -70,11 +70,16 @@ def test_teacher_skips_the_unconditional_half_exactly_at_unguided_steps():
         return _toy_denoise(z, t, labels, jnp.zeros_like(t))
 
     batch = 5
-    skipping = guidance.make_guided_denoise_fn(cond_fn, null_label=9, skip_unguided=True)
+    skipping = guidance.make_guided_denoise_fn(cond_fn, null_label=9, unguided_steps="some")
     plain = guidance.make_guided_denoise_fn(cond_fn, null_label=9)
     z = jax.random.normal(jax.random.PRNGKey(2), (batch, 4, 4, 1))
     labels = jnp.arange(batch)
-    for name, outside in (("interval:0.3,0.8", 2), ("interval:0,1", 0), ("ramp:0,1", 1)):
+    for name, outside in (
+        ("interval:0.3,0.8", 2),
+        ("interval:0,1", 0),
+        ("ramp:0,1", 1),
+        ("interval:0.05,0.2", 4),
+    ):
         weights = parse_schedule(name).weights(2.0, steps=4)[:, None]
         calls.clear()
         x = samplers.ddim_sample(Partial(skipping), z, labels, weights, steps=4)
@@ -83,6 +88,28 @@ def test_teacher_skips_the_unconditional_half_exactly_at_unguided_steps():
         np.testing.assert_allclose(
             x, samplers.ddim_sample(plain, z, labels, weights, steps=4), rtol=1e-6, atol=1e-6
         )
+
+
+def test_a_teacher_at_w_zero_everywhere_is_its_conditional_half_alone():
+    calls = []
+
+    def cond_fn(z, t, labels):
+        jax.debug.callback(lambda n: calls.append(int(n)), z.shape[0])
+        return _toy_denoise(z, t, labels, jnp.zeros_like(t))
+
+    z = jax.random.normal(jax.random.PRNGKey(3), (5, 4, 4, 1))
+    labels = jnp.arange(5)
+    plain = guidance.make_guided_denoise_fn(cond_fn, null_label=9)
+    conditional = guidance.make_guided_denoise_fn(cond_fn, null_label=9, unguided_steps="all")
+    x = samplers.ddim_sample(conditional, z, labels, 0.0, steps=4)
+    jax.effects_barrier()
+    assert calls == [5] * 4  # one call on the batch per step, no unconditional half
+    np.testing.assert_allclose(x, samplers.ddim_sample(plain, z, labels, 0.0, steps=4), atol=1e-6)
+    assert [sampling.unguided_steps(np.array(w)) for w in ([0, 0], [0, 1], [1, 2])] == [
+        "all",
+        "some",
+        "none",
+    ]
 
 
 def test_schedule_names_round_trip_and_bad_ones_are_refused():

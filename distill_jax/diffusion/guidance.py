@@ -84,6 +84,20 @@ def _guided_denoise(
     return guided_xhat(cond_fn, z, t, labels, w, null_label=null_label)
 
 
+def _conditional(
+    cond_fn: CondFn,
+    null_label: int | jax.Array,
+    z: jax.Array,
+    t: jax.Array,
+    labels: jax.Array,
+    w: jax.Array,
+) -> jax.Array:
+    """The conditional half alone, one evaluation: the guided x-hat where w is 0."""
+    del null_label, w  # the guided formula at w = 0 is (1 + 0) xhat(z, c)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+    return cond_fn(z, t, jnp.asarray(labels, jnp.int32)).astype(z.dtype)
+
+
 def _guided_or_conditional(
     cond_fn: CondFn,
     null_label: int | jax.Array,
@@ -92,32 +106,35 @@ def _guided_or_conditional(
     labels: jax.Array,
     w: jax.Array,
 ) -> jax.Array:
-    """Guided x-hat, or the conditional half alone (one evaluation) where every w is 0.
-
-    Equal to `_guided_denoise`: at w = 0 the guided formula is (1 + 0) xhat(z, c).
-    """
+    """Guided x-hat, or `_conditional` where every example's w is 0 (a `lax.cond`)."""
     w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), z.shape[:1])
 
-    def conditional(z, t, labels, w):
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-        return cond_fn(z, t, jnp.asarray(labels, jnp.int32)).astype(z.dtype)
+    def guided(*args):
+        return _guided_denoise(*args).astype(z.dtype)
 
-    def guided(z, t, labels, w):
-        return guided_xhat(cond_fn, z, t, labels, w, null_label=null_label).astype(z.dtype)
+    branches = (Partial(_conditional, cond_fn, null_label), Partial(guided, cond_fn, null_label))
+    return jax.lax.cond(jnp.all(w == 0), *branches, z, t, labels, w)
 
-    return jax.lax.cond(jnp.all(w == 0), conditional, guided, z, t, labels, w)
+
+UNGUIDED_STEPS = ("none", "some", "all")
 
 
 def make_guided_denoise_fn(
-    cond_fn: CondFn, *, null_label: int, skip_unguided: bool = False
+    cond_fn: CondFn, *, null_label: int, unguided_steps: str = "none"
 ) -> Partial:
     """A denoise_fn(z, t, labels, w) -> guided xhat built from a conditional `cond_fn`.
 
     The result is a `jax.tree_util.Partial`, so passing it to a jitted sampler with new
     parameters bound in `cond_fn` (itself a Partial, e.g. Partial(apply_fn, params)) reuses
-    the compiled sampler. skip_unguided=True evaluates only the conditional half of a call
-    whose w is 0 for every example (a guidance schedule's unguided steps); it compiles the
-    network twice (a `lax.cond` branch each), so it is meant for samplers, not train steps.
+    the compiled sampler. `unguided_steps` says how many sampler steps have w = 0 for every
+    example (a guidance schedule's, or a constant w = 0): 'none' evaluates both halves at every
+    call; 'some' only the conditional half at calls whose w is all 0 (a `lax.cond`, which
+    compiles the network twice, so meant for samplers, not train steps); 'all' only the
+    conditional half, ignoring w (the caller guarantees w = 0).
     """
-    fn = _guided_or_conditional if skip_unguided else _guided_denoise
-    return Partial(fn, as_partial(cond_fn), null_label)
+    if unguided_steps not in UNGUIDED_STEPS:
+        raise ValueError(
+            f"unguided_steps={unguided_steps!r} is invalid: accepted {UNGUIDED_STEPS}."
+        )
+    fn = {"none": _guided_denoise, "some": _guided_or_conditional, "all": _conditional}
+    return Partial(fn[unguided_steps], as_partial(cond_fn), null_label)

@@ -241,12 +241,12 @@ def _measure_all(ctx: _Context, entries: list[Entry], progress: epath.Path) -> l
         if key_text in done and (ctx.grids / entry.grid_name).exists():
             measured[index] = done[key_text]
             continue
-        skip_unguided = bool(np.any(entry.weights == 0))
-        group = (entry.evaluator.name, entry.steps, skip_unguided)
+        mode = sampling.unguided_steps(entry.weights)
+        group = (entry.evaluator.name, entry.steps, mode)
         if group not in loaded:
             loaded.clear()  # keep one model in memory
             fn = sampling.denoise_fn(
-                ctx.run, entry.evaluator.model, entry.steps, skip_unguided=skip_unguided
+                ctx.run, entry.evaluator.model, entry.steps, weights=entry.weights
             )
             # Warm-up on one batch so the timing excludes compilation.
             ctx.draw(entry, 0, fn, labels=ctx.labels[: ctx.batch_size])

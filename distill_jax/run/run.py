@@ -359,14 +359,15 @@ class Run:
             return gmm.make_gmm_denoise_fn(params, **self.bounds)
         return denoiser.make_denoise_fn(self.model(spec), params)
 
-    def guided_teacher_fn(self, *, skip_unguided: bool = False) -> Partial:
+    def guided_teacher_fn(self, *, unguided_steps: str = "none") -> Partial:
         """The guided teacher, (1 + w) xhat(z, c) - w xhat(z, null) in one batched call.
 
-        skip_unguided: only the conditional half where w is 0 (`make_guided_denoise_fn`).
+        unguided_steps: 'none', 'some' or 'all' steps with w = 0, which need only the
+        conditional half (`guidance.make_guided_denoise_fn`).
         """
         cond_fn = self.denoise_fn(self.stage("teacher"))
         return guidance.make_guided_denoise_fn(
-            cond_fn, null_label=self.info.num_classes, skip_unguided=skip_unguided
+            cond_fn, null_label=self.info.num_classes, unguided_steps=unguided_steps
         )
 
     def checkpointer(self, spec: stages_lib.StageSpec) -> checkpoints.StageCheckpointer:
