@@ -40,15 +40,22 @@ MODELS = ("teacher", "student")
 MASKS = ("left", "right", "top", "bottom", "center")
 
 
+def in_trained_range(run: Run, weights: np.ndarray | float) -> bool:
+    """Whether every weight lies in the students' trained range [w_min, w_max]."""
+    low, high = float(run.config.guidance.w_min), float(run.config.guidance.w_max)
+    weights = np.asarray(weights, np.float64)
+    return bool(np.all((weights >= low) & (weights <= high)))
+
+
 def check_guidance(run: Run, weights: np.ndarray | float, schedule: str = "constant") -> None:
     """Fail unless the student was trained for every guidance weight in `weights`.
 
     `weights` is a weight or the per-step weights of `schedule` (named in the message).
     """
+    if in_trained_range(run, weights):
+        return
     low, high = float(run.config.guidance.w_min), float(run.config.guidance.w_max)
     weights = np.atleast_1d(np.asarray(weights, np.float64))
-    if np.all((weights >= low) & (weights <= high)):
-        return
     what = f"Guidance weight {weights[0]:g} is"
     if weights.size > 1 or schedule != "constant":
         what = (

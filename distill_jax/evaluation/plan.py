@@ -22,6 +22,7 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
+from distill_jax import sampling
 from distill_jax.diffusion.guidance_schedule import CONSTANT, GuidanceSchedule, parse_schedule
 from distill_jax.run import Run
 
@@ -120,8 +121,7 @@ class Entry:
 
     def in_range(self, run: Run) -> bool:
         """Whether every step's weight lies in the students' trained range."""
-        low, high = float(run.config.guidance.w_min), float(run.config.guidance.w_max)
-        return bool(np.all((self.weights >= low) & (self.weights <= high)))
+        return sampling.in_trained_range(run, self.weights)
 
 
 EVALUATORS: list[Evaluator] = [
