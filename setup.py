@@ -35,6 +35,11 @@ setup(
         "tqdm>=4.66,<5",
         # jax.export (de)serialization of the exported sampler (`distill-jax export`).
         "flatbuffers>=24.3",
+        # The frozen text encoder of text runs (distill_jax/text_encoder.py): its tokenizer.json
+        # and model.safetensors. The weights themselves come from requirements/weights.txt.
+        "tokenizers>=0.20,<0.24",
+        "safetensors>=0.4,<0.9",
+        "scipy>=1.11,<2",
     ],
     extras_require={
         "test": [

@@ -11,7 +11,7 @@ import importlib.util
 import pathlib
 
 
-def _digits_config(variant: str):
+def digits_config(variant: str):
     """configs/digits.py's config (this file changes only what latents need)."""
     path = pathlib.Path(__file__).with_name("digits.py")
     spec = importlib.util.spec_from_file_location("distill_jax_digits_config", path)
@@ -26,7 +26,7 @@ def get_config(variant: str = ""):
         raise ValueError(
             f"configs/digits_latent.py variant {variant!r} is unknown: accepted '', 'smoke'."
         )
-    c = _digits_config(variant)
+    c = digits_config(variant)
     c.data.image_size = 32
     ae = c.autoencoder
     ae.enabled = True

@@ -66,6 +66,12 @@ _STOCHASTIC = flags.DEFINE_bool(
 )
 _NUM = flags.DEFINE_integer("num", 64, "sample: number of samples (ignored with --init).")
 _LABELS = flags.DEFINE_list("labels", None, "sample: class labels, cycled (default 0..K-1).")
+_PROMPT = flags.DEFINE_multi_string(
+    "prompt", None, "sample (text runs): a prompt; repeat for several, cycled to --num."
+)
+_PROMPTS_FILE = flags.DEFINE_string(
+    "prompts_file", None, "sample (text runs): a text file with one prompt per line."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _OUT = flags.DEFINE_string("out", None, "sample: the .npz to write (a .png is written beside).")
 _INIT = flags.DEFINE_string("init", None, "sample: .npz of start images (images or x, labels).")
@@ -369,11 +375,15 @@ def _export() -> None:
 def _sample() -> None:
     """The sample command: flags -> sampling.sample_to_files."""
     from distill_jax import sampling
+    from distill_jax.run import prompts as prompt_lib
 
     try:
         labels = [int(v) for v in _LABELS.value] if _LABELS.value else None
     except ValueError as error:
         raise ValueError(f"--labels={_LABELS.value!r} is invalid: accepted integers.") from error
+    prompts = list(_PROMPT.value or [])
+    if _PROMPTS_FILE.value:
+        prompts += prompt_lib.read_prompts_file(_PROMPTS_FILE.value)
     npz, png = sampling.sample_to_files(
         _WORKDIR.value,
         model=_MODEL.value,
@@ -388,6 +398,7 @@ def _sample() -> None:
         t_start=_T_START.value,
         mask=_MASK.value,
         schedule=_schedule(),
+        prompts=prompts or None,
     )
     logging.info("[sample] wrote %s and %s", npz, png)
 

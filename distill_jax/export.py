@@ -6,7 +6,10 @@ with jax and numpy alone (its `run_sampler.py`, a copy of `distill_jax.export_lo
   sampler.jaxexport  jax.export serialization of the whole N-step sampler (every network call
                      and sampler step), a function
                      (noise [B, H, W, C] f32, labels [B] i32, w [B] f32[, rng u32[2]], *weights)
-                     -> images [B, H, W, C] f32 clipped to the data range [-1, 1]
+                     -> images [B, H, W, C] f32 clipped to the data range [-1, 1]; a text
+                     run's takes conditions [B, L, 384] f32 in place of labels: the prompt's
+                     all-MiniLM-L6-v2 token states, zero at padding (`TextEncoder.encode`),
+                     embeddings rather than token ids, so the artifact carries no encoder
   weights.npz        the student's EMA weights, one array per parameter named by its path
                      ("Dense_0/kernel"), in the order metadata.json lists them
   metadata.json      format and version, image shape, classes, guidance range and schedule
@@ -33,7 +36,7 @@ import numpy as np
 from etils import epath
 from jax.tree_util import Partial
 
-from distill_jax import export_loader, files, trees
+from distill_jax import export_loader, files, text_encoder, trees
 from distill_jax.diffusion import samplers
 from distill_jax.diffusion.guidance_schedule import CONSTANT, GuidanceSchedule
 from distill_jax.models import denoiser
@@ -83,10 +86,13 @@ def _sampler_function(net, treedefs, decode, bounds: dict, *, gains: np.ndarray,
     return jax.jit(sample_images)
 
 
-def _specs(shape: tuple[int, ...], batch: Any, stochastic: bool) -> list[jax.ShapeDtypeStruct]:
+def _specs(
+    shape: tuple[int, ...], batch: Any, stochastic: bool, condition: tuple[int, ...]
+) -> list[jax.ShapeDtypeStruct]:
+    """Input specs; `condition` is () for class labels, (L, 384) for text conditions."""
     specs = [
         jax.ShapeDtypeStruct((batch, *shape), jnp.float32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        jax.ShapeDtypeStruct((batch, *condition), jnp.float32 if condition else jnp.int32),
         jax.ShapeDtypeStruct((batch,), jnp.float32),
     ]
     if stochastic:
@@ -94,8 +100,17 @@ def _specs(shape: tuple[int, ...], batch: Any, stochastic: bool) -> list[jax.Sha
     return specs
 
 
-def _io_metadata(shape, noise_shape, batch: int | None, stochastic: bool) -> dict:
+def _io_metadata(shape, noise_shape, batch: int | None, stochastic: bool, condition) -> dict:
     b = "B" if batch is None else batch
+    labels = {"name": "labels", "shape": [b], "dtype": "int32", "meaning": "class in [0, classes)"}
+    if condition:
+        labels = {
+            "name": "conditions",
+            "shape": [b, *condition],
+            "dtype": "float32",
+            "meaning": "the prompt's all-MiniLM-L6-v2 last-layer token states, zero at padding "
+            "(distill_jax.text_encoder.TextEncoder.encode); the empty prompt's is unconditional",
+        }
     inputs = [
         {
             "name": "noise",
@@ -103,7 +118,7 @@ def _io_metadata(shape, noise_shape, batch: int | None, stochastic: bool) -> dic
             "dtype": "float32",
             "meaning": "N(0, I) start of the sampler at t = 1 (latents on a latent run)",
         },
-        {"name": "labels", "shape": [b], "dtype": "int32", "meaning": "class in [0, classes)"},
+        labels,
         {"name": "w", "shape": [b], "dtype": "float32", "meaning": "guidance weight in range"},
     ]
     if stochastic:
@@ -118,6 +133,13 @@ def _io_metadata(shape, noise_shape, batch: int | None, stochastic: bool) -> dic
     inputs.append({"name": "*weights", "meaning": "weights.npz arrays in weights.leaves order"})
     output = {"name": "images", "shape": [b, *shape], "dtype": "float32", "range": [-1.0, 1.0]}
     return {"inputs": inputs, "output": output}
+
+
+def _condition_shape(run: Run) -> tuple[int, ...]:
+    """() for a class-label run, (max_tokens, 384) for a text run."""
+    if not run.text:
+        return ()
+    return (int(run.config.text.max_tokens), text_encoder.WIDTH)
 
 
 def _sha256(path: epath.Path) -> str:
@@ -177,7 +199,8 @@ def _metadata(
         "parameterisation": config.model.parameterisation,
         "schedule": {"kind": "cosine_logsnr", **run.bounds},
         "data_range": [-1.0, 1.0],
-        **_io_metadata(shape, noise_shape, batch_size, stochastic),
+        "condition_shape": list(_condition_shape(run)),
+        **_io_metadata(shape, noise_shape, batch_size, stochastic, _condition_shape(run)),
         "platforms": list(exported.platforms),
         "function": {
             "file": FUNCTION_FILE,
@@ -258,7 +281,7 @@ def export_sampler(
     )
     weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
     exported = jax.export.export(function, platforms=tuple(platforms))(
-        *_specs(shape, batch, stochastic), *weight_specs
+        *_specs(shape, batch, stochastic, _condition_shape(run)), *weight_specs
     )
     with files.atomic_directory(out, replace=overwrite) as staging:
         (staging / FUNCTION_FILE).write_bytes(exported.serialize())

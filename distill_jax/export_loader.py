@@ -18,6 +18,7 @@ Python:
 Command line (writes a .npy of images):
 
   python run_sampler.py ARTIFACT --num=16 --label=3 --w=1.0 --seed=0 --out=images.npy
+  python run_sampler.py ARTIFACT --conditions=prompts.npy ...   # a text sampler
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ class ExportedSampler:
       noise_shape: the shape of one noise input: image_shape, or the latent's (h, w, c) for a
         latent run's sampler, which decodes its samples itself.
       num_classes: labels are integers in [0, num_classes).
+      condition_shape: () for class labels; (L, 384) for a text run's sampler, whose `labels`
+        are text conditions float32 [B, L, 384] (see metadata.json's inputs).
       w_range: (w_min, w_max), the guidance weights the student was trained for.
       schedule, gains: the guidance schedule baked in: step k is guided with gains[k] * w, so
         every gains[k] * w must lie in w_range.
@@ -125,6 +128,7 @@ class ExportedSampler:
         self.image_shape = tuple(metadata["image_shape"])
         self.noise_shape = tuple(metadata.get("noise_shape", metadata["image_shape"]))
         self.num_classes = int(metadata["num_classes"])
+        self.condition_shape = tuple(metadata.get("condition_shape") or ())
         self.w_range = (float(metadata["guidance"]["w_min"]), float(metadata["guidance"]["w_max"]))
         # Exports before guidance schedules were constant: gain 1 at every step.
         schedule = metadata.get("guidance_schedule", {"name": "constant", "gains": [1.0]})
@@ -169,6 +173,26 @@ class ExportedSampler:
             raise ValueError(f"{name} has dtype {array.dtype}; expected float32.")
         return np.broadcast_to(array, (batch,))
 
+    def _labels(self, labels: object, batch: int) -> np.ndarray:
+        """Class labels int32 [B], or a text sampler's conditions float32 [B, L, 384]."""
+        if self.condition_shape:
+            array = np.asarray(labels)
+            shape = self.condition_shape
+            if array.shape not in (shape, (batch, *shape)) or array.dtype.kind != "f":
+                raise ValueError(
+                    f"this text sampler takes conditions float32 {(batch, *shape)} (or {shape} "
+                    f"for all) in place of labels; got {array.dtype} {array.shape}. Encode the "
+                    "prompts with all-MiniLM-L6-v2 (distill_jax.text_encoder)."
+                )
+            return np.broadcast_to(array.astype(np.float32), (batch, *shape))
+        labels = self._per_example("labels", labels, batch, "int")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}); got values from {labels.min()} "
+                f"to {labels.max()}."
+            )
+        return labels.astype(np.int32)
+
     def _rng(self, rng: object) -> np.ndarray:
         if rng is None:
             raise ValueError("This stochastic sampler needs rng: an int seed or a uint32[2] key.")
@@ -187,7 +211,8 @@ class ExportedSampler:
 
         Args:
           noise: float32 [B, *noise_shape] standard normal noise, the sampler's start at t = 1.
-          labels: int [B] (or a scalar) class labels in [0, num_classes).
+          labels: int [B] (or a scalar) class labels in [0, num_classes); for a text sampler
+            its conditions float32 [B, L, 384] (or [L, 384] for every example).
           w: [B] (or a scalar) guidance weights in [w_min, w_max].
           rng: stochastic samplers only: an int seed or a uint32[2] jax.random.PRNGKey.
 
@@ -196,12 +221,7 @@ class ExportedSampler:
             expected one).
         """
         noise, batch = self._batch(noise)
-        labels = self._per_example("labels", labels, batch, "int")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes}); got values from {labels.min()} "
-                f"to {labels.max()}."
-            )
+        labels = self._labels(labels, batch)
         w = self._per_example("w", w, batch, "float").astype(np.float32)
         low, high = self.w_range
         steps = np.outer(self.gains, w)
@@ -212,7 +232,7 @@ class ExportedSampler:
             raise ValueError(
                 f"guidance weights must lie in the trained range [{low}, {high}]; {given}."
             )
-        args = [noise, labels.astype(np.int32), w]
+        args = [noise, labels, w]
         if self.stochastic:
             args.append(self._rng(rng))
         elif rng is not None:
@@ -262,7 +282,18 @@ def _sample_command(args: argparse.Namespace) -> None:
     noise = np.asarray(jax.random.normal(noise_key, (batch, *sampler.noise_shape)), np.float32)
     w = sampler.w_range[0] if args.w is None else args.w
     rng = np.asarray(jax.random.key_data(rng_key), np.uint32) if sampler.stochastic else None
-    images = sampler(noise, args.label, w, rng=rng)[: args.num]
+    labels = args.label
+    if sampler.condition_shape:
+        if not args.conditions:
+            raise ValueError(
+                "this artifact is a text sampler: pass --conditions FILE.npy, the prompts' text "
+                f"conditions float32 {sampler.condition_shape} or [N, ...] (--label is for "
+                "class samplers)."
+            )
+        labels = np.load(args.conditions)
+        if labels.ndim == 3 and len(labels) != batch:
+            labels = np.resize(labels, (batch, *labels.shape[1:]))
+    images = sampler(noise, labels, w, rng=rng)[: args.num]
     np.save(args.out, images)
     print(f"wrote {images.shape} images to {args.out}")
 
@@ -277,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("artifact", nargs="?", default=str(pathlib.Path(__file__).parent))
     parser.add_argument("--num", type=int, default=16)
     parser.add_argument("--label", type=int, default=0)
+    parser.add_argument("--conditions", default=None, help="text samplers: a .npy of conditions")
     parser.add_argument("--w", type=float, default=None, help="default: w_min")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples.npy")

@@ -35,6 +35,7 @@ from distill_jax.diffusion.guidance_schedule import (
     guided_evaluations,
 )
 from distill_jax.run import Run
+from distill_jax.run import prompts as prompt_lib
 
 MODELS = ("teacher", "student")
 MASKS = ("left", "right", "top", "bottom", "center")
@@ -203,7 +204,7 @@ def sample(
       model: 'teacher' or 'student'.
       steps: sampling steps N (the student's N must be one a stage produced).
       w: guidance weight (the student's must be in [w_min, w_max]).
-      labels: int [N] class labels.
+      labels: int [N] class labels, or a text run's conditions [N, L, 384] (`run.prompts`).
       seed: seeds the starting noise and any sampler noise.
       stochastic: ancestral steps for the teacher, the distilled stochastic sampler for a student.
       init: [N, *shape] start images for image-to-image (t_start < 1) or inpainting (mask).
@@ -220,7 +221,8 @@ def sample(
         check_guidance(run, weights, schedule.name)
     if fn is None:
         fn = denoise_fn(run, model, steps, weights=weights)
-    labels = np.asarray(labels, np.int32)
+    labels = np.asarray(labels)
+    labels = labels.astype(np.float32 if run.text else np.int32)
     num = len(labels)
     mask = _check_inputs(run, num, init, t_start, mask)
     sampler = "ddim"
@@ -320,7 +322,10 @@ def _load_mask(mask: str, shape: tuple[int, ...], num: int) -> np.ndarray:
 
 
 def _sample_inputs(run: Run, num: int, labels, init, mask):
-    """(labels [N], init x or None, mask or None) for `sample_to_files`, checked."""
+    """(labels [N], init x or None, mask or None) for `sample_to_files`, checked.
+
+    On a text run the labels returned are the init's (if any, ignored by the caller).
+    """
     shape = tuple(run.image_info.shape)
     x_init = init_labels = mask_array = None
     if init is not None:
@@ -336,7 +341,9 @@ def _sample_inputs(run: Run, num: int, labels, init, mask):
         mask_array = _load_mask(mask, shape, num)
     if num < 1:
         raise ValueError(f"num={num} is invalid: accepted an integer >= 1.")
-    if labels:
+    if run.text:
+        label_array = np.zeros((num,), np.int32)
+    elif labels:
         label_array = class_labels(num, run.info.num_classes, labels)
     elif init_labels is not None:
         label_array = _checked_labels(init_labels, run.info.num_classes, source=str(init))
@@ -345,19 +352,28 @@ def _sample_inputs(run: Run, num: int, labels, init, mask):
     return label_array, x_init, mask_array
 
 
-def _write_samples(run: Run, x: np.ndarray, labels: np.ndarray, out: epath.Path, title: str):
-    """The .npz (images uint8 or vectors x, labels) and its PNG picture; both paths."""
+def _write_samples(
+    run: Run, x: np.ndarray, labels: np.ndarray, out: epath.Path, title: str, prompts=None
+):
+    """The .npz (images uint8 or vectors x, labels) and its PNG picture; both paths.
+
+    With `prompts` (a text run) `labels` index them, the .npz holds 'prompts' and
+    'prompt_index', and the picture has one column per prompt.
+    """
     image_data = len(run.image_info.shape) == 3
-    arrays = {"labels": labels.astype(np.int32)}
+    columns = len(prompts) if prompts else run.info.num_classes
+    arrays = {"prompt_index" if prompts else "labels": labels.astype(np.int32)}
+    if prompts:
+        arrays["prompts"] = np.asarray(prompts, dtype=str)
     arrays["images" if image_data else "x"] = images.to_uint8(x) if image_data else x
     with files.atomic_path(out) as tmp, tmp.open("wb") as handle:
         np.savez(handle, **arrays)
-    rows = int(np.bincount(labels, minlength=run.info.num_classes).max())
+    rows = int(np.bincount(labels, minlength=columns).max())
     png = images.save_samples_png(
         out.with_suffix(".png"),
         images.displayable(x),
         labels,
-        run.info.num_classes,
+        columns,
         rows=min(rows, 16),
         title=title,
     )
@@ -379,11 +395,13 @@ def sample_to_files(
     t_start: float = 1.0,
     mask: str | None = None,
     schedule: GuidanceSchedule = CONSTANT,
+    prompts: list[str] | None = None,
 ) -> tuple[epath.Path, epath.Path]:
     """Sample, write `out` (.npz) and a PNG picture beside it (.png); return both paths.
 
     The .npz holds 'images' uint8 [N, H, W, C] (vector data: 'x' float32 [N, D]) and
-    'labels' int32 [N].
+    'labels' int32 [N]; on a text run 'prompts' and 'prompt_index' [N] instead of labels
+    (`prompts` cycled to N; by default one per digit).
 
     With `init` (an .npz from `load_images`), one sample is drawn per init image, with the
     init's labels unless `labels` is given: image-to-image from t_start < 1, or inpainting
@@ -398,13 +416,19 @@ def sample_to_files(
             "these students were trained for deterministic sampling "
             "(config.stage2.stochastic=False); the stochastic sampler may do worse."
         )
+    prompt_lib.check_condition_kind(run, prompts=prompts, labels=labels)
     label_array, x_init, mask_array = _sample_inputs(run, num, labels, init, mask)
+    conditions = label_array
+    if run.text:
+        prompts, label_array, conditions = prompt_lib.prompt_conditions(
+            run, prompts, len(label_array)
+        )
     x = sample(
         run,
         model=model,
         steps=steps,
         w=w,
-        labels=label_array,
+        labels=conditions,
         seed=seed,
         stochastic=stochastic,
         init=x_init,
@@ -417,4 +441,4 @@ def sample_to_files(
         out = out.with_name(out.name + ".npz")
     title = f"{model} N={steps} w={w:g}"
     title += "" if schedule.kind == "constant" else f" {schedule.name}"
-    return _write_samples(run, x, label_array, out, title)
+    return _write_samples(run, x, label_array, out, title, prompts if run.text else None)

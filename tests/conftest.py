@@ -5,12 +5,14 @@ import os
 import pathlib
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"
 LATENT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_latent.py") + ":smoke"
+TEXT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_text.py") + ":smoke"
 
 
 # The start of a script run in a fresh interpreter where importing distill_jax fails: what an
@@ -25,6 +27,24 @@ class NoDistillJax(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoDistillJax())
 """
+
+
+# A fresh interpreter without distill_jax that loads an exported sampler from argv[1], calls it
+# on the 'noise', 'labels' and 'w' arrays of the .npz argv[2], and saves the images to argv[3].
+STANDALONE = NO_DISTILL_JAX + textwrap.dedent(
+    """
+    import numpy as np
+    artifact, inputs, out = sys.argv[1:4]
+    sys.path.insert(0, artifact)
+    from run_sampler import load_exported
+
+    data = np.load(inputs)
+    sampler = load_exported(artifact)
+    np.save(out, sampler(data["noise"], data["labels"], data["w"]))
+    assert "distill_jax" not in sys.modules
+    print("STANDALONE OK", sampler.noise_shape, sampler.image_shape)
+    """
+)
 
 
 def snapshot(directory) -> dict | None:
@@ -92,3 +112,10 @@ def latent_workdir(tmp_path_factory, classifier_cache):
     """The same for `configs/digits_latent.py:smoke`: autoencoder, teacher, stage one and the
     rounds on its latents, evaluation and report; read-only for tests."""
     return _smoke_run(tmp_path_factory, classifier_cache, LATENT_SMOKE_CONFIG, "latent")
+
+
+@pytest.fixture(scope="session")
+def text_workdir(tmp_path_factory, classifier_cache):
+    """The same for `configs/digits_text.py:smoke`: a text-conditioned run (prompts through the
+    frozen MiniLM encoder); read-only for tests."""
+    return _smoke_run(tmp_path_factory, classifier_cache, TEXT_SMOKE_CONFIG, "text")

@@ -11,14 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import NO_DISTILL_JAX, snapshot
+from conftest import STANDALONE, snapshot
 
 from distill_jax import export, sampling
 from distill_jax.config import load_config
@@ -87,20 +86,6 @@ def test_sampling_a_latent_run_decodes_images(latent_workdir, tmp_path):
 
 
 # A fresh interpreter in which importing distill_jax fails: only the artifact's own loader.
-STANDALONE = NO_DISTILL_JAX + textwrap.dedent(
-    """
-    import numpy as np
-    artifact, inputs, out = sys.argv[1:4]
-    sys.path.insert(0, artifact)
-    from run_sampler import load_exported
-
-    data = np.load(inputs)
-    sampler = load_exported(artifact)
-    np.save(out, sampler(data["noise"], data["labels"], data["w"]))
-    assert "distill_jax" not in sys.modules
-    print("STANDALONE OK", sampler.noise_shape, sampler.image_shape)
-    """
-)
 
 
 def test_latent_export_in_a_separate_process_matches_library_sampling(latent_workdir, tmp_path):

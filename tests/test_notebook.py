@@ -1,6 +1,7 @@
 """The exploration notebook (launch/explore.ipynb) runs top to bottom on the smoke runs.
 
-On the latent run it samples through the run layer like any other: the images come decoded.
+On the latent run it samples through the run layer like any other: the images come decoded; on
+the text run it samples from prompts.
 """
 
 import pathlib
@@ -12,7 +13,7 @@ from nbclient import NotebookClient
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "launch" / "explore.ipynb"
 
 
-@pytest.mark.parametrize("workdir", ["smoke_workdir", "latent_workdir"])
+@pytest.mark.parametrize("workdir", ["smoke_workdir", "latent_workdir", "text_workdir"])
 def test_explore_notebook_runs_on_the_smoke_workdirs(workdir, request, tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILL_JAX_WORKDIR", str(request.getfixturevalue(workdir)))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -25,5 +26,6 @@ def test_explore_notebook_runs_on_the_smoke_workdirs(workdir, request, tmp_path,
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     assert "finished students" in text and "teacher N= 16" in text
+    assert ("prompts: ['a thick zero'" in text) == (workdir == "text_workdir")
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(images) == 2  # the sample grids and the trade-off plot

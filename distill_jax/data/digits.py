@@ -50,7 +50,7 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": train_idx, "test": test_idx}
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray) -> bytes:
     """Encode one uint8 [8, 8, 1] image as PNG with PIL (deterministic, no TensorFlow)."""
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0], mode="L").save(buffer, format="png")
@@ -100,7 +100,7 @@ class DistillJaxDigits(tfds.core.GeneratorBasedBuilder):
         self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray
     ) -> Iterator[tuple[int, dict]]:
         for i in indices:
-            yield int(i), {"image": _png_bytes(images[i]), "label": int(labels[i])}
+            yield int(i), {"image": png_bytes(images[i]), "label": int(labels[i])}
 
 
 def prepare_digits(data_dir: str = "") -> tfds.core.DatasetBuilder:

@@ -123,7 +123,8 @@ def make_eval_arrays(
     """The first `max_examples` (all if None) of `split`, preprocessed, in source order.
 
     Returns:
-      (x float32 [N, ...] in the model's input range, labels int32 [N]).
+      (x float32 [N, ...] in the model's input range, labels int32 [N]); on a text dataset
+      the labels are the digits the captions name.
     """
     source, _ = load_source(data_config, split=split, seed=seed)
     num = len(source) if max_examples is None else min(int(max_examples), len(source))
@@ -132,7 +133,10 @@ def make_eval_arrays(
     if not examples:
         raise ValueError(f"Split {split!r} of {data_config.name!r} has no examples to evaluate.")
     x = np.stack([e["x"] for e in examples]).astype(np.float32)
-    labels = np.stack([e["label"] for e in examples]).astype(np.int32)
+    if "digit" in source[0]:
+        labels = np.asarray([source[i]["digit"] for i in range(num)], np.int32)
+    else:
+        labels = np.stack([e["label"] for e in examples]).astype(np.int32)
     return x, labels
 
 

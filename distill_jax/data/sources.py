@@ -5,12 +5,16 @@ dicts plus a `DatasetInfo`:
 
 - 'digits': the bundled scikit-learn digits (`distill_jax.data.digits`), prepared offline into
   `data_dir` on first use; examples {'image': uint8 [8, 8, 1], 'label': int}.
+- 'digits_text': the digits with captions and their text conditions
+  (`distill_jax.data.captions`); examples {'image', 'digit', 'caption', 'condition' float16
+  [16, 384]}.
 - 'gmm': a Gaussian mixture from `distill_jax.diffusion.gmm`; examples
   {'x': float32 [D], 'label': int32}.
 - any other name: a TFDS image classification dataset already prepared in array_record format
   under `data_dir`, read with `builder.as_data_source`; nothing is downloaded at run time.
 
-`preprocess_example` turns an example into the model's input {'x': float32, 'label': int32}:
+`preprocess_example` turns an example into the model's input {'x': float32, 'label': int32}
+(on a text dataset 'label' is the condition, float32 [L, 384]):
 images go to [-1, 1] (x / 127.5 - 1), optionally resized to a square `image_size`; gray-scale
 images keep one channel. `DatasetInfo.shape` is the shape after this preprocessing.
 """
@@ -27,6 +31,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from distill_jax.data import captions
 from distill_jax.data.digits import prepare_digits
 from distill_jax.diffusion.gmm import GaussianMixture, make_gmm
 
@@ -219,6 +224,21 @@ def _tfds_source(
     return source, info
 
 
+def _digits_text_source(
+    data_config: ml_collections.ConfigDict, split: str
+) -> tuple[Sequence, DatasetInfo]:
+    """The captioned digits; their conditions were encoded at preparation (16 tokens)."""
+    builder = captions.prepare_digits_text(data_config.data_dir)
+    info = DatasetInfo(
+        name="digits_text",
+        shape=tuple(captions.IMAGE_SHAPE),
+        num_classes=captions.NUM_CLASSES,
+        num_train=_split_size(builder, data_config.train_split),
+        num_eval=_split_size(builder, data_config.eval_split),
+    )
+    return builder.as_data_source(split), info
+
+
 def load_source(
     data_config: ml_collections.ConfigDict, *, split: str, seed: int = 0
 ) -> tuple[Sequence, DatasetInfo]:
@@ -244,6 +264,8 @@ def load_source(
     if data_config.name == "digits":
         builder = prepare_digits(data_config.data_dir)
         return builder.as_data_source(split), _image_info(builder, data_config, "digits")
+    if data_config.name == "digits_text":
+        return _digits_text_source(data_config, split)
     return _tfds_source(data_config, split)
 
 
@@ -254,7 +276,10 @@ def preprocess_example(example: Mapping[str, Any], *, image_size: int = 0) -> di
     (bicubic, on the uint8 image, via PIL) and mapped to [-1, 1] by x / 127.5 - 1; vector
     examples ('x') pass through as float32.
     """
-    label = np.asarray(example["label"], np.int32)
+    if "condition" in example:  # a text dataset: the condition stands where the label would
+        label = np.asarray(example["condition"], np.float32)
+    else:
+        label = np.asarray(example["label"], np.int32)
     if "x" in example:
         return {"x": np.asarray(example["x"], np.float32), "label": label}
     image = np.asarray(example["image"])

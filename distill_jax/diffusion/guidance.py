@@ -2,8 +2,10 @@
 
 Two function shapes are used across the project:
 
-- cond_fn(z, t, labels) -> xhat: a class-conditional denoiser (the teacher network). z [B, ...],
-  t [B] float times in [0, 1], labels [B] int32 with `null_label` meaning unconditional.
+- cond_fn(z, t, labels) -> xhat: a conditional denoiser (the teacher network). z [B, ...],
+  t [B] float times in [0, 1], labels the condition: [B] int32 class labels with the integer
+  `null_label` meaning unconditional, or a text condition float32 [B, L, D] (token states)
+  whose `null_label` is the empty prompt's [L, D].
 - denoise_fn(z, t, labels, w) -> xhat: what every sampler and target consumes; w [B] float is
   the guidance weight (a student takes it as input, a guided teacher applies it).
 
@@ -39,6 +41,19 @@ def as_partial(fn: Callable) -> Partial:
     return Partial(fn)
 
 
+def as_condition(labels) -> jax.Array:
+    """A condition as an array: int32 class labels, or float32 (text token states)."""
+    labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == jnp.bool_:
+        return labels.astype(jnp.int32)
+    return labels.astype(jnp.float32)
+
+
+def null_like(labels: jax.Array, null_label: int | jax.Array) -> jax.Array:
+    """The null condition broadcast to the shape of `labels` (a class index or a prompt's)."""
+    return jnp.broadcast_to(jnp.asarray(null_label, labels.dtype), labels.shape)
+
+
 def guided_xhat(
     cond_fn: CondFn,
     z: jax.Array,
@@ -54,15 +69,16 @@ def guided_xhat(
       cond_fn: cond_fn(z, t, labels) -> xhat, called once on a batch of 2B.
       z: [B, ...] noisy data.
       t: [B] (or scalar) times in [0, 1].
-      labels: [B] int class labels.
+      labels: [B] int class labels, or a text condition [B, L, D].
       w: [B] (or scalar) guidance weights.
-      null_label: the label meaning "no class" (the number of classes by convention).
+      null_label: the label meaning "no class" (the number of classes by convention), or the
+        empty prompt's condition [L, D].
     """
     batch = z.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
     w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
-    labels = jnp.asarray(labels, jnp.int32)
-    null = jnp.full_like(labels, null_label)
+    labels = as_condition(labels)
+    null = null_like(labels, null_label)
     xhat = cond_fn(
         jnp.concatenate([z, z], axis=0),
         jnp.concatenate([t, t], axis=0),
@@ -95,7 +111,7 @@ def _conditional(
     """The conditional half alone, one evaluation: the guided x-hat where w is 0."""
     del null_label, w  # the guided formula at w = 0 is (1 + 0) xhat(z, c)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-    return cond_fn(z, t, jnp.asarray(labels, jnp.int32)).astype(z.dtype)
+    return cond_fn(z, t, as_condition(labels)).astype(z.dtype)
 
 
 def _guided_or_conditional(

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
-from distill_jax.diffusion.guidance import DenoiseFn, as_partial
+from distill_jax.diffusion.guidance import DenoiseFn, as_condition, as_partial
 from distill_jax.diffusion.schedule import (
     LOGSNR_MAX,
     LOGSNR_MIN,
@@ -241,7 +241,7 @@ def run_sampler(
       sampler: one of SAMPLERS (see `ddim_sample`, `ancestral_sample`, `stochastic_sample`).
       denoise_fn: denoise_fn(z, t, labels, w) -> xhat; a Partial keeps bound params traced.
       z_init: [B, ...] start at t_start (N(0, I) for t_start = 1, `noise_to(x, ...)` otherwise).
-      labels: [B] int class labels (or a scalar, broadcast).
+      labels: [B] int class labels (or a scalar, broadcast), or text conditions [B, L, D].
       w: guidance weights: a scalar or [B] (the same at every step), or per step [steps, B]
         or [steps, 1], first step first (a guidance schedule, see `guidance_schedule`).
       rng: PRNG key for the step noise (ancestral, stochastic) or inpainting; unused by plain
@@ -271,7 +271,9 @@ def run_sampler(
     if not needs_rng:
         rng = None
     batch = z_init.shape[0]
-    labels = jnp.broadcast_to(jnp.asarray(labels, jnp.int32), (batch,))
+    labels = as_condition(labels)
+    if labels.ndim < 2:  # class labels (a scalar broadcasts); text conditions are [B, L, D]
+        labels = jnp.broadcast_to(labels, (batch,))
     return _sample(
         as_partial(denoise_fn),
         z_init,

@@ -9,6 +9,11 @@ diversity (mean and spread over config.eval.seeds sample sets of config.eval.num
 sampler sees the same noise and labels for a seed, so differences between samplers are paired)
 and the sampling time per image (after a warm-up call, so compilation is excluded).
 
+On a text run the samples are drawn from prompts of held-out templates
+(`run.prompts.evaluation_prompts`: every digit with thin / no / thick thickness word), the
+accuracy is the prompt accuracy (the classifier's digit is the one the prompt names), and each
+row also gets the thickness adherence (`metrics.thickness_adherence`).
+
 Outputs in workdir/eval/: results.csv, results.json, results.md, fd_vs_evaluations.png,
 metrics_vs_guidance.png, grids/<sampler>_N<steps>_w<w>.png, grids/data.png. Finished rows are
 appended to eval/progress.jsonl as they complete, so an interrupted evaluation resumes where it
@@ -27,17 +32,23 @@ from absl import logging
 from etils import epath
 
 from distill_jax import images, sampling
-from distill_jax.data import loader
+from distill_jax.data import captions, loader
 from distill_jax.evaluation import classifier as classifier_lib
 from distill_jax.evaluation import metrics, plots, table
 from distill_jax.evaluation.plan import EVALUATORS, Entry, plan, teacher_step_counts
 from distill_jax.run import Run
+from distill_jax.run import prompts as prompt_lib
 from distill_jax.run import workdir as workdir_lib
 
 
 @dataclasses.dataclass
 class _Context:
-    """What every row of one evaluation shares: the run, the classifier, labels, references."""
+    """What every row of one evaluation shares: the run, the classifier, labels, references.
+
+    `labels` is what the samplers are conditioned on (class labels, or a text run's prompt
+    conditions [N, L, 384]); `digits` the class each sample should show; `thickness` a text
+    run's thickness-word ranks (None on a class run).
+    """
 
     run: Run
     classifier: classifier_lib.TrainedClassifier
@@ -45,6 +56,8 @@ class _Context:
     labels: np.ndarray
     batch_size: int
     grids: epath.Path
+    digits: np.ndarray
+    thickness: np.ndarray | None = None
     teacher_refs: dict[tuple[float, int], metrics.FeatureStatistics] = dataclasses.field(
         default_factory=dict
     )
@@ -117,9 +130,13 @@ def _context(run: Run) -> tuple[_Context, dict]:
         rows=int(config.eval.grid_rows),
         title="real data",
     )
-    labels = sampling.class_labels(num, info.num_classes)
+    labels = digits = sampling.class_labels(num, info.num_classes)
+    thickness = None
+    if run.text:
+        prompts, digits, thickness = prompt_lib.evaluation_prompts(num)
+        labels = prompt_lib.encode_prompts(run, prompts)
     batch_size = min(int(config.eval.batch_size), num)
-    ctx = _Context(run, classifier, reference, labels, batch_size, grids)
+    ctx = _Context(run, classifier, reference, labels, batch_size, grids, digits, thickness)
     if run.latent:
         ctx.autoencoder_row = _autoencoder_row(ctx, x_data, labels_data)
     return ctx, data_row
@@ -180,7 +197,10 @@ def _measure(ctx: _Context, entry: Entry, fn) -> dict:
         x = ctx.draw(entry, seed, fn)
         seconds += time.perf_counter() - start
         feats, probs = ctx.classifier.features_and_probs(x)
-        per_seed.append(metrics.sample_metrics(feats, probs, ctx.labels, ctx.reference))
+        per_seed.append(metrics.sample_metrics(feats, probs, ctx.digits, ctx.reference))
+        if ctx.thickness is not None:
+            ink = captions.ink_mass(x)
+            per_seed[-1]["thickness"] = metrics.thickness_adherence(ink, ctx.digits, ctx.thickness)
         if ctx.is_reference(entry):
             ctx.teacher_refs[(entry.w, seed)] = metrics.feature_statistics(feats)
         per_seed[-1]["fd_teacher"] = metrics.frechet_distance(
@@ -190,7 +210,7 @@ def _measure(ctx: _Context, entry: Entry, fn) -> dict:
             images.save_samples_png(
                 ctx.grids / entry.grid_name,
                 images.displayable(x),
-                ctx.labels,
+                ctx.digits,
                 ctx.run.info.num_classes,
                 rows=int(ctx.run.config.eval.grid_rows),
                 title=f"{entry.sampler} N={entry.steps} w={entry.w:g}",
@@ -207,8 +227,9 @@ def _measure(ctx: _Context, entry: Entry, fn) -> dict:
         seeds=len(per_seed),
         grid=f"grids/{entry.grid_name}",
     )
-    for name in ("fd", "fd_teacher", "inception_score", "accuracy", "diversity"):
-        row[name], row[f"{name}_std"] = metrics.mean_and_spread([m[name] for m in per_seed])
+    for name in ("fd", "fd_teacher", "inception_score", "accuracy", "diversity", "thickness"):
+        if name in per_seed[0]:
+            row[name], row[f"{name}_std"] = metrics.mean_and_spread([m[name] for m in per_seed])
     return row
 
 

@@ -6,6 +6,9 @@
 - Inception-Score analogue (IS): exp(E_x KL(p(y | x) || p(y))) of the classifier's softmax;
   between 1 and the number of classes, higher for confident and diverse samples.
 - Conditional accuracy: fraction of samples classified as the label they were generated for.
+- Thickness adherence (text runs): Spearman's rank correlation between the thickness word of
+  each sample's prompt (thin < none < thick) and the sample's ink mass standardised within the
+  digit its prompt names (a 1 has less ink than an 8 whatever the prompt says).
 - Within-class diversity: the mean distance between the features of two samples of the same
   label, averaged over labels; it falls when a sampler collapses onto few modes per class
   (which FD and accuracy can miss at high guidance). Compare it with the real-data row's.
@@ -100,6 +103,19 @@ def sample_metrics(
         accuracy=conditional_accuracy(probs, labels),
         diversity=within_class_diversity(features, labels),
     )
+
+
+def thickness_adherence(ink: np.ndarray, digits: np.ndarray, ranks: np.ndarray) -> float:
+    """Spearman correlation of thickness ranks [N] with ink [N] standardised per digit [N]."""
+    from scipy.stats import spearmanr
+
+    ink, digits = np.asarray(ink, np.float64), np.asarray(digits)
+    standard = np.zeros_like(ink)
+    for digit in np.unique(digits):
+        group = digits == digit
+        spread = ink[group].std()
+        standard[group] = (ink[group] - ink[group].mean()) / (spread if spread > 0 else 1.0)
+    return float(spearmanr(np.asarray(ranks), standard).statistic)
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:

@@ -2,8 +2,9 @@
 
 A row is one (sampler, steps N, guidance weight w) with the mean and seed spread (standard
 deviation over seeds) of FD (to real data), FD to the full-step guided teacher's samples at the
-same w, IS, conditional accuracy and within-class diversity, the network evaluations per sample
-and the sampling time per image.
+same w, IS, conditional accuracy and within-class diversity (on a text run: prompt accuracy, and
+the thickness adherence too), the network evaluations per sample and the sampling time per
+image.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ COLUMNS = (
     "accuracy_std",
     "diversity",
     "diversity_std",
+    "thickness",
+    "thickness_std",
     "seconds_per_image",
     "num_samples",
     "seeds",
@@ -61,16 +64,20 @@ def markdown_table(rows: list[dict], data_row: dict | None = None, *, link_grids
       data_row: the classifier's metrics on real eval-split data, shown as a reference.
       link_grids: a path prefix; when given, each row links its sample grid.
     """
+    text = any("thickness" in row for row in rows)
     header = (
         "| sampler | N | w | evals/sample | FD ↓ | FD to teacher ↓ | IS ↑ | accuracy ↑ | "
-        "diversity | ms/image |"
+        "diversity |" + (" thickness ρ ↑ |" if text else "") + " ms/image |"
     ) + (" grid |" if link_grids else "")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     if data_row is not None:
         lines.append(
             f"| real data ({data_row['split']}) | - | - | - | {data_row['fd']:.3f} | - | "
             f"{data_row['inception_score']:.3f} | {data_row['accuracy']:.3f} | "
-            f"{data_row.get('diversity', float('nan')):.3f} | - |" + (" |" if link_grids else "")
+            f"{data_row.get('diversity', float('nan')):.3f} |"
+            + (" - |" if text else "")
+            + " - |"
+            + (" |" if link_grids else "")
         )
     for row in rows:
         line = (
@@ -78,7 +85,8 @@ def markdown_table(rows: list[dict], data_row: dict | None = None, *, link_grids
             f"{_pm(row, 'fd', 3)} | {_pm(row, 'fd_teacher', 3) if 'fd_teacher' in row else '-'} | "
             f"{_pm(row, 'inception_score', 3)} | "
             f"{_pm(row, 'accuracy', 3)} | {_pm(row, 'diversity', 3)} | "
-            f"{1000 * row['seconds_per_image']:.3f} |"
+            + (f"{_pm(row, 'thickness', 3)} | " if text else "")
+            + f"{1000 * row['seconds_per_image']:.3f} |"
         )
         if link_grids:
             line += f" [png]({link_grids}{row['grid']}) |"

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from distill_jax import trees
+from distill_jax.diffusion.guidance import as_condition
 from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
 from distill_jax.models.embeddings import GUIDANCE_BRANCH
@@ -38,6 +39,7 @@ def build_model(
     data_shape: Sequence[int],
     num_classes: int,
     use_guidance: bool,
+    text_dim: int = 0,
     logsnr_min: float = LOGSNR_MIN,
     logsnr_max: float = LOGSNR_MAX,
 ) -> nn.Module:
@@ -48,6 +50,8 @@ def build_model(
       data_shape: one example's shape, (H, W, C) for 'unet' or (D,) for 'mlp'.
       num_classes: real classes; the embedding gets one more row for the NULL class.
       use_guidance: True for a distilled student (adds the guidance-weight branch).
+      text_dim: width of a text condition's token states (a text-conditioned U-Net); 0 for
+        class labels.
       logsnr_min: `config.diffusion.logsnr_min`, the schedule's lower bound.
       logsnr_max: `config.diffusion.logsnr_max`, the schedule's upper bound.
 
@@ -76,6 +80,8 @@ def build_model(
     if m.kind == "mlp":
         if len(data_shape) != 1:
             raise ValueError(f"config.model.kind='mlp' needs data_shape (D,); got {data_shape}.")
+        if text_dim:
+            raise ValueError("config.model.kind='mlp' conditions on class labels only, not text.")
         return MLPDenoiser(hidden=int(m.mlp_hidden), depth=int(m.mlp_depth), **common)
     if len(data_shape) != 3:
         raise ValueError(f"config.model.kind='unet' needs data_shape (H, W, C); got {data_shape}.")
@@ -88,6 +94,7 @@ def build_model(
         num_res_blocks=int(m.num_res_blocks),
         attn_resolutions=tuple(int(r) for r in m.attn_resolutions),
         num_heads=int(m.num_heads),
+        text_dim=int(text_dim),
         **common,
     )
 
@@ -95,7 +102,11 @@ def build_model(
 def _dummy_inputs(model: nn.Module, data_shape: Sequence[int]) -> tuple:
     z = jnp.zeros((1, *data_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
-    labels = jnp.zeros((1,), jnp.int32)
+    text_dim = getattr(model, "text_dim", 0)
+    # A text model's parameters do not depend on the number of tokens: one (masked) token.
+    labels = jnp.zeros(
+        (1, 1, text_dim) if text_dim else (1,), jnp.float32 if text_dim else jnp.int32
+    )
     w = jnp.zeros((1,), jnp.float32) if model.use_guidance else None
     return z, t, labels, w
 
@@ -127,8 +138,8 @@ class _DenoiserApply:
         labels: jax.Array,
         w: jax.Array | None = None,
     ) -> jax.Array:
-        labels = jnp.asarray(labels, jnp.int32)
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), labels.shape)
+        labels = as_condition(labels)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), labels.shape[:1])
         rngs = {"dropout": dropout_rng} if self.train else None
         output = self.model.apply({"params": params}, z, t, labels, w, train=self.train, rngs=rngs)
         logsnr = logsnr_schedule_cosine(
@@ -147,8 +158,9 @@ def make_denoise_fn(
     """The x-hat denoiser of `model` with `params`: denoise_fn(z, t, labels, w=None) -> xhat.
 
     z [B, ...] noisy data, t [B] (or scalar) times in [0, 1], labels [B] int32 in
-    [0, num_classes], w [B] (or scalar) guidance weights: required for a model with a guidance
-    branch, ignored (may be None) for one without. Returns xhat with z's shape and dtype.
+    [0, num_classes] (or a text model's token states [B, L, D]), w [B] (or scalar) guidance
+    weights: required for a model with a guidance branch, ignored (may be None) for one
+    without. Returns xhat with z's shape and dtype.
 
     With train=True dropout is on and uses `dropout_rng` for every call of the returned
     function; make a new denoise_fn (cheap) with a fresh key per step.

@@ -1,4 +1,4 @@
-"""Conditioning embeddings: log-SNR (time), class label and guidance weight w.
+"""Conditioning embeddings: log-SNR (time), class label or text, and guidance weight w.
 
 The time input of every network is the log-SNR of t under the configured cosine schedule,
 mapped to [0, 1] by arctan(exp(-logsnr / 2)) / (pi / 2) and embedded sinusoidally at the scale
@@ -7,6 +7,12 @@ table with `num_classes + 1` rows; row `num_classes` is the NULL class of classi
 guidance. A distilled student adds a guidance branch, Fourier features of w -> Dense -> swish ->
 Dense, whose last layer starts at zero: the student then equals its teacher at initialisation,
 and its parameters are the teacher's plus the one subtree named `GUIDANCE_BRANCH`.
+
+A text-conditioned network (`text_dim > 0`) takes, instead of labels, the text encoder's token
+states [B, L, text_dim] with zeros at padding (`distill_jax.text_encoder`); their masked mean
+(the sentence embedding) goes through Dense -> swish -> Dense in place of the class embedding,
+and the tokens themselves reach the U-Net's cross-attention blocks. Its null condition is the
+empty prompt's states, not a learned row.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
+from distill_jax.text_encoder import pooled_text
 
 Dtype = Any
 
@@ -107,11 +114,12 @@ class GuidanceEmbedding(nn.Module):
 
 
 class ConditioningEmbedding(nn.Module):
-    """Sum of the time (log-SNR) MLP, the class embedding and, for a student, the w branch.
+    """Sum of the time (log-SNR) MLP, the class (or text) embedding and a student's w branch.
 
     Attributes:
       emb_dim: width of the conditioning vector.
       num_classes: real classes; label `num_classes` is the NULL class.
+      text_dim: width of the text encoder's token states; 0 for class labels.
       use_guidance: add the `GuidanceEmbedding` submodule named `GUIDANCE_BRANCH`.
       guidance_fourier_dim: Fourier features of w in that branch.
       time_features: sinusoidal features of the log-SNR; 0 means emb_dim // 4 (rounded to even).
@@ -121,6 +129,7 @@ class ConditioningEmbedding(nn.Module):
 
     emb_dim: int
     num_classes: int
+    text_dim: int = 0
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
     time_features: int = 0
@@ -130,22 +139,26 @@ class ConditioningEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, t: jax.Array, labels: jax.Array, w: jax.Array | None = None) -> jax.Array:
-        """Embed t [B] (times in [0, 1]), labels [B] int and w [B] -> [B, emb_dim].
+        """Embed t [B] (times in [0, 1]), labels [B] int (or text [B, L, D]) and w [B].
 
-        A scalar t or w is broadcast to the batch. w is required when `use_guidance` and
-        ignored otherwise, so a teacher and its student share one call signature.
+        Returns [B, emb_dim]. A scalar t or w is broadcast to the batch. w is required when
+        `use_guidance` and ignored otherwise, so a teacher and its student share one signature.
         """
-        labels = jnp.asarray(labels, jnp.int32)
-        batch = labels.shape[0]
+        batch = jnp.shape(labels)[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
         logsnr = logsnr_schedule_cosine(t, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
         features = self.time_features or max(2, 2 * (self.emb_dim // 8))
         h = sinusoidal_embedding(logsnr_to_unit_interval(logsnr), features)
         h = nn.Dense(self.emb_dim, dtype=self.dtype, name="time_dense_0")(h)
         h = nn.Dense(self.emb_dim, dtype=self.dtype, name="time_dense_1")(nn.swish(h))
-        emb = h + nn.Embed(
-            self.num_classes + 1, self.emb_dim, dtype=self.dtype, name="class_embed"
-        )(labels)
+        if self.text_dim:
+            pooled = pooled_text(jnp.asarray(labels, jnp.float32))
+            text = nn.Dense(self.emb_dim, dtype=self.dtype, name="text_dense_0")(pooled)
+            emb = h + nn.Dense(self.emb_dim, dtype=self.dtype, name="text_dense_1")(nn.swish(text))
+        else:
+            emb = h + nn.Embed(
+                self.num_classes + 1, self.emb_dim, dtype=self.dtype, name="class_embed"
+            )(jnp.asarray(labels, jnp.int32))
         if self.use_guidance:
             if w is None:
                 raise ValueError(

@@ -4,7 +4,10 @@ Layout: input conv; per level `num_res_blocks` ResBlocks (plus self-attention wh
 feature map's height is in `attn_resolutions`) and a strided-conv downsample between levels;
 middle ResBlock -> attention -> ResBlock; the mirrored up path with skip concatenation and
 nearest-neighbour upsampling; GroupNorm -> swish -> zero-initialised conv to the output.
-ResBlocks take the conditioning vector as FiLM, norm(h) * (1 + scale) + shift. Every residual
+ResBlocks take the conditioning vector as FiLM, norm(h) * (1 + scale) + shift. A text-conditioned
+U-Net (`text_dim > 0`) follows every self-attention block with a cross-attention block whose
+queries are the feature map's positions and whose keys and values are the prompt's token
+states (padding masked out). Every residual
 branch ends in a zero-initialised layer, and so does the output conv, so a fresh network
 outputs exactly zero.
 
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN
 from distill_jax.models.embeddings import ConditioningEmbedding
+from distill_jax.text_encoder import text_mask
 
 Dtype = Any
 
@@ -103,6 +107,36 @@ class AttentionBlock(nn.Module):
         return x + h.reshape(b, height, width, c)
 
 
+class CrossAttentionBlock(nn.Module):
+    """Attention from the feature map's positions to the prompt's tokens, zero-initialised out.
+
+    Maps x [B, H, W, C] and context [B, L, D] (zeros at padding) to [B, H, W, C].
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """Apply GroupNorm, attention to the unmasked tokens, and the residual sum."""
+        b, height, width, c = x.shape
+        head_dim = c // self.num_heads
+        h = nn.GroupNorm(num_groups(c), dtype=self.dtype, name="norm")(x)
+        q = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name="q")(
+            h.reshape(b, height * width, c)
+        )
+        ctx = nn.LayerNorm(dtype=self.dtype, name="context_norm")(context)
+        kv = nn.DenseGeneral((2, self.num_heads, head_dim), dtype=self.dtype, name="kv")(ctx)
+        mask = text_mask(context)[:, None, None, :]  # [B, 1, 1, L]: query x key
+        h = nn.dot_product_attention(
+            q, kv[:, :, 0], kv[:, :, 1], mask=mask, dtype=self.dtype, force_fp32_for_softmax=True
+        )
+        h = nn.DenseGeneral(
+            c, axis=(-2, -1), dtype=self.dtype, kernel_init=_zeros, name="proj_out"
+        )(h)
+        return x + h.reshape(b, height, width, c)
+
+
 class UNet(nn.Module):
     """Class-conditional U-Net for images; see the module docstring for the layout.
 
@@ -114,6 +148,7 @@ class UNet(nn.Module):
       num_heads: attention heads.
       dropout: dropout rate inside ResBlocks (active only with train=True).
       num_classes: real classes; label `num_classes` is the NULL class.
+      text_dim: width of the text condition's token states; 0 conditions on class labels.
       use_guidance: add the guidance-weight branch of a distilled student.
       guidance_fourier_dim: Fourier features of w in that branch.
       parameterisation: 'eps', 'x', 'v' or 'both' (which doubles the output channels).
@@ -129,6 +164,7 @@ class UNet(nn.Module):
     num_heads: int = 4
     dropout: float = 0.0
     num_classes: int = 10
+    text_dim: int = 0
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
     parameterisation: str = "v"
@@ -140,10 +176,15 @@ class UNet(nn.Module):
     def _res(self, h: jax.Array, emb: jax.Array, channels: int, name: str, train: bool):
         return ResBlock(channels, self.dropout, dtype=self.dtype, name=name)(h, emb, train=train)
 
-    def _attn(self, h: jax.Array, name: str) -> jax.Array:
-        return AttentionBlock(self.num_heads, dtype=self.dtype, name=name)(h)
+    def _attn(self, h: jax.Array, context: jax.Array | None, name: str) -> jax.Array:
+        """Self-attention, then (text U-Net) cross-attention to the prompt's tokens."""
+        h = AttentionBlock(self.num_heads, dtype=self.dtype, name=name)(h)
+        if context is not None:
+            cross = CrossAttentionBlock(self.num_heads, dtype=self.dtype, name=f"{name}_cross")
+            h = cross(h, context)
+        return h
 
-    def _down_path(self, h: jax.Array, emb: jax.Array, train: bool):
+    def _down_path(self, h: jax.Array, emb: jax.Array, context: jax.Array | None, train: bool):
         """Encoder: ResBlocks (and attention) per level, stride-2 convs between levels.
 
         Returns the bottom activation and the skip connections the decoder consumes.
@@ -154,7 +195,7 @@ class UNet(nn.Module):
             for i in range(self.num_res_blocks):
                 h = self._res(h, emb, self.channels * mult, f"down_{level}_res_{i}", train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = self._attn(h, f"down_{level}_attn_{i}")
+                    h = self._attn(h, context, f"down_{level}_attn_{i}")
                 skips.append(h)
             if level != last:
                 h = nn.Conv(
@@ -167,14 +208,16 @@ class UNet(nn.Module):
                 skips.append(h)
         return h, skips
 
-    def _up_path(self, h: jax.Array, skips: list, emb: jax.Array, train: bool) -> jax.Array:
+    def _up_path(
+        self, h: jax.Array, skips: list, emb: jax.Array, context: jax.Array | None, train: bool
+    ) -> jax.Array:
         """Decoder: one more ResBlock per level than the encoder, each fed a skip connection."""
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = self._res(h, emb, self.channels * mult, f"up_{level}_res_{i}", train)
                 if h.shape[1] in self.attn_resolutions:
-                    h = self._attn(h, f"up_{level}_attn_{i}")
+                    h = self._attn(h, context, f"up_{level}_attn_{i}")
             if level != 0:
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
                 h = nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=f"up_{level}_upsample")(h)
@@ -195,7 +238,8 @@ class UNet(nn.Module):
         Args:
           z: noisy images [B, H, W, C].
           t: times [B] (or a scalar, broadcast).
-          labels: [B] int32 in [0, num_classes]; num_classes is the NULL class.
+          labels: [B] int32 in [0, num_classes] (num_classes is the NULL class), or for a
+            text U-Net the token states [B, L, text_dim] with zeros at padding.
           w: guidance weights [B]; required when use_guidance, ignored otherwise.
           train: enables dropout (then apply needs rngs={'dropout': key}).
 
@@ -209,6 +253,7 @@ class UNet(nn.Module):
         emb = ConditioningEmbedding(
             emb_dim=emb_dim,
             num_classes=self.num_classes,
+            text_dim=self.text_dim,
             use_guidance=self.use_guidance,
             guidance_fourier_dim=self.guidance_fourier_dim,
             time_features=self.channels,
@@ -217,15 +262,16 @@ class UNet(nn.Module):
             dtype=self.dtype,
             name="cond",
         )(t, labels, w)
+        context = jnp.asarray(labels, self.dtype) if self.text_dim else None
 
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="input_conv")(
             z.astype(self.dtype)
         )
-        h, skips = self._down_path(h, emb, train)
+        h, skips = self._down_path(h, emb, context, train)
         h = self._res(h, emb, h.shape[-1], "mid_res_0", train)
-        h = self._attn(h, "mid_attn")
+        h = self._attn(h, context, "mid_attn")
         h = self._res(h, emb, h.shape[-1], "mid_res_1", train)
-        h = self._up_path(h, skips, emb, train)
+        h = self._up_path(h, skips, emb, context, train)
         h = nn.GroupNorm(num_groups(h.shape[-1]), dtype=self.dtype, name="out_norm")(h)
         h = nn.Conv(out_channels, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="out_conv")(
             nn.swish(h)

@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 from jax.tree_util import Partial
 
-from distill_jax import checkpoints
+from distill_jax import checkpoints, text_encoder
 from distill_jax import config as config_lib
 from distill_jax.data import sources
 from distill_jax.diffusion import gmm, guidance
@@ -127,6 +127,23 @@ class Run:
     def latent(self) -> bool:
         """Whether diffusion runs on the latents of an autoencoder stage."""
         return bool(self.config.autoencoder.enabled)
+
+    @property
+    def text(self) -> bool:
+        """Whether the run conditions on text (prompts) instead of class labels."""
+        return bool(self.config.text.enabled)
+
+    def text_encoder(self) -> text_encoder.TextEncoder:
+        """The frozen text encoder of a text run (loaded once per process)."""
+        text = self.config.text
+        return text_encoder.load_text_encoder(text.encoder_dir, int(text.max_tokens))
+
+    @property
+    def null_condition(self) -> int | np.ndarray:
+        """What guidance's unconditional half sees: the null class, or the empty prompt."""
+        if not self.text:
+            return int(self.info.num_classes)
+        return self.text_encoder().encode([""])[0][0]
 
     @classmethod
     def create(
@@ -367,7 +384,7 @@ class Run:
         """
         cond_fn = self.denoise_fn(self.stage("teacher"))
         return guidance.make_guided_denoise_fn(
-            cond_fn, null_label=self.info.num_classes, unguided_steps=unguided_steps
+            cond_fn, null_label=self.null_condition, unguided_steps=unguided_steps
         )
 
     def checkpointer(self, spec: stages_lib.StageSpec) -> checkpoints.StageCheckpointer:

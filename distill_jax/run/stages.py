@@ -18,6 +18,7 @@ import flax.linen as nn
 import ml_collections
 
 from distill_jax import config as config_lib
+from distill_jax import text_encoder
 from distill_jax.data import sources
 from distill_jax.models import autoencoder, denoiser
 
@@ -33,6 +34,7 @@ def _denoiser_factory(use_guidance: bool) -> ModelFactory:
             data_shape=tuple(info.shape),
             num_classes=info.num_classes,
             use_guidance=use_guidance,
+            text_dim=text_encoder.WIDTH if config.text.enabled else 0,
             logsnr_min=config.diffusion.logsnr_min,
             logsnr_max=config.diffusion.logsnr_max,
         )

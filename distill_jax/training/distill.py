@@ -81,7 +81,7 @@ def make_stage_one_loss(
     student: nn.Module,
     teacher_denoiser: TeacherDenoiser,
     *,
-    num_classes: int,
+    null_condition: Any,
     diffusion: ml_collections.ConfigDict,
     guidance: ml_collections.ConfigDict,
 ) -> LossFn:
@@ -99,7 +99,7 @@ def make_stage_one_loss(
         t = jax.random.uniform(t_rng, (x.shape[0],))
         z = schedule.q_sample(x, t, eps, **bounds)
         teacher_fn = teacher_denoiser(teacher_state)
-        target = guidance_lib.guided_xhat(teacher_fn, z, t, labels, w, null_label=num_classes)
+        target = guidance_lib.guided_xhat(teacher_fn, z, t, labels, w, null_label=null_condition)
         return _student_regression(
             student, params, z, t, labels, w, target, dropout_rng, diffusion=diffusion
         )

@@ -71,7 +71,7 @@ def _teacher_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop.Sta
     """The teacher: a fresh network trained with label dropout."""
     del teacher_state  # trained from data alone
     loss_fn = teacher.make_teacher_loss(
-        run.model(spec), num_classes=run.info.num_classes, diffusion=run.config.diffusion
+        run.model(spec), null_condition=run.null_condition, diffusion=run.config.diffusion
     )
     key = jax.random.PRNGKey(spec.seed)
     return _stage(run, spec, loss_fn, lambda _: run.init_params(spec, key))
@@ -95,7 +95,7 @@ def _stage_one_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop.S
     loss_fn = distill.make_stage_one_loss(
         run.model(spec),
         lambda state: run.denoise_fn(teacher_spec, state),
-        num_classes=run.info.num_classes,
+        null_condition=run.null_condition,
         diffusion=run.config.diffusion,
         guidance=run.config.guidance,
     )

@@ -1,0 +1,36 @@
+"""Text-conditioned digits: captions through a frozen MiniLM encoder, cross-attention U-Net.
+
+Usage: --config=configs/digits_text.py (full run) or --config=configs/digits_text.py:smoke
+(a tiny end-to-end run for CI). The dataset ('digits_text', distill_jax/data/captions.py) is
+prepared on first use from the bundled digits and the pinned encoder weights (about 10 s).
+Guidance is against the empty prompt; the evaluation prompts come from held-out templates.
+"""
+
+import importlib.util
+import pathlib
+
+
+def _digits_latent_module():
+    """configs/digits_latent.py, whose `digits_config` loads configs/digits.py's config."""
+    path = pathlib.Path(__file__).with_name("digits_latent.py")
+    spec = importlib.util.spec_from_file_location("distill_jax_digits_latent_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(variant: str = ""):
+    """The text config; `variant` is '' (default) or 'smoke' (as configs/digits.py's)."""
+    if variant not in ("", "smoke"):
+        raise ValueError(
+            f"configs/digits_text.py variant {variant!r} is unknown: accepted '', 'smoke'."
+        )
+    c = _digits_latent_module().digits_config(variant)
+    c.data.name = "digits_text"
+    c.text.enabled = True
+    c.text.max_tokens = 16  # the length the dataset's conditions were encoded with
+    c.eval.teacher_steps = (32,) if not variant else (8,)
+    c.eval.student_steps = (8, 4, 1) if not variant else ()
+    c.eval.num_samples = 300 if not variant else 60  # multiples of 30: balanced prompts
+    c.eval.guidance_weights = (0.0, 1.0, 2.0, 4.0) if not variant else (0.0, 2.0)
+    return c
