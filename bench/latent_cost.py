@@ -36,7 +36,7 @@ def main(spec: str) -> None:
         lambda p, x: ae_model.apply({"params": p}, x, method=ae_model.encode)[0], ae_params, images
     )
     loss = teacher.make_teacher_loss(
-        run.model(teacher_spec), num_classes=run.info.num_classes, diffusion=config.diffusion
+        run.model(teacher_spec), null_condition=run.null_condition, diffusion=config.diffusion
     )
     data = {"x": jnp.zeros((batch, *run.info.shape)), "label": jnp.zeros((batch,), jnp.int32)}
     params = run.init_params(teacher_spec, jax.random.PRNGKey(0))
