@@ -56,7 +56,7 @@ class _Context:
     labels: np.ndarray
     batch_size: int
     grids: epath.Path
-    digits: np.ndarray
+    digits: np.ndarray | None = None
     thickness: np.ndarray | None = None
     teacher_refs: dict[tuple[float, int], metrics.FeatureStatistics] = dataclasses.field(
         default_factory=dict
