@@ -13,6 +13,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -98,44 +99,11 @@ CASES = [
     # Config values: every count, range and finite number is checked before anything is written.
     ("negative_teacher_steps", [*T, "--config.teacher.num_steps=-5"], "teacher.num_steps=-5"),
     ("zero_teacher_steps", [*T, "--config.teacher.num_steps=0"], "teacher.num_steps=0"),
-    ("zero_stage1_steps", [*D, "--config.stage1.num_steps=0"], "stage1.num_steps=0"),
-    ("zero_round_steps", [*D, "--config.stage2.steps_per_round=0"], "stage2.steps_per_round=0"),
-    (
-        "zero_final_steps",
-        [*D, "--config.stage2.final_steps_per_round=0"],
-        "final_steps_per_round=0",
-    ),
-    ("negative_final_rounds", [*D, "--config.stage2.final_rounds=-1"], "stage2.final_rounds=-1"),
-    ("zero_batch", [*T, "--config.teacher.batch_size=0"], "teacher.batch_size=0"),
-    ("negative_lr", [*T, "--config.teacher.optimizer.learning_rate=-1"], "learning_rate=-1"),
     ("nan_lr", [*T, "--config.stage1.optimizer.learning_rate=nan"], "learning_rate=nan"),
-    ("inf_lr", [*T, "--config.stage2.optimizer.learning_rate=inf"], "learning_rate=inf"),
-    ("negative_warmup", [*T, "--config.teacher.optimizer.warmup_steps=-1"], "warmup_steps=-1"),
-    ("unknown_decay", [*T, "--config.teacher.optimizer.decay=exponential"], "exponential"),
-    ("ema_above_one", [*T, "--config.teacher.optimizer.ema_decay=1.5"], "ema_decay=1.5"),
-    ("negative_clip", [*T, "--config.teacher.optimizer.grad_clip=-1"], "grad_clip=-1"),
-    ("negative_weight_decay", [*T, "--config.stage1.optimizer.weight_decay=-0.1"], "weight_decay"),
-    ("nan_w_max", [*T, "--config.guidance.w_max=nan"], "w_max=nan"),
     ("w_min_above_w_max", [*T, "--config.guidance.w_min=5"], "w_min <= w_max"),
-    ("w_min_below_minus_one", [*T, "--config.guidance.w_min=-3"], "w_min=-3"),
-    ("p_uncond_above_one", [*T, "--config.diffusion.p_uncond=1.5"], "p_uncond=1.5"),
-    ("logsnr_order", [*T, "--config.diffusion.logsnr_min=30"], "logsnr_min=30"),
-    ("unknown_weighting", [*T, "--config.diffusion.loss_weighting=foo"], "foo"),
-    ("unknown_model_kind", [*T, "--config.model.kind=transformer"], "transformer"),
-    ("unknown_parameterisation", [*T, "--config.model.parameterisation=z"], "parameterisation='z'"),
-    ("unknown_dtype", [*T, "--config.model.dtype=int8"], "int8"),
-    ("zero_channels", [*T, "--config.model.channels=0"], "model.channels=0"),
-    ("dropout_above_one", [*T, "--config.model.dropout=1.5"], "dropout=1.5"),
     ("n_start_not_power", [*D, "--config.stage2.n_start=12"], "n_start"),
-    ("n_end_zero", [*D, "--config.stage2.n_end=0"], "n_start"),
-    ("zero_checkpoint_every", [*T, "--config.train.checkpoint_every=0"], "checkpoint_every=0"),
-    ("zero_keep", [*T, "--config.train.keep_checkpoints=0"], "keep_checkpoints=0"),
-    ("zero_log_every", [*T, "--config.train.log_every=0"], "log_every=0"),
-    ("zero_fsdp", [*T, "--config.train.mesh_fsdp_axis=0"], "mesh_fsdp_axis=0"),
-    ("zero_eval_samples", [*T, "--config.eval.num_samples=0"], "eval.num_samples=0"),
-    ("zero_eval_seeds", [*T, "--config.eval.seeds=0"], "eval.seeds=0"),
-    ("nan_eval_weight", [*T, "--config.eval.guidance_weights=(0.0,nan)"], "guidance_weights"),
     ("exact_gmm_on_digits", [*T, "--config.teacher.kind=exact_gmm"], "exact_gmm"),
+    ("text_on_class_data", [*T, "--config.text.enabled=True"], "text.enabled=True"),
     ("unknown_dataset", [*T, "--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),
     # Workdirs and their records.
     (
@@ -195,6 +163,7 @@ CASES = [
     ("teacher_nan_guidance", [*S, "--model=teacher", "--guidance=nan"], "guidance=nan"),
     ("guidance_out_of_range", [*S[:3], "--guidance=99", S[4]], "trained range"),
     ("zero_num", [*S, "--num=0"], "num=0"),
+    ("prompt_on_class_run", [*S, "--prompt=a thick seven"], "conditions on class labels"),
     ("schedule_outside_unit", [*S, "--guidance_schedule=interval:0.5,1.5"], "0 <= LO <= HI"),
     ("schedule_reversed", [*S, "--guidance_schedule=interval:0.8,0.2"], "interval [0.8, 0.2]"),
     ("schedule_unknown", [*S, "--guidance_schedule=cosine"], "accepted 'constant'"),
@@ -240,6 +209,52 @@ CASES = [
     ("sampler_tampered_file_name", ["RUN_SAMPLER", "{tampered}"], "weights.npz"),
     ("sampler_damaged_weights", ["RUN_SAMPLER", "{damaged}"], "weights.npz is damaged"),
 ]
+
+# Config values checked in-process (the same `validate_config` the CLI runs before anything is
+# written; the CLI table above keeps a few of them end to end): (id, key, value, message).
+CONFIG_VALUE_CASES = [
+    ("zero_stage1_steps", "stage1.num_steps", 0, "stage1.num_steps=0"),
+    ("zero_round_steps", "stage2.steps_per_round", 0, "stage2.steps_per_round=0"),
+    ("zero_final_steps", "stage2.final_steps_per_round", 0, "final_steps_per_round=0"),
+    ("negative_final_rounds", "stage2.final_rounds", -1, "stage2.final_rounds=-1"),
+    ("zero_batch", "teacher.batch_size", 0, "teacher.batch_size=0"),
+    ("negative_lr", "teacher.optimizer.learning_rate", -1, "learning_rate=-1"),
+    ("inf_lr", "stage2.optimizer.learning_rate", float("inf"), "learning_rate=inf"),
+    ("negative_warmup", "teacher.optimizer.warmup_steps", -1, "warmup_steps=-1"),
+    ("unknown_decay", "teacher.optimizer.decay", "exponential", "exponential"),
+    ("ema_above_one", "teacher.optimizer.ema_decay", 1.5, "ema_decay=1.5"),
+    ("negative_clip", "teacher.optimizer.grad_clip", -1, "grad_clip=-1"),
+    ("negative_weight_decay", "stage1.optimizer.weight_decay", -0.1, "weight_decay"),
+    ("nan_w_max", "guidance.w_max", float("nan"), "w_max=nan"),
+    ("w_min_below_minus_one", "guidance.w_min", -3, "w_min=-3"),
+    ("p_uncond_above_one", "diffusion.p_uncond", 1.5, "p_uncond=1.5"),
+    ("logsnr_order", "diffusion.logsnr_min", 30, "logsnr_min=30"),
+    ("unknown_weighting", "diffusion.loss_weighting", "foo", "foo"),
+    ("unknown_model_kind", "model.kind", "transformer", "transformer"),
+    ("unknown_parameterisation", "model.parameterisation", "z", "parameterisation='z'"),
+    ("unknown_dtype", "model.dtype", "int8", "int8"),
+    ("zero_channels", "model.channels", 0, "model.channels=0"),
+    ("dropout_above_one", "model.dropout", 1.5, "dropout=1.5"),
+    ("n_end_zero", "stage2.n_end", 0, "n_start"),
+    ("zero_checkpoint_every", "train.checkpoint_every", 0, "checkpoint_every=0"),
+    ("zero_keep", "train.keep_checkpoints", 0, "keep_checkpoints=0"),
+    ("zero_log_every", "train.log_every", 0, "log_every=0"),
+    ("zero_fsdp", "train.mesh_fsdp_axis", 0, "mesh_fsdp_axis=0"),
+    ("zero_eval_samples", "eval.num_samples", 0, "eval.num_samples=0"),
+    ("zero_eval_seeds", "eval.seeds", 0, "eval.seeds=0"),
+    ("nan_eval_weight", "eval.guidance_weights", (0.0, float("nan")), "guidance_weights"),
+]
+
+
+@pytest.mark.parametrize(
+    "case_id, key, value, expected", CONFIG_VALUE_CASES, ids=[c[0] for c in CONFIG_VALUE_CASES]
+)
+def test_config_value_is_refused_naming_key_and_value(case_id, key, value, expected):
+    from distill_jax import config as config_lib
+
+    config = config_lib.load_config(SMOKE, {key: value})
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        config_lib.validate_config(config)
 
 
 def _artifacts(root: pathlib.Path, run: pathlib.Path) -> dict[str, pathlib.Path]:
