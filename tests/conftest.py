@@ -47,6 +47,27 @@ STANDALONE = NO_DISTILL_JAX + textwrap.dedent(
 )
 
 
+def sample_standalone(artifact, tmp_path, noise, labels, w):
+    """Images of the exported sampler at `artifact` on these inputs, from a fresh interpreter
+    that cannot import distill_jax (`STANDALONE`, with only PATH and HOME of the environment)."""
+    import numpy as np
+
+    np.savez(tmp_path / "inputs.npz", noise=noise, labels=labels, w=w)
+    (tmp_path / "standalone.py").write_text(STANDALONE)
+    env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    env["JAX_PLATFORMS"] = "cpu"
+    result = subprocess.run(
+        [sys.executable, "standalone.py", str(artifact), "inputs.npz", "out.npy"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "STANDALONE OK" in result.stdout, result.stderr[-3000:]
+    return np.load(tmp_path / "out.npy")
+
+
 def snapshot(directory) -> dict | None:
     """{relative path: (content hash or 'dir', mtime)} of everything under `directory`.
 

@@ -5,7 +5,6 @@ evaluation, report) is shared by the module; the other tests train only what the
 """
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import STANDALONE, snapshot
+from conftest import sample_standalone, snapshot
 
 from distill_jax import export, sampling
 from distill_jax.config import load_config
@@ -96,20 +95,7 @@ def test_latent_export_in_a_separate_process_matches_library_sampling(latent_wor
     noise = rng.standard_normal((5, 8, 8, 4)).astype(np.float32)
     labels = rng.integers(0, 10, 5).astype(np.int32)
     w = rng.uniform(0.0, 2.0, 5).astype(np.float32)
-    np.savez(tmp_path / "inputs.npz", noise=noise, labels=labels, w=w)
-    (tmp_path / "standalone.py").write_text(STANDALONE)
-    env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "standalone.py", str(artifact), "inputs.npz", "out.npy"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "STANDALONE OK" in result.stdout, result.stderr[-3000:]
-    exported = np.load(tmp_path / "out.npy")
+    exported = sample_standalone(artifact, tmp_path, noise, labels, w)
     run = Run.open(latent_workdir)
     fn = sampling.denoise_fn(run, "student", 2)
     z = samplers.ddim_sample(fn, noise, labels, w, steps=2, **run.bounds)

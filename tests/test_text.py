@@ -235,7 +235,7 @@ def test_condition_kind_mismatches_are_one_clear_line(text_workdir, smoke_workdi
 
 
 def test_text_export_in_a_separate_process_matches_library_sampling(text_workdir, tmp_path):
-    from conftest import STANDALONE
+    from conftest import sample_standalone
 
     from distill_jax import export, sampling
     from distill_jax.diffusion import samplers
@@ -250,29 +250,17 @@ def test_text_export_in_a_separate_process_matches_library_sampling(text_workdir
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((3, 8, 8, 1)).astype(np.float32)
     w = rng.uniform(0.0, 4.0, 3).astype(np.float32)
-    np.savez(tmp_path / "inputs.npz", noise=noise, labels=labels, w=w)
-    (tmp_path / "standalone.py").write_text(STANDALONE)
-    env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
-    env["JAX_PLATFORMS"] = "cpu"
-    result = subprocess.run(
-        [sys.executable, "standalone.py", str(artifact), "inputs.npz", "out.npy"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0 and "STANDALONE OK" in result.stdout, result.stderr[-3000:]
+    exported = sample_standalone(artifact, tmp_path, noise, labels, w)
     fn = sampling.denoise_fn(run, "student", 4)
     library = np.clip(
         np.asarray(samplers.ddim_sample(fn, noise, labels, w, steps=4, **run.bounds)), -1, 1
     )
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), library, atol=2e-5)
+    np.testing.assert_allclose(exported, library, atol=2e-5)
     # Its command line refuses class labels in one line and says what it takes.
     loader = subprocess.run(
         [sys.executable, str(artifact / "run_sampler.py"), str(artifact), "--label=3"],
         cwd=tmp_path,
-        env=env,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
         capture_output=True,
         text=True,
         timeout=300,

@@ -19,17 +19,16 @@ float16 'condition' feature [MAX_TOKENS, 384] beside the image, the digit and th
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from distill_jax import text_encoder
 from distill_jax.data.digits import (
     IMAGE_SHAPE,
     NUM_CLASSES,
+    BundledBuilder,
     digits_arrays,
     png_bytes,
     split_indices,
@@ -127,17 +126,11 @@ def split_captions(split: str) -> tuple[np.ndarray, list[int], list[str]]:
     return indices, [int(labels[i]) for i in indices], captions
 
 
-class DistillJaxDigitsText(tfds.core.GeneratorBasedBuilder):
+class DistillJaxDigitsText(BundledBuilder):
     """The digits with captions and their text-encoder conditions ('distill_jax_digits_text')."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Two captions per training digit, MiniLM conditions, 16 tokens."}
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """The file defining this builder (see DistillJaxDigits.code_path)."""
-        return epath.Path(inspect.getfile(cls))
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(

@@ -57,11 +57,8 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class DistillJaxDigits(tfds.core.GeneratorBasedBuilder):
-    """scikit-learn's 8x8 handwritten digits, registered in TFDS as 'distill_jax_digits'."""
-
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: stratified 1,497 train / 300 test split."}
+class BundledBuilder(tfds.core.GeneratorBasedBuilder):
+    """Base of the builders of data shipped with the packages (abstract: not registered)."""
 
     # tfds 4.9.10's default `code_path` evaluates `importlib_resources.abc.Traversable`
     # for classes inside an installed package, and `importlib_resources` is only a tfds
@@ -71,6 +68,13 @@ class DistillJaxDigits(tfds.core.GeneratorBasedBuilder):
     def code_path(cls) -> epath.Path:
         """The file defining this builder (where TFDS looks for checksums and metadata)."""
         return epath.Path(inspect.getfile(cls))
+
+
+class DistillJaxDigits(BundledBuilder):
+    """scikit-learn's 8x8 handwritten digits, registered in TFDS as 'distill_jax_digits'."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: stratified 1,497 train / 300 test split."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
