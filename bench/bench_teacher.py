@@ -1,6 +1,7 @@
 """Teacher train-step throughput, achieved FLOP/s and memory, beside a matmul's FLOP/s.
 
-Prints, for the digits config (8x8x1) and the same network on 32x32x3 images: images/s, the
+Prints, for the digits config (8x8x1), the text-conditioned digits (8x8x1, 16-token prompts)
+and the same network on 32x32x3 images: images/s, the
 step's FLOPs from XLA's cost analysis, the FLOP/s this achieves, the FLOP/s of a large float32
 matmul measured in the same process (what this device can do on dense work), the compiled
 step's memory (arguments + temporaries, from XLA's memory analysis) and the process's peak
@@ -54,9 +55,14 @@ def teacher_step(config, info: DatasetInfo, batch_size: int):
         donate_argnums=(0,),
     )
     key = jax.random.PRNGKey(1)
+    labels = jax.random.randint(key, (batch_size,), 0, info.num_classes)
+    if config.text.enabled:  # text conditions: random token states, the last 6 positions padding
+        tokens = int(config.text.max_tokens)
+        labels = jax.random.normal(key, (batch_size, tokens, 384))
+        labels = labels * (jnp.arange(tokens) < tokens - 6)[None, :, None]
     batch = {
         "x": jax.random.uniform(key, (batch_size, *info.shape), minval=-1, maxval=1),
-        "label": jax.random.randint(key, (batch_size,), 0, info.num_classes),
+        "label": labels,
     }
     batch = loader.to_global_batch(jax.device_get(batch), parallel.batch_sharded(mesh))
     return step.lower(state, batch, None).compile(), state, batch
@@ -95,6 +101,10 @@ def main() -> None:
     digits = load_config("configs/digits.py")
     bench_config(
         "digits", digits, DatasetInfo("digits", (8, 8, 1), 10, None, None), args.batch, args.steps
+    )
+    text = load_config("configs/digits_text.py")
+    bench_config(
+        "text", text, DatasetInfo("digits_text", (8, 8, 1), 10, None, None), args.batch, args.steps
     )
     rgb32 = load_config("configs/digits.py")
     rgb32.model.attn_resolutions = (16,)

@@ -5,9 +5,10 @@ feature map's height is in `attn_resolutions`) and a strided-conv downsample bet
 middle ResBlock -> attention -> ResBlock; the mirrored up path with skip concatenation and
 nearest-neighbour upsampling; GroupNorm -> swish -> zero-initialised conv to the output.
 ResBlocks take the conditioning vector as FiLM, norm(h) * (1 + scale) + shift. A text-conditioned
-U-Net (`text_dim > 0`) follows every self-attention block with a cross-attention block whose
-queries are the feature map's positions and whose keys and values are the prompt's token
-states (padding masked out). Every residual
+U-Net (`text_dim > 0`) normalises and projects the prompt's token states to the conditioning
+width once, and follows every self-attention block with a cross-attention block whose queries
+are the feature map's positions and whose keys and values come from those projected tokens
+(padding masked out). Every residual
 branch ends in a zero-initialised layer, and so does the output conv, so a fresh network
 outputs exactly zero.
 
@@ -110,14 +111,15 @@ class AttentionBlock(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """Attention from the feature map's positions to the prompt's tokens, zero-initialised out.
 
-    Maps x [B, H, W, C] and context [B, L, D] (zeros at padding) to [B, H, W, C].
+    Maps x [B, H, W, C], the projected tokens context [B, L, E] and their mask [B, L] (True
+    at real tokens) to [B, H, W, C].
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array) -> jax.Array:
         """Apply GroupNorm, attention to the unmasked tokens, and the residual sum."""
         b, height, width, c = x.shape
         head_dim = c // self.num_heads
@@ -125,9 +127,8 @@ class CrossAttentionBlock(nn.Module):
         q = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name="q")(
             h.reshape(b, height * width, c)
         )
-        ctx = nn.LayerNorm(dtype=self.dtype, name="context_norm")(context)
-        kv = nn.DenseGeneral((2, self.num_heads, head_dim), dtype=self.dtype, name="kv")(ctx)
-        mask = text_mask(context)[:, None, None, :]  # [B, 1, 1, L]: query x key
+        kv = nn.DenseGeneral((2, self.num_heads, head_dim), dtype=self.dtype, name="kv")(context)
+        mask = mask[:, None, None, :]  # [B, 1, 1, L]: query x key
         h = nn.dot_product_attention(
             q, kv[:, :, 0], kv[:, :, 1], mask=mask, dtype=self.dtype, force_fp32_for_softmax=True
         )
@@ -176,15 +177,15 @@ class UNet(nn.Module):
     def _res(self, h: jax.Array, emb: jax.Array, channels: int, name: str, train: bool):
         return ResBlock(channels, self.dropout, dtype=self.dtype, name=name)(h, emb, train=train)
 
-    def _attn(self, h: jax.Array, context: jax.Array | None, name: str) -> jax.Array:
+    def _attn(self, h: jax.Array, context: tuple | None, name: str) -> jax.Array:
         """Self-attention, then (text U-Net) cross-attention to the prompt's tokens."""
         h = AttentionBlock(self.num_heads, dtype=self.dtype, name=name)(h)
         if context is not None:
             cross = CrossAttentionBlock(self.num_heads, dtype=self.dtype, name=f"{name}_cross")
-            h = cross(h, context)
+            h = cross(h, *context)
         return h
 
-    def _down_path(self, h: jax.Array, emb: jax.Array, context: jax.Array | None, train: bool):
+    def _down_path(self, h: jax.Array, emb: jax.Array, context: tuple | None, train: bool):
         """Encoder: ResBlocks (and attention) per level, stride-2 convs between levels.
 
         Returns the bottom activation and the skip connections the decoder consumes.
@@ -209,7 +210,7 @@ class UNet(nn.Module):
         return h, skips
 
     def _up_path(
-        self, h: jax.Array, skips: list, emb: jax.Array, context: jax.Array | None, train: bool
+        self, h: jax.Array, skips: list, emb: jax.Array, context: tuple | None, train: bool
     ) -> jax.Array:
         """Decoder: one more ResBlock per level than the encoder, each fed a skip connection."""
         for level, mult in reversed(list(enumerate(self.channel_mult))):
@@ -262,7 +263,15 @@ class UNet(nn.Module):
             dtype=self.dtype,
             name="cond",
         )(t, labels, w)
-        context = jnp.asarray(labels, self.dtype) if self.text_dim else None
+        context = None
+        if self.text_dim:
+            # The tokens are normalised and projected to the conditioning width once; each
+            # cross-attention block reads them from there (cheaper than from 384 dimensions).
+            tokens = jnp.asarray(labels, jnp.float32)
+            projected = nn.Dense(emb_dim, dtype=self.dtype, name="context_proj")(
+                nn.LayerNorm(dtype=self.dtype, name="context_norm")(tokens)
+            )
+            context = (projected, text_mask(tokens))
 
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="input_conv")(
             z.astype(self.dtype)
