@@ -135,8 +135,6 @@ def _text_config() -> ml_collections.ConfigDict:
     # distill_jax/text_encoder.py); else a directory with model.safetensors and tokenizer.json.
     text.encoder_dir = ""
     text.max_tokens = 16  # tokens per prompt, [CLS] and [SEP] included; longer ones are cut
-    # Evaluation prompts (held-out templates) per digit and thickness word, per sample set.
-    text.eval_prompts_per_digit = 30
     return text
 
 
@@ -406,7 +404,6 @@ def _check_text(config: ml_collections.ConfigDict) -> None:
             config.text.max_tokens,
             f"{tokens}, the length {config.data.name!r} was encoded with",
         )
-    _check_number(config, "text.eval_prompts_per_digit", low=1, integer=True)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
