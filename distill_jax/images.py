@@ -1,4 +1,7 @@
-"""Samples as pictures: uint8 conversion, class-per-column image grids, 2-D scatters.
+"""Images in and out: uint8 conversion, class-per-column grids, and the inputs of `sample`.
+
+The image inputs of `sample` (an .npz of start images, inpainting masks) are read with one
+clear error for a missing, damaged or wrong file.
 
 Used by `sample` (the PNG beside every .npz) and the evaluation (grids of every row). Figures are
 `matplotlib.figure.Figure` objects rendered by the Agg canvas, never pyplot: they work without a
@@ -98,3 +101,79 @@ def save_figure(fig, path: files.PathLike, *, dpi: int = 110) -> epath.Path:
     with files.atomic_path(path) as tmp, tmp.open("wb") as handle:
         fig.savefig(handle, format="png", dpi=dpi)
     return epath.Path(path)
+
+
+MASKS = ("left", "right", "top", "bottom", "center")
+
+
+def named_mask(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A [H, W, C] inpainting mask (1 = known) keeping the named part of the image."""
+    if name not in MASKS:
+        raise ValueError(f"mask={name!r} is invalid: accepted {MASKS} or an .npz file.")
+    height, width = shape[0], shape[1]
+    mask = np.zeros(shape, np.float32)
+    if name == "left":
+        mask[:, : width // 2] = 1
+    elif name == "right":
+        mask[:, width // 2 :] = 1
+    elif name == "top":
+        mask[: height // 2] = 1
+    elif name == "bottom":
+        mask[height // 2 :] = 1
+    else:  # known border, unknown centre
+        mask[:] = 1
+        mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = 0
+    return mask
+
+
+def _read_npz(path: epath.PathLike, accepted: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz archive; a missing, damaged or non-.npz file is one clear error."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: accepted {accepted}.")
+    try:
+        with path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
+            return {key: data[key] for key in data.files}
+    except Exception as error:  # noqa: BLE001 - zipfile, pickle and format errors alike
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{path} cannot be read ({reason}): accepted {accepted}.") from None
+
+
+def load_images(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Examples and labels from an .npz: (x float32 in [-1, 1], labels int32 or None).
+
+    The file holds 'images' (uint8 [N, H, W, C]) or 'x' (float [N, ...] in the data range),
+    and optionally 'labels'.
+    """
+    accepted = "an .npz with 'images' (uint8 [N, H, W, C]) or 'x' (float), optionally 'labels'"
+    data = _read_npz(path, accepted)
+    if "images" in data:
+        x = from_uint8(data["images"])
+    elif "x" in data:
+        x = np.asarray(data["x"], np.float32)
+    else:
+        raise ValueError(f"{path} has neither 'images' nor 'x' arrays: accepted {accepted}.")
+    labels = np.asarray(data["labels"], np.int32) if "labels" in data else None
+    return x, labels
+
+
+def load_mask(mask: str, shape: tuple[int, ...], num: int) -> np.ndarray:
+    """A named mask, or the 'mask' array of an .npz, broadcast to [num, *shape]."""
+    accepted = f"one of {', '.join(MASKS)}, or an .npz whose 'mask' array (1 = known) fits {shape}"
+    if mask in MASKS:
+        array = named_mask(mask, shape)
+    elif not mask.endswith(".npz") and not epath.Path(mask).exists():
+        raise ValueError(f"mask={mask!r} is invalid: accepted {accepted}.")
+    else:
+        data = _read_npz(mask, accepted)
+        if "mask" not in data:
+            raise ValueError(f"{mask} has no 'mask' array: accepted {accepted}.")
+        array = np.asarray(data["mask"], np.float32)
+    try:
+        return np.broadcast_to(array, (num, *shape))
+    except ValueError:
+        raise ValueError(
+            f"{mask} holds a mask of shape {array.shape}: accepted {accepted} (or [N, ...])."
+        ) from None

@@ -38,7 +38,6 @@ from distill_jax.run import Run
 from distill_jax.run import prompts as prompt_lib
 
 MODELS = ("teacher", "student")
-MASKS = ("left", "right", "top", "bottom", "center")
 
 
 def in_trained_range(run: Run, weights: np.ndarray | float) -> bool:
@@ -116,26 +115,6 @@ def class_labels(num: int, num_classes: int, labels: list[int] | None = None) ->
     """int32 [num]: `labels` cycled to `num`, or 0, 1, ..., K - 1, 0, 1, ... when None."""
     base = np.arange(num_classes) if not labels else _checked_labels(labels, num_classes)
     return np.resize(base, num).astype(np.int32)
-
-
-def named_mask(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A [H, W, C] inpainting mask (1 = known) keeping the named part of the image."""
-    if name not in MASKS:
-        raise ValueError(f"mask={name!r} is invalid: accepted {MASKS} or an .npz file.")
-    height, width = shape[0], shape[1]
-    mask = np.zeros(shape, np.float32)
-    if name == "left":
-        mask[:, : width // 2] = 1
-    elif name == "right":
-        mask[:, width // 2 :] = 1
-    elif name == "top":
-        mask[: height // 2] = 1
-    elif name == "bottom":
-        mask[height // 2 :] = 1
-    else:  # known border, unknown centre
-        mask[:] = 1
-        mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = 0
-    return mask
 
 
 def _check_inputs(run: Run, num: int, init, t_start: float, mask) -> np.ndarray | None:
@@ -268,59 +247,6 @@ def apply_in_batches(fn: Partial, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _read_npz(path: epath.PathLike, accepted: str) -> dict[str, np.ndarray]:
-    """The arrays of an .npz archive; a missing, damaged or non-.npz file is one clear error."""
-    path = epath.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: accepted {accepted}.")
-    try:
-        with path.open("rb") as handle, np.load(handle, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive")
-            return {key: data[key] for key in data.files}
-    except Exception as error:  # noqa: BLE001 - zipfile, pickle and format errors alike
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"{path} cannot be read ({reason}): accepted {accepted}.") from None
-
-
-def load_images(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Examples and labels from an .npz: (x float32 in [-1, 1], labels int32 or None).
-
-    The file holds 'images' (uint8 [N, H, W, C]) or 'x' (float [N, ...] in the data range),
-    and optionally 'labels'.
-    """
-    accepted = "an .npz with 'images' (uint8 [N, H, W, C]) or 'x' (float), optionally 'labels'"
-    data = _read_npz(path, accepted)
-    if "images" in data:
-        x = images.from_uint8(data["images"])
-    elif "x" in data:
-        x = np.asarray(data["x"], np.float32)
-    else:
-        raise ValueError(f"{path} has neither 'images' nor 'x' arrays: accepted {accepted}.")
-    labels = np.asarray(data["labels"], np.int32) if "labels" in data else None
-    return x, labels
-
-
-def _load_mask(mask: str, shape: tuple[int, ...], num: int) -> np.ndarray:
-    """A named mask, or the 'mask' array of an .npz, broadcast to [num, *shape]."""
-    accepted = f"one of {', '.join(MASKS)}, or an .npz whose 'mask' array (1 = known) fits {shape}"
-    if mask in MASKS:
-        array = named_mask(mask, shape)
-    elif not mask.endswith(".npz") and not epath.Path(mask).exists():
-        raise ValueError(f"mask={mask!r} is invalid: accepted {accepted}.")
-    else:
-        data = _read_npz(mask, accepted)
-        if "mask" not in data:
-            raise ValueError(f"{mask} has no 'mask' array: accepted {accepted}.")
-        array = np.asarray(data["mask"], np.float32)
-    try:
-        return np.broadcast_to(array, (num, *shape))
-    except ValueError:
-        raise ValueError(
-            f"{mask} holds a mask of shape {array.shape}: accepted {accepted} (or [N, ...])."
-        ) from None
-
-
 def _sample_inputs(run: Run, num: int, labels, init, mask):
     """(labels [N], init x or None, mask or None) for `sample_to_files`, checked.
 
@@ -329,7 +255,7 @@ def _sample_inputs(run: Run, num: int, labels, init, mask):
     shape = tuple(run.image_info.shape)
     x_init = init_labels = mask_array = None
     if init is not None:
-        x_init, init_labels = load_images(init)
+        x_init, init_labels = images.load_images(init)
         if x_init.shape[1:] != shape:
             raise ValueError(
                 f"{init} holds examples of shape {x_init.shape[1:]}; the model's is {shape}."
@@ -338,7 +264,7 @@ def _sample_inputs(run: Run, num: int, labels, init, mask):
     if mask is not None:
         if init is None:
             raise ValueError("--mask (inpainting) needs --init images holding the known pixels.")
-        mask_array = _load_mask(mask, shape, num)
+        mask_array = images.load_mask(mask, shape, num)
     if num < 1:
         raise ValueError(f"num={num} is invalid: accepted an integer >= 1.")
     if run.text:
@@ -403,7 +329,7 @@ def sample_to_files(
     'labels' int32 [N]; on a text run 'prompts' and 'prompt_index' [N] instead of labels
     (`prompts` cycled to N; by default one per digit).
 
-    With `init` (an .npz from `load_images`), one sample is drawn per init image, with the
+    With `init` (an .npz for `images.load_images`), one sample is drawn per init image, with the
     init's labels unless `labels` is given: image-to-image from t_start < 1, or inpainting
     with `mask` ('left', 'right', 'top', 'bottom', 'center' - the known part - or an .npz
     with a 'mask' array, 1 = known).
