@@ -395,8 +395,6 @@ def _check_text(config: ml_collections.ConfigDict) -> None:
         _fail("text.enabled", True, f"True only with config.data.name in {tuple(TEXT_DATASETS)}")
     if config.model.kind != "unet":
         _fail("model.kind", config.model.kind, "'unet' for a text-conditioned run")
-    if config.autoencoder.enabled:
-        _fail("autoencoder.enabled", True, "False for a text run (latent text runs: not yet)")
     tokens = TEXT_DATASETS[config.data.name]
     if config.text.max_tokens != tokens:
         _fail(

@@ -266,3 +266,32 @@ def test_text_export_in_a_separate_process_matches_library_sampling(text_workdir
         timeout=300,
     )
     assert loader.returncode == 2 and "--conditions FILE.npy" in loader.stderr
+
+
+def test_latent_text_smoke_run_caches_conditions_and_samples_from_prompts(
+    tmp_path_factory, classifier_cache, tmp_path
+):
+    from conftest import _smoke_run
+
+    config = str(ROOT / "configs" / "digits_latent_text.py") + ":smoke"
+    workdir = _smoke_run(tmp_path_factory, classifier_cache, config, "latent_text")
+    conditions = np.load(workdir / "autoencoder" / "latent_labels.npy", mmap_mode="r")
+    latents = np.load(workdir / "autoencoder" / "latents.npy", mmap_mode="r")
+    assert conditions.dtype == np.float16 and conditions.shape == (len(latents), 16, 384)
+    # Each cached latent keeps its own caption's condition, in the dataset's order.
+    source = captions.prepare_digits_text("").as_data_source("train")
+    np.testing.assert_array_equal(conditions[5], source[5]["condition"])
+    rows = json.loads((workdir / "eval" / "results.json").read_text())["rows"]
+    assert all(np.isfinite(row["thickness"]) for row in rows)
+    out = tmp_path / "latent.npz"
+    result = _cli(
+        "sample",
+        workdir,
+        "--steps=2",
+        "--guidance=1",
+        "--num=4",
+        f"--out={out}",
+        "--prompt=a thick seven",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.load(out)["images"].shape == (4, 32, 32, 1)

@@ -229,9 +229,11 @@ def _digits_text_source(
 ) -> tuple[Sequence, DatasetInfo]:
     """The captioned digits; their conditions were encoded at preparation (16 tokens)."""
     builder = captions.prepare_digits_text(data_config.data_dir)
+    size = int(data_config.image_size)
+    height, width, channels = captions.IMAGE_SHAPE
     info = DatasetInfo(
         name="digits_text",
-        shape=tuple(captions.IMAGE_SHAPE),
+        shape=(size, size, channels) if size else (height, width, channels),
         num_classes=captions.NUM_CLASSES,
         num_train=_split_size(builder, data_config.train_split),
         num_eval=_split_size(builder, data_config.eval_split),

@@ -362,7 +362,7 @@ class Run:
         scale = self.latents().scale
         directory = self.directory(self.stage("autoencoder"))
         latents = np.load(os.fspath(directory / workdir_lib.LATENTS_FILE), mmap_mode="r")
-        labels = np.load(os.fspath(directory / workdir_lib.LABELS_FILE))
+        labels = np.load(os.fspath(directory / workdir_lib.LABELS_FILE), mmap_mode="r")
         return _ScaledLatents(latents, labels, scale)
 
     def denoise_fn(self, spec: stages_lib.StageSpec, params: PyTree = None) -> Partial:

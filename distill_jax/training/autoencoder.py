@@ -58,7 +58,11 @@ def make_autoencoder_loss(
 
 
 def _encoded_batches(model, params, data_config, batch_size: int):
-    """(latent means float32 [b, h, w, c], labels int32 [b]) of the train split, in order."""
+    """(latent means float32 [b, h, w, c], labels [b]) of the train split, in order.
+
+    The labels are int32 class labels, or on a text dataset the float16 text conditions
+    [b, L, 384] (stored at the precision the dataset holds them).
+    """
     source, _ = sources.load_source(data_config, split=data_config.train_split)
     size = int(data_config.image_size)
     unscaled, _ = autoencoder.make_codec(model, params, 1.0)
@@ -72,7 +76,8 @@ def _encoded_batches(model, params, data_config, batch_size: int):
         pad = batch_size - len(chunk)  # one compiled shape for every chunk
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
         means = np.asarray(encode(unscaled, padded), np.float32)[: len(chunk)]
-        yield len(source), means, np.asarray([e["label"] for e in examples], np.int32)
+        labels = np.stack([e["label"] for e in examples])
+        yield len(source), means, labels.astype(np.float16 if labels.ndim > 1 else np.int32)
 
 
 def encode_train_split(
@@ -86,8 +91,8 @@ def encode_train_split(
     """Encode the train split into `directory`; return (latent shape, latent scale 1 / std).
 
     Writes LATENTS_FILE (unscaled posterior means [N, h, w, c] float32) and LABELS_FILE ([N]
-    int32), .npy files written batch by batch through a memory map, so the split never has
-    to fit in memory and readers can map it too. The std is over every element of every latent
+    int32, or a text run's conditions [N, L, 384] float16), .npy files written batch by batch
+    through a memory map, so the split never has to fit in memory and readers can map it too. The std is over every element of every latent
     (one number, as Stable Diffusion's 0.18215; the latents are not shifted).
     """
     writing = jax.process_index() == 0  # every process encodes the same; one writes
@@ -99,7 +104,11 @@ def encode_train_split(
             if writing and latents is None:
                 tmp = stack.enter_context(files.atomic_path(directory / LATENTS_FILE))
                 latents = np.lib.format.open_memmap(os.fspath(tmp), "w+", np.float32, (num, *shape))
-                labels = np.zeros((num,), np.int32)
+                tmp = stack.enter_context(files.atomic_path(directory / LABELS_FILE))
+                label_shape = (num, *batch_labels.shape[1:])
+                labels = np.lib.format.open_memmap(
+                    os.fspath(tmp), "w+", batch_labels.dtype, label_shape
+                )
             if writing:
                 latents[offset : offset + len(means)] = means
                 labels[offset : offset + len(means)] = batch_labels
@@ -116,7 +125,6 @@ def encode_train_split(
             )
         if writing:
             latents.flush()
-            del latents
-            with files.atomic_path(directory / LABELS_FILE) as tmp, tmp.open("wb") as handle:
-                np.save(handle, labels)
+            labels.flush()
+            del latents, labels
     return shape, 1.0 / std

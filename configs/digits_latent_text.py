@@ -1,0 +1,39 @@
+"""Latent text-conditioned digits: configs/digits_latent.py's autoencoder and latents, with
+configs/digits_text.py's captions, frozen MiniLM encoder and cross-attention U-Net.
+
+Usage: --config=configs/digits_latent_text.py (full run) or ...:smoke. The captioned digits are
+upsampled to 32x32 and encoded to 8x8x4 latents once; each cached latent keeps its caption's
+text condition (float16 [16, 384]) beside it. Guidance is against the empty prompt, in [0, 2]
+as the latent class run's (guidance acts about twice as strongly in this latent space).
+"""
+
+import importlib.util
+import pathlib
+
+
+def _load(name: str):
+    path = pathlib.Path(__file__).with_name(name)
+    spec = importlib.util.spec_from_file_location(f"distill_jax_{path.stem}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(variant: str = ""):
+    """The latent text config; `variant` is '' (default) or 'smoke'."""
+    if variant not in ("", "smoke"):
+        raise ValueError(
+            f"configs/digits_latent_text.py variant {variant!r} is unknown: accepted '', 'smoke'."
+        )
+    c = _load("digits_latent.py").get_config(variant)
+    text = _load("digits_text.py").get_config(variant)
+    c.data.name = text.data.name
+    c.text = text.text
+    c.teacher.num_steps = text.teacher.num_steps
+    c.stage1.num_steps = text.stage1.num_steps
+    c.stage2.n_start = text.stage2.n_start
+    c.eval.teacher_steps = text.eval.teacher_steps
+    c.eval.student_steps = text.eval.student_steps
+    c.eval.num_samples = text.eval.num_samples
+    c.eval.guidance_weights = (0.0, 1.0, 2.0) if not variant else (0.0, 2.0)
+    return c
