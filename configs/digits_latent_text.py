@@ -1,5 +1,7 @@
-"""Latent text-conditioned digits: configs/digits_latent.py's autoencoder and latents, with
-configs/digits_text.py's captions, frozen MiniLM encoder and cross-attention U-Net.
+"""Latent text-conditioned digits: digits_latent.py's latents with digits_text.py's captions.
+
+The autoencoder and latents of configs/digits_latent.py, with the captions, frozen MiniLM
+encoder and cross-attention U-Net of configs/digits_text.py.
 
 Usage: --config=configs/digits_latent_text.py (full run) or ...:smoke. The captioned digits are
 upsampled to 32x32 and encoded to 8x8x4 latents once; each cached latent keeps its caption's
@@ -7,16 +9,13 @@ text condition (float16 [16, 384]) beside it. Guidance is against the empty prom
 as the latent class run's (guidance acts about twice as strongly in this latent space).
 """
 
-import importlib.util
 import pathlib
+import runpy
 
 
-def _load(name: str):
-    path = pathlib.Path(__file__).with_name(name)
-    spec = importlib.util.spec_from_file_location(f"distill_jax_{path.stem}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _config(name: str, variant: str):
+    """`get_config(variant)` of the config file `name` beside this one."""
+    return runpy.run_path(str(pathlib.Path(__file__).with_name(name)))["get_config"](variant)
 
 
 def get_config(variant: str = ""):
@@ -25,8 +24,8 @@ def get_config(variant: str = ""):
         raise ValueError(
             f"configs/digits_latent_text.py variant {variant!r} is unknown: accepted '', 'smoke'."
         )
-    c = _load("digits_latent.py").get_config(variant)
-    text = _load("digits_text.py").get_config(variant)
+    c = _config("digits_latent.py", variant)
+    text = _config("digits_text.py", variant)
     c.data.name = text.data.name
     c.text = text.text
     c.teacher.num_steps = text.teacher.num_steps

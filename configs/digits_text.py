@@ -6,17 +6,8 @@ prepared on first use from the bundled digits and the pinned encoder weights (ab
 Guidance is against the empty prompt; the evaluation prompts come from held-out templates.
 """
 
-import importlib.util
 import pathlib
-
-
-def _digits_latent_module():
-    """configs/digits_latent.py, whose `digits_config` loads configs/digits.py's config."""
-    path = pathlib.Path(__file__).with_name("digits_latent.py")
-    spec = importlib.util.spec_from_file_location("distill_jax_digits_latent_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import runpy
 
 
 def get_config(variant: str = ""):
@@ -25,7 +16,8 @@ def get_config(variant: str = ""):
         raise ValueError(
             f"configs/digits_text.py variant {variant!r} is unknown: accepted '', 'smoke'."
         )
-    c = _digits_latent_module().digits_config(variant)
+    digits = runpy.run_path(str(pathlib.Path(__file__).with_name("digits.py")))
+    c = digits["get_config"](variant)
     c.data.name = "digits_text"
     c.text.enabled = True
     c.text.max_tokens = 16  # the length the dataset's conditions were encoded with
