@@ -92,8 +92,9 @@ def encode_train_split(
 
     Writes LATENTS_FILE (unscaled posterior means [N, h, w, c] float32) and LABELS_FILE ([N]
     int32, or a text run's conditions [N, L, 384] float16), .npy files written batch by batch
-    through a memory map, so the split never has to fit in memory and readers can map it too. The std is over every element of every latent
-    (one number, as Stable Diffusion's 0.18215; the latents are not shifted).
+    through a memory map, so the split never has to fit in memory and readers can map it too.
+    The std is over every element of every latent (one number, as Stable Diffusion's 0.18215;
+    the latents are not shifted).
     """
     writing = jax.process_index() == 0  # every process encodes the same; one writes
     total, total_sq, count, offset, shape = 0.0, 0.0, 0, 0, ()
