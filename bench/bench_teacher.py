@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from distill_jax import parallel
+from distill_jax import parallel, text_encoder
 from distill_jax.config import load_config
 from distill_jax.data import loader
 from distill_jax.data.sources import DatasetInfo
@@ -58,7 +58,7 @@ def teacher_step(config, info: DatasetInfo, batch_size: int):
     labels = jax.random.randint(key, (batch_size,), 0, info.num_classes)
     if config.text.enabled:  # text conditions: random token states, the last 6 positions padding
         tokens = int(config.text.max_tokens)
-        labels = jax.random.normal(key, (batch_size, tokens, 384))
+        labels = jax.random.normal(key, (batch_size, tokens, text_encoder.WIDTH))
         labels = labels * (jnp.arange(tokens) < tokens - 6)[None, :, None]
     batch = {
         "x": jax.random.uniform(key, (batch_size, *info.shape), minval=-1, maxval=1),

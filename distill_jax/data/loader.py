@@ -129,12 +129,13 @@ def make_eval_arrays(
     source, _ = load_source(data_config, split=split, seed=seed)
     num = len(source) if max_examples is None else min(int(max_examples), len(source))
     image_size = int(data_config.image_size)
-    examples = [preprocess_example(source[i], image_size=image_size) for i in range(num)]
+    raw = [source[i] for i in range(num)]  # read once: a text example also names its digit
+    examples = [preprocess_example(example, image_size=image_size) for example in raw]
     if not examples:
         raise ValueError(f"Split {split!r} of {data_config.name!r} has no examples to evaluate.")
     x = np.stack([e["x"] for e in examples]).astype(np.float32)
-    if "digit" in source[0]:
-        labels = np.asarray([source[i]["digit"] for i in range(num)], np.int32)
+    if "digit" in raw[0]:
+        labels = np.asarray([example["digit"] for example in raw], np.int32)
     else:
         labels = np.stack([e["label"] for e in examples]).astype(np.int32)
     return x, labels
