@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill_jax.config import base_config
 from distill_jax.data import (
+    ArraySource,
     DatasetNotPreparedError,
     digits_arrays,
     load_source,
@@ -292,3 +293,19 @@ def test_gmm_source_shapes_determinism_and_means():
         np.testing.assert_allclose(members.std(0), g.std, rtol=0.15)
     with pytest.raises(ValueError, match="splits"):
         load_source(config, split="validation", seed=0)
+
+
+@pytest.mark.parametrize("image_size", [0, 12])
+def test_in_memory_source_gives_the_batches_of_the_example_by_example_road(digits_dir, image_size):
+    config = _digits_config(digits_dir, image_size=image_size)
+    source, _ = load_source(config, split="train")
+    assert isinstance(source, ArraySource)  # the bundled digits are read into memory once
+    one_by_one = [source[i] for i in range(len(source))]  # a plain sequence: no take()
+    fast = make_train_loader(config, batch_size=16, seed=2, source=source)
+    slow = make_train_loader(config, batch_size=16, seed=2, source=one_by_one)
+    for _ in range(3):
+        batch, expected = next(fast), next(slow)
+        assert batch["x"].shape == (16, image_size or 8, image_size or 8, 1)
+        for key in ("x", "label"):
+            assert batch[key].dtype == expected[key].dtype
+            np.testing.assert_array_equal(batch[key], expected[key])

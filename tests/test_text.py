@@ -281,6 +281,18 @@ def test_latent_text_smoke_run_caches_conditions_and_samples_from_prompts(
     # Each cached latent keeps its own caption's condition, in the dataset's order.
     source = captions.prepare_digits_text("").as_data_source("train")
     np.testing.assert_array_equal(conditions[5], source[5]["condition"])
+    # The teacher trains on those conditions (float32), not on class labels made of them.
+    from distill_jax.data import loader
+    from distill_jax.run import Run
+
+    run = Run.open(workdir)
+    teacher_source = run.train_source(run.stage("teacher"))
+    batch = next(
+        loader.make_train_loader(run.config.data, batch_size=8, seed=0, source=teacher_source)
+    )
+    assert batch["label"].dtype == np.float32 and batch["label"].shape == (8, 16, 384)
+    cached = {conditions[i].astype(np.float32).tobytes() for i in range(len(conditions))}
+    assert all(row.tobytes() in cached for row in batch["label"])
     rows = json.loads((workdir / "eval" / "results.json").read_text())["rows"]
     assert all(np.isfinite(row["thickness"]) for row in rows)
     out = tmp_path / "latent.npz"

@@ -6,6 +6,11 @@ Training pipeline (`make_train_loader`), all index-based and deterministic for a
     -> batch(global_batch // process_count, drop_remainder=True)
     -> [process_index::process_count] -> to_iter_dataset -> (mp_prefetch when worker_count > 0)
 
+An in-memory `ArraySource` (the bundled datasets, the cached latents of a latent run) takes a
+faster road to the same batches: the example indices are shuffled, repeated, batched and
+sliced the same way, and each batch of indices is read and preprocessed as whole arrays
+(`sources.read_examples`) instead of example by example.
+
 Sharding by process: the shuffled, endlessly repeated stream of examples is the same on every
 process. It is cut into blocks of B / P examples and process p reads the blocks p, p + P, ...
 (MapDataset is lazy, so a process only reads and preprocesses its own examples). Global batch
@@ -32,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from distill_jax.data.sources import load_source, preprocess_example
+from distill_jax.data.sources import ArraySource, load_source, preprocess_example, read_examples
 
 # Batches are the pipeline's elements: a few threads and a few batches ahead keep one host busy
 # without holding hundreds of large batches in memory.
@@ -93,15 +98,17 @@ def make_train_loader(
     if source is None:
         source, _ = load_source(data_config, split=data_config.train_split, seed=seed)
     image_size = int(data_config.image_size)
-    dataset = (
-        grain.MapDataset.source(source)
-        .shuffle(seed=seed)
-        .repeat()
-        .map(functools.partial(preprocess_example, image_size=image_size))
-        .batch(local_batch, drop_remainder=True)
-        .slice(slice(process_index, None, process_count))
-        .to_iter_dataset(READ_OPTIONS)
-    )
+    if isinstance(source, ArraySource):  # shuffle indices; read each batch as whole arrays
+        dataset = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+        dataset = dataset.batch(local_batch, drop_remainder=True)
+        dataset = dataset.slice(slice(process_index, None, process_count))
+        dataset = dataset.map(functools.partial(read_examples, source, image_size=image_size))
+    else:
+        dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+        dataset = dataset.map(functools.partial(preprocess_example, image_size=image_size))
+        dataset = dataset.batch(local_batch, drop_remainder=True)
+        dataset = dataset.slice(slice(process_index, None, process_count))
+    dataset = dataset.to_iter_dataset(READ_OPTIONS)
     if data_config.worker_count > 0:
         # Grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
         # are unparsed and reading them fails, so accept their defaults.
@@ -128,17 +135,12 @@ def make_eval_arrays(
     """
     source, _ = load_source(data_config, split=split, seed=seed)
     num = len(source) if max_examples is None else min(int(max_examples), len(source))
-    image_size = int(data_config.image_size)
-    raw = [source[i] for i in range(num)]  # read once: a text example also names its digit
-    examples = [preprocess_example(example, image_size=image_size) for example in raw]
-    if not examples:
+    if not num:
         raise ValueError(f"Split {split!r} of {data_config.name!r} has no examples to evaluate.")
-    x = np.stack([e["x"] for e in examples]).astype(np.float32)
-    if "digit" in raw[0]:
-        labels = np.asarray([example["digit"] for example in raw], np.int32)
-    else:
-        labels = np.stack([e["label"] for e in examples]).astype(np.int32)
-    return x, labels
+    batch = read_examples(source, np.arange(num), image_size=int(data_config.image_size))
+    if isinstance(source, ArraySource) and "digit" in source.arrays:  # a text dataset
+        return batch["x"], np.asarray(source.arrays["digit"][:num], np.int32)
+    return batch["x"], batch["label"].astype(np.int32)
 
 
 def to_global_batch(

@@ -56,9 +56,9 @@ class _ScaledLatents(sources.ArraySource):
         super().__init__({"x": latents, "label": labels})
         self.scale = np.float32(scale)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:  # type: ignore[override]
-        example = super().__getitem__(index)
-        return {"x": np.asarray(example["x"], np.float32) * self.scale, "label": example["label"]}
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        examples = super().take(indices)
+        return {"x": np.asarray(examples["x"], np.float32) * self.scale, "label": examples["label"]}
 
 
 def _identity(x: jax.Array) -> jax.Array:

@@ -68,15 +68,13 @@ def _encoded_batches(model, params, data_config, batch_size: int):
     unscaled, _ = autoencoder.make_codec(model, params, 1.0)
     encode = jax.jit(lambda fn, images: fn(images))
     for start in range(0, len(source), batch_size):
-        examples = [
-            sources.preprocess_example(source[i], image_size=size)
-            for i in range(start, min(start + batch_size, len(source)))
-        ]
-        chunk = np.stack([e["x"] for e in examples])
+        indices = np.arange(start, min(start + batch_size, len(source)))
+        examples = sources.read_examples(source, indices, image_size=size)
+        chunk = examples["x"]
         pad = batch_size - len(chunk)  # one compiled shape for every chunk
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
         means = np.asarray(encode(unscaled, padded), np.float32)[: len(chunk)]
-        labels = np.stack([e["label"] for e in examples])
+        labels = examples["label"]
         yield len(source), means, labels.astype(np.float16 if labels.ndim > 1 else np.int32)
 
 
