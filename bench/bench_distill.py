@@ -19,67 +19,19 @@ Usage: python bench/bench_distill.py [--steps 10] [--repeats 3] [--batch 128]
 
 import argparse
 import statistics
-import time
 
 import jax
-import jax.numpy as jnp
-from etils import epath
+from steps import TimedStep, bench_run, random_batch
 
-from distill_jax import parallel
 from distill_jax.config import load_config
-from distill_jax.data import loader
 from distill_jax.data.sources import DatasetInfo
-from distill_jax.run import Run, plan_stages, round_name
+from distill_jax.run import round_name
 from distill_jax.training import pipeline
-from distill_jax.training import state as state_lib
-
-NOWHERE = epath.Path("/nonexistent")
-
-
-class TimedStep:
-    """One stage's jitted step with its state, batch and frozen teacher, ready to time."""
-
-    def __init__(self, stage, batch):
-        optimizer = state_lib.make_optimizer(stage.optimizer, 1000)
-        # A copy: a student's initial weights may be the frozen teacher's own buffers, and the
-        # donated state must not alias the frozen argument (run_stage copies via its jit).
-        params = jax.tree.map(jnp.copy, stage.init_params(stage.teacher))
-        self.state = state_lib.create_state(params, optimizer, seed=0)
-        self.batch, self.frozen = batch, stage.teacher
-        step = jax.jit(
-            state_lib.make_train_step(
-                stage.loss_fn, optimizer, ema_decay=float(stage.optimizer.ema_decay)
-            ),
-            donate_argnums=(0,),
-        )
-        self.compiled = step.lower(self.state, batch, self.frozen).compile()
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        self.flops = float(cost.get("flops", float("nan")))
-        self.run(2)  # warm-up
-
-    def run(self, steps: int) -> float:
-        """Run `steps` steps; seconds per step."""
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.state, metrics = self.compiled(self.state, self.batch, self.frozen)
-        jax.block_until_ready((self.state, metrics))
-        return (time.perf_counter() - start) / steps
 
 
 def bench_config(name, config, info, batch_size, steps, repeats, round_steps):
-    mesh = parallel.make_mesh(-1)
-    key = jax.random.PRNGKey(1)
-    batch = {
-        "x": jax.random.uniform(key, (batch_size, *info.shape), minval=-1, maxval=1),
-        "label": jax.random.randint(key, (batch_size,), 0, info.num_classes),
-    }
-    batch = loader.to_global_batch(jax.device_get(batch), parallel.batch_sharded(mesh))
-    for stage_config in (config.teacher, config.stage1, config.stage2):
-        stage_config.batch_size = batch_size
-
-    # The stages are only built, never run or saved: the workdir is never touched.
-    run = Run(NOWHERE, config, info, plan_stages(config))
+    batch = random_batch(config, info, batch_size)
+    run = bench_run(config, info, batch_size)
     teacher_stage = pipeline.BUILDERS["teacher"](run, run.stage("teacher"), None)
     teacher_params = teacher_stage.init_params(None)
     stage_one = pipeline.BUILDERS["stage1"](run, run.stage("stage1"), teacher_params)

@@ -29,7 +29,7 @@ except ImportError:
 
 import jax
 import numpy as np
-from bench_teacher import matmul_flops_per_s, teacher_step
+from steps import matmul_flops_per_s, teacher_step
 
 from distill_jax import xla_flags
 from distill_jax.config import load_config
@@ -51,17 +51,9 @@ def shape_config(size: int):
 
 
 def jax_step(config, info: DatasetInfo, batch_size: int):
-    """(run n steps, params) for the project's teacher step (`bench_teacher.teacher_step`)."""
-    compiled, state, batch = teacher_step(config, info, batch_size)
-    params = jax.device_get(state.params)
-    holder = [state]
-
-    def run_steps(n: int) -> None:
-        for _ in range(n):
-            holder[0], _ = compiled(holder[0], batch, None)
-        jax.block_until_ready(holder[0])
-
-    return run_steps, params
+    """(run n steps, params) for the project's teacher step (`steps.teacher_step`)."""
+    step = teacher_step(config, info, batch_size)
+    return step.run, jax.device_get(step.state.params)
 
 
 class ResBlock(nn.Module):
