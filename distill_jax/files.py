@@ -9,6 +9,8 @@ exercised by the tests (they have no bucket), so treat it as best effort.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -74,3 +76,24 @@ def atomic_directory(path: PathLike, *, replace: bool = False) -> Iterator[epath
     finally:
         if staging.exists():
             staging.rmtree()
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (created if missing) while the body runs.
+
+    For work that several processes on one machine may start at once, such as preparing a
+    bundled dataset: the second process waits, then finds the work done. Only local paths can
+    be locked (flock); on other filesystems the body runs without a lock.
+    """
+    path = epath.Path(lock_file)
+    if "://" in os.fspath(path):  # gs://, s3://: no flock
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(os.fspath(path), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

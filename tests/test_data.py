@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 
 import grain
@@ -309,3 +310,24 @@ def test_in_memory_source_gives_the_batches_of_the_example_by_example_road(digit
         for key in ("x", "label"):
             assert batch[key].dtype == expected[key].dtype
             np.testing.assert_array_equal(batch[key], expected[key])
+
+
+def test_processes_preparing_the_digits_at_once_take_turns(tmp_path):
+    data_dir = tmp_path / "tfds"
+    code = (
+        "import sys; from distill_jax.data import prepare_digits; "
+        "print(len(prepare_digits(sys.argv[1]).as_data_source('train')))"
+    )
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(data_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert [out.split()[-1] for out, _ in results] == ["1497"] * 3  # after TFDS's own lines
+    assert (data_dir / ".distill_jax_digits.lock").exists()  # they took turns on this lock

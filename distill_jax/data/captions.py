@@ -31,6 +31,7 @@ from distill_jax.data.digits import (
     BundledBuilder,
     digits_arrays,
     png_bytes,
+    prepare_bundled,
     split_indices,
 )
 
@@ -179,7 +180,4 @@ class DistillJaxDigitsText(BundledBuilder):
 
 def prepare_digits_text(data_dir: str = "") -> tfds.core.DatasetBuilder:
     """Prepare the captioned digits into `data_dir` (array_record) if needed; the builder."""
-    builder = DistillJaxDigitsText(data_dir=data_dir or None)
-    if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
-    return builder
+    return prepare_bundled(DistillJaxDigitsText, data_dir)

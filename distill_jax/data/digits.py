@@ -23,6 +23,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from distill_jax import files
+
 SPLIT_SEED = 0
 TEST_FRACTION = 300 / 1797
 NUM_CLASSES = 10
@@ -116,7 +118,20 @@ def prepare_digits(data_dir: str = "") -> tfds.core.DatasetBuilder:
     may still differ byte-wise because protobuf does not fix the order of a tf.Example's
     feature map when serialising.
     """
-    builder = DistillJaxDigits(data_dir=data_dir or None)
-    if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
+    return prepare_bundled(DistillJaxDigits, data_dir)
+
+
+def prepare_bundled(builder_class: type[BundledBuilder], data_dir: str) -> BundledBuilder:
+    """The builder of a bundled dataset in `data_dir`, prepared (array_record) if it was not.
+
+    Processes that start at once on one machine (a local multi-process job, parallel tests)
+    prepare it one at a time: the others wait on a lock beside the dataset, then reuse it.
+    """
+    builder = builder_class(data_dir=data_dir or None)
+    if builder.is_prepared():
+        return builder
+    with files.exclusive(epath.Path(builder.data_dir).parent.parent / f".{builder.name}.lock"):
+        builder = builder_class(data_dir=data_dir or None)  # it may have been prepared meanwhile
+        if not builder.is_prepared():
+            builder.download_and_prepare(file_format="array_record")
     return builder
