@@ -44,8 +44,6 @@ setup(
     extras_require={
         "test": [
             "pytest>=8,<10",
-            # scripts/test.sh runs the suite on 2 workers (tests/conftest.py shares the fixtures)
-            "pytest-xdist>=3.6,<4",
             "ruff>=0.6,<1",
             # the layers contract of .importlinter (imports flow one way), run by scripts/test.sh
             "import-linter>=2.1,<3",

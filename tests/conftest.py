@@ -3,7 +3,6 @@
 import hashlib
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -90,57 +89,18 @@ def pytest_configure(config):
     """Keep the CLI's persistent XLA compilation cache inside the test session's temp area."""
     import tempfile
 
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")  # one cache per xdist worker
-    cache = pathlib.Path(tempfile.gettempdir()) / f"distill_jax_test_xla_{os.getpid()}_{worker}"
-    if "PYTEST_XDIST_WORKER" in os.environ or "DISTILL_JAX_COMPILATION_CACHE" not in os.environ:
-        os.environ["DISTILL_JAX_COMPILATION_CACHE"] = str(cache)
-
-
-def _session_folder(tmp_path_factory, name: str, build=None) -> pathlib.Path:
-    """A folder made once per test session by `build(folder)`, shared by pytest-xdist workers.
-
-    Under xdist (scripts/test.sh runs 2 workers) every worker's temp folder sits in the
-    session's own folder: the first worker to ask builds there under a lock, the others wait
-    and reuse it. Without xdist it is a plain session-scoped temp folder.
-    """
-    from distill_jax import files
-
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        folder = tmp_path_factory.mktemp(name)
-        if build is not None:
-            build(folder)
-        return folder
-    root = tmp_path_factory.getbasetemp().parent
-    folder, done = root / name, root / f"{name}.done"
-    with files.exclusive(root / f"{name}.lock"):
-        if not done.exists():
-            shutil.rmtree(folder, ignore_errors=True)  # a failed build of another worker
-            folder.mkdir()
-            if build is not None:
-                build(folder)
-            done.touch()
-    return folder
+    cache = pathlib.Path(tempfile.gettempdir()) / f"distill_jax_test_xla_{os.getpid()}"
+    os.environ.setdefault("DISTILL_JAX_COMPILATION_CACHE", str(cache))
 
 
 @pytest.fixture(scope="session")
 def classifier_cache(tmp_path_factory):
     """A session-wide cache folder for feature classifiers (DISTILL_JAX_CACHE)."""
-    return _session_folder(tmp_path_factory, "distill_jax_cache")
+    return tmp_path_factory.mktemp("distill_jax_cache")
 
 
 def _smoke_run(tmp_path_factory, classifier_cache, config: str, name: str):
-    """The workdir of `distill-jax run --config=CONFIG`, made once per session."""
-    return (
-        _session_folder(
-            tmp_path_factory,
-            name,
-            lambda folder: _run_pipeline(folder / "run", config, classifier_cache),
-        )
-        / "run"
-    )
-
-
-def _run_pipeline(workdir: pathlib.Path, config: str, classifier_cache) -> None:
+    workdir = tmp_path_factory.mktemp(name) / "run"
     env = dict(os.environ, DISTILL_JAX_CACHE=str(classifier_cache))
     result = subprocess.run(
         [
@@ -158,6 +118,7 @@ def _run_pipeline(workdir: pathlib.Path, config: str, classifier_cache) -> None:
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return workdir
 
 
 @pytest.fixture(scope="session")
