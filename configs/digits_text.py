@@ -22,7 +22,7 @@ def get_config(variant: str = ""):
     c.text.enabled = True
     c.text.max_tokens = 16  # the length the dataset's conditions were encoded with
     if not variant:
-        # Budget: about 25 minutes on the 2-core CPU (25 min 45 s measured). A text teacher step
+        # Budget: at most 25 minutes on the 2-core CPU (19 min 38 s measured). A text teacher step
         # costs about 1.2x a class one in FLOPs (bench/bench_teacher.py: 12.5 against 10.5
         # GFLOP at batch 128; cross-attention, 16 tokens). Stage one carried most of
         # the students' distance to the teacher on the first text run (600 steps: its 32-step
