@@ -224,12 +224,25 @@ def test_a_teacher_trained_on_other_latents_is_refused(other_run, latent_workdir
     assert snapshot(other_run) == before
 
 
-def test_imagenet256_latent_smoke_runs_on_mock_data(tmp_path):
+def _saved_float_dtypes(stage_dir: pathlib.Path) -> set[str]:
+    """The dtypes of the floating-point leaves (params, EMA, optimiser state) of the stage's
+    last checkpoint, from Orbax's metadata."""
+    import orbax.checkpoint as ocp
+
+    last = max(int(p.name) for p in stage_dir.iterdir() if p.name.isdigit())
+    metadata = ocp.PyTreeCheckpointer().metadata(stage_dir / str(last) / "state")
+    tree = getattr(metadata, "item_metadata", metadata)
+    leaves = jax.tree.leaves(getattr(tree, "tree", tree))
+    return {str(leaf.dtype) for leaf in leaves if np.issubdtype(np.dtype(leaf.dtype), np.floating)}
+
+
+def test_imagenet256_latent_smoke_runs_on_mock_data_in_bfloat16(tmp_path):
     # USE_CODE: imagenet2012's features come from its builder class and as_data_source yields
     # random examples of them (no files, no download): every stage, then decoded samples.
     config = load_config(str(ROOT / "configs" / "imagenet256_latent.py") + ":smoke")
     config.data.data_dir = str(tmp_path / "tfds")
     config.stage2.n_start = 2  # one halving round is enough to show the chain
+    config.model.dtype = "bfloat16"  # the full config's compute dtype, on every stage
     workdir = tmp_path / "run"
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
         pipeline.train_teacher(config, workdir)
@@ -240,3 +253,6 @@ def test_imagenet256_latent_smoke_runs_on_mock_data(tmp_path):
         labels = np.array([0, 999], np.int32)
         x = sampling.sample(run, model="student", steps=1, w=14.0, labels=labels, seed=0)
     assert x.shape == (2, 16, 16, 3) and np.all(np.isfinite(x))
+    # bfloat16 is the compute dtype only: every stage keeps float32 weights and optimiser state.
+    for stage in ("teacher", "stage1", "stage2/steps_0001"):
+        assert _saved_float_dtypes(workdir / stage) == {"float32"}, stage
