@@ -16,6 +16,7 @@ from distill_jax.diffusion import guidance_schedule
 from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
 from distill_jax.diffusion.weighting import WEIGHTINGS
 from distill_jax.models.denoiser import DTYPES, MODEL_KINDS
+from distill_jax.models.embeddings import GUIDANCE_HEADS
 
 TEACHER_KINDS = ("trained", "exact_gmm")
 DECAYS = ("cosine", "linear", "constant")
@@ -82,6 +83,9 @@ def _model_config() -> ml_collections.ConfigDict:
     model.mlp_hidden = 256  # model.kind == 'mlp'
     model.mlp_depth = 4
     model.guidance_fourier_dim = 32  # Fourier features of w in the student's guidance branch
+    # 'affine': the student outputs out + w * direction from a second output layer, so it is
+    # affine in w like the guided teacher; 'none': w enters only through the embedding.
+    model.guidance_head = "none"
     return model
 
 
@@ -275,6 +279,8 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
         _fail("model.parameterisation", m.parameterisation, f"one of {PARAMETERISATIONS}")
     if m.dtype not in DTYPES:
         _fail("model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
+    if m.guidance_head not in GUIDANCE_HEADS:
+        _fail("model.guidance_head", m.guidance_head, f"one of {GUIDANCE_HEADS}")
     if config.diffusion.loss_weighting not in WEIGHTINGS:
         _fail("diffusion.loss_weighting", config.diffusion.loss_weighting, f"one of {WEIGHTINGS}")
     if config.teacher.kind not in TEACHER_KINDS:

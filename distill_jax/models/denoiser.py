@@ -23,7 +23,7 @@ from distill_jax import trees
 from distill_jax.diffusion.guidance import as_condition
 from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
-from distill_jax.models.embeddings import GUIDANCE_BRANCH
+from distill_jax.models.embeddings import GUIDANCE_BRANCH, GUIDANCE_HEAD, GUIDANCE_HEADS
 from distill_jax.models.mlp import MLPDenoiser
 from distill_jax.models.unet import UNet, check_image_size
 
@@ -65,11 +65,16 @@ def build_model(
     if m.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={m.dtype!r} is unknown: accepted {tuple(DTYPES)}.")
     check_parameterisation(m.parameterisation)
+    if m.guidance_head not in GUIDANCE_HEADS:
+        raise ValueError(
+            f"config.model.guidance_head={m.guidance_head!r} is unknown: accepted {GUIDANCE_HEADS}."
+        )
     data_shape = tuple(int(d) for d in data_shape)
     common = dict(
         num_classes=int(num_classes),
         use_guidance=bool(use_guidance),
         guidance_fourier_dim=int(m.guidance_fourier_dim),
+        guidance_head=str(m.guidance_head),
         parameterisation=m.parameterisation,
         emb_dim=int(m.emb_dim),
         dropout=float(m.dropout),
@@ -175,10 +180,11 @@ def make_denoise_fn(
 def student_params_from_teacher(teacher_params: Params, student_init_params: Params) -> Params:
     """Student params = the teacher's weights plus the student's fresh guidance branch.
 
-    Every subtree of the student is taken from the teacher except one named `GUIDANCE_BRANCH`
-    that the teacher lacks, which keeps its initial values (last layer zero, so the student
-    equals the teacher for every w). A teacher that has a guidance branch itself (a distilled
-    student) passes it on, so the copy never throws away what a teacher knows about w.
+    Every subtree of the student is taken from the teacher except those named `GUIDANCE_BRANCH`
+    or `GUIDANCE_HEAD` that the teacher lacks, which keep their initial values (last layer
+    zero, so the student equals the teacher for every w). A teacher that has a guidance branch
+    itself (a distilled student) passes it on, so the copy never throws away what a teacher
+    knows about w.
 
     Pure tree surgery, so it runs inside `jax.jit` (sharded initialisation).
 
@@ -194,7 +200,7 @@ def student_params_from_teacher(teacher_params: Params, student_init_params: Par
     merged = []
     for name, (_, leaf) in zip(names, with_path, strict=True):
         if name not in teacher:
-            if GUIDANCE_BRANCH not in name.split("/"):
+            if not {GUIDANCE_BRANCH, GUIDANCE_HEAD} & set(name.split("/")):
                 raise ValueError(f"student params have {name} which the teacher lacks.")
             merged.append(leaf)  # the fresh guidance branch
         elif jnp.shape(teacher[name]) != jnp.shape(leaf):

@@ -6,7 +6,9 @@ of 1000 discrete steps, as in google-research diffusion_distillation. Classes us
 table with `num_classes + 1` rows; row `num_classes` is the NULL class of classifier-free
 guidance. A distilled student adds a guidance branch, Fourier features of w -> Dense -> swish ->
 Dense, whose last layer starts at zero: the student then equals its teacher at initialisation,
-and its parameters are the teacher's plus the one subtree named `GUIDANCE_BRANCH`.
+and its parameters are the teacher's plus the one subtree named `GUIDANCE_BRANCH`. With
+guidance_head='affine' the student also has a second zero-initialised output layer,
+`GUIDANCE_HEAD`, and outputs out + w * direction (`affine_guidance_output`).
 
 A text-conditioned network (`text_dim > 0`) takes, instead of labels, the text encoder's token
 states [B, L, text_dim] with zeros at padding (`distill_jax.text_encoder`); their masked mean
@@ -29,8 +31,13 @@ from distill_jax.text_encoder import pooled_text
 
 Dtype = Any
 
-# The submodule name of the student's guidance branch; `student_params_from_teacher` keys on it.
+# The submodule names of the student's guidance branch and affine guidance head; a student's
+# parameters are its teacher's plus these (`student_params_from_teacher` keys on them).
 GUIDANCE_BRANCH = "guidance_embed"
+GUIDANCE_HEAD = "guidance_head"
+# config.model.guidance_head: 'none' (w reaches the network only through GUIDANCE_BRANCH) or
+# 'affine' (also output = out + w * direction, a second zero-initialised output layer).
+GUIDANCE_HEADS = ("none", "affine")
 
 
 def logsnr_to_unit_interval(logsnr: jax.Array) -> jax.Array:
@@ -111,6 +118,23 @@ class GuidanceEmbedding(nn.Module):
             bias_init=nn.initializers.zeros,
             name="dense_1",
         )(h)
+
+
+def affine_guidance_output(
+    out: jax.Array, features: jax.Array, w: jax.Array, head: nn.Module
+) -> jax.Array:
+    """out + w * head(features): the student's output made affine in w for given features.
+
+    The guided teacher is affine in w, (1 + w) xhat_c - w xhat_u = xhat_c + w (xhat_c - xhat_u),
+    and so is its raw output under every parameterisation (x-hat is affine in it for fixed z,
+    t). With this head a one-call student can represent stage one's target exactly at every w:
+    `out` the conditional output, `head(features)` the guidance direction. `head` is
+    zero-initialised, so the student still starts equal to its teacher. w [B] (or a scalar)
+    broadcasts over the trailing axes of `out`.
+    """
+    direction = head(features).astype(out.dtype)
+    w = jnp.broadcast_to(jnp.asarray(w, out.dtype), out.shape[:1])
+    return out + w.reshape(-1, *([1] * (out.ndim - 1))) * direction
 
 
 class ConditioningEmbedding(nn.Module):

@@ -16,7 +16,11 @@ import jax.numpy as jnp
 
 from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN
-from distill_jax.models.embeddings import ConditioningEmbedding
+from distill_jax.models.embeddings import (
+    GUIDANCE_HEAD,
+    ConditioningEmbedding,
+    affine_guidance_output,
+)
 
 Dtype = Any
 
@@ -51,6 +55,8 @@ class MLPDenoiser(nn.Module):
       depth: residual blocks (config.model.mlp_depth).
       use_guidance: add the guidance-weight branch of a distilled student.
       guidance_fourier_dim: Fourier features of w in that branch.
+      guidance_head: 'affine' gives a student a second output layer and outputs
+        out + w * direction (see `affine_guidance_output`); 'none' has no such head.
       parameterisation: 'eps', 'x', 'v' or 'both' (which doubles the output width).
       emb_dim: conditioning width; 0 means `hidden`.
       dropout: dropout rate inside the blocks (active only with train=True).
@@ -63,6 +69,7 @@ class MLPDenoiser(nn.Module):
     depth: int = 4
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
+    guidance_head: str = "none"
     parameterisation: str = "v"
     emb_dim: int = 0
     dropout: float = 0.0
@@ -111,5 +118,8 @@ class MLPDenoiser(nn.Module):
                 h, emb, train=train
             )
         h = nn.swish(nn.LayerNorm(dtype=self.dtype, name="out_norm")(h))
-        h = nn.Dense(out_dim, dtype=self.dtype, kernel_init=_zeros, name="output_dense")(h)
-        return h.astype(jnp.float32)
+        dense = dict(features=out_dim, dtype=self.dtype, kernel_init=_zeros)
+        out = nn.Dense(**dense, name="output_dense")(h)
+        if self.use_guidance and self.guidance_head == "affine":
+            out = affine_guidance_output(out, h, w, nn.Dense(**dense, name=GUIDANCE_HEAD))
+        return out.astype(jnp.float32)

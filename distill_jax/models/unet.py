@@ -27,7 +27,11 @@ import jax.numpy as jnp
 
 from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN
-from distill_jax.models.embeddings import ConditioningEmbedding
+from distill_jax.models.embeddings import (
+    GUIDANCE_HEAD,
+    ConditioningEmbedding,
+    affine_guidance_output,
+)
 from distill_jax.text_encoder import text_mask
 
 Dtype = Any
@@ -152,6 +156,8 @@ class UNet(nn.Module):
       text_dim: width of the text condition's token states; 0 conditions on class labels.
       use_guidance: add the guidance-weight branch of a distilled student.
       guidance_fourier_dim: Fourier features of w in that branch.
+      guidance_head: 'affine' gives a student a second output conv and outputs
+        out + w * direction (see `affine_guidance_output`); 'none' has no such head.
       parameterisation: 'eps', 'x', 'v' or 'both' (which doubles the output channels).
       emb_dim: conditioning width; 0 means 4 * channels.
       dtype: compute dtype; parameters stay float32.
@@ -168,6 +174,7 @@ class UNet(nn.Module):
     text_dim: int = 0
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
+    guidance_head: str = "none"
     parameterisation: str = "v"
     emb_dim: int = 0
     dtype: Dtype = jnp.float32
@@ -281,8 +288,9 @@ class UNet(nn.Module):
         h = self._attn(h, context, "mid_attn")
         h = self._res(h, emb, h.shape[-1], "mid_res_1", train)
         h = self._up_path(h, skips, emb, context, train)
-        h = nn.GroupNorm(num_groups(h.shape[-1]), dtype=self.dtype, name="out_norm")(h)
-        h = nn.Conv(out_channels, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="out_conv")(
-            nn.swish(h)
-        )
-        return h.astype(jnp.float32)
+        h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), dtype=self.dtype, name="out_norm")(h))
+        conv = dict(features=out_channels, kernel_size=(3, 3), dtype=self.dtype, kernel_init=_zeros)
+        out = nn.Conv(**conv, name="out_conv")(h)
+        if self.use_guidance and self.guidance_head == "affine":
+            out = affine_guidance_output(out, h, w, nn.Conv(**conv, name=GUIDANCE_HEAD))
+        return out.astype(jnp.float32)
