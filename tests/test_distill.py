@@ -430,8 +430,8 @@ def test_w_beta_draws_more_weights_near_the_ends_and_one_is_uniform():
     rng = jax.random.PRNGKey(0)
 
     def draws(beta):
-        config = ml_collections.ConfigDict(dict(w_min=0.0, w_max=4.0, w_beta=beta))
-        return np.asarray(distill._sample_common(batch, rng, config)[2])
+        config = ml_collections.ConfigDict(dict(w_min=0.0, w_max=4.0))
+        return np.asarray(distill._sample_common(batch, rng, config, beta)[2])
 
     uniform = np.asarray(jax.random.uniform(jax.random.split(rng, 3)[0], (20000,), maxval=4.0))
     np.testing.assert_array_equal(draws(1.0), uniform)  # the draws of runs before w_beta
@@ -439,5 +439,6 @@ def test_w_beta_draws_more_weights_near_the_ends_and_one_is_uniform():
     assert ends.min() >= 0.0 and ends.max() <= 4.0
     near_ends = np.mean((ends < 0.4) | (ends > 3.6))  # arcsine: 0.41; uniform: 0.2
     assert 0.37 < near_ends < 0.45
-    with pytest.raises(ValueError, match="w_beta"):
-        validate_config(load_config(str(ROOT / "configs/digits.py"), {"guidance.w_beta": 0.0}))
+    for stage in ("stage1", "stage2"):
+        with pytest.raises(ValueError, match=f"{stage}.w_beta"):
+            validate_config(load_config(str(ROOT / "configs/digits.py"), {f"{stage}.w_beta": 0.0}))

@@ -14,6 +14,7 @@ from distill_jax.diffusion.parameterisation import xhat_from_output
 from distill_jax.diffusion.schedule import logsnr_schedule_cosine
 from distill_jax.models import (
     GUIDANCE_BRANCH,
+    GUIDANCE_HEAD,
     MLPDenoiser,
     UNet,
     build_model,
@@ -211,6 +212,35 @@ def test_student_from_teacher_equals_teacher_for_every_w(unet_teacher, unet_stud
     assert np.abs(out - expected).max() > 1e-3
 
 
+@pytest.mark.parametrize("data_shape", [IMAGE, POINT])
+def test_affine_head_student_starts_as_teacher_and_is_affine_in_w(
+    data_shape, unet_teacher, mlp_teacher
+):
+    teacher, _, teacher_params = unet_teacher if data_shape == IMAGE else mlp_teacher
+    student, student_init = build(data_shape, use_guidance=True, seed=2, guidance_head="affine")
+    params = student_params_from_teacher(teacher_params, student_init)
+    assert set(params) == set(teacher_params) | {GUIDANCE_HEAD}
+    z, t, labels, _ = inputs(data_shape)
+    expected = apply(teacher, teacher_params, z, t, labels, train=False)
+    for w_value in (0.0, 1.0, 4.0):
+        out = apply(student, params, z, t, labels, jnp.full((4,), w_value), train=False)
+        np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)
+
+    def outputs(params):
+        return [apply(student, params, z, t, labels, jnp.full((4,), w)) for w in (0.0, 1.0, 3.0)]
+
+    # A trained head: out(w) = out(0) + w * direction, exactly what the guided teacher is.
+    with_head = dict(params, **{GUIDANCE_HEAD: perturb(params[GUIDANCE_HEAD], seed=5)})
+    at_0, at_1, at_3 = outputs(with_head)
+    assert np.abs(at_1 - at_0).mean() > 1e-3
+    np.testing.assert_allclose(at_3 - at_0, 3.0 * (at_1 - at_0), atol=1e-5, rtol=1e-4)
+    # The w embedding, once trained, bends that line: the student is not confined to it.
+    bent = dict(with_head, cond=dict(with_head["cond"]))
+    bent["cond"][GUIDANCE_BRANCH] = perturb(params["cond"][GUIDANCE_BRANCH], seed=6)
+    at_0, at_1, at_3 = outputs(bent)
+    assert np.abs((at_3 - at_0) - 3.0 * (at_1 - at_0)).max() > 1e-3
+
+
 def test_student_from_teacher_rejects_mismatches(unet_teacher, unet_student):
     _, _, teacher_params = unet_teacher
     _, student_init = unet_student
@@ -305,6 +335,7 @@ def test_dropout_only_when_training():
         (dict(kind="mlp"), IMAGE, r"\(D,\)"),
         (dict(kind="unet", dtype="float64"), IMAGE, "model.dtype"),
         (dict(kind="unet", parameterisation="score"), IMAGE, "parameterisation"),
+        (dict(kind="mlp", guidance_head="linear"), POINT, "model.guidance_head"),
     ],
 )
 def test_bad_config_raises(overrides, data_shape, match):

@@ -15,6 +15,7 @@ from distill_jax.models.denoiser import (
 )
 from distill_jax.models.embeddings import (
     GUIDANCE_BRANCH,
+    GUIDANCE_HEAD,
     ConditioningEmbedding,
     GuidanceEmbedding,
     guidance_fourier_features,
@@ -26,6 +27,7 @@ from distill_jax.models.unet import UNet
 
 __all__ = [
     "GUIDANCE_BRANCH",
+    "GUIDANCE_HEAD",
     "ConditioningEmbedding",
     "GuidanceEmbedding",
     "MLPDenoiser",

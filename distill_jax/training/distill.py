@@ -3,8 +3,9 @@
 Stage one (Meng et al. Sec. 3.1): the student xhat_eta(z_t, c, w) - the teacher's network plus
 the guidance branch - regresses the guided teacher (1 + w) xhat(z_t, c) - w xhat(z_t, null),
 with w ~ U[w_min, w_max] per example (or a symmetric Beta(w_beta, w_beta) scaled to the range,
-config.guidance.w_beta) and t ~ U[0, 1]. The teacher is frozen: its params are the
-step's `teacher` argument and its two halves are one batched call.
+config.stage1.w_beta; stage two has its own, config.stage2.w_beta) and t ~ U[0, 1]. The
+teacher is frozen: its params are the step's `teacher` argument and its two halves are one
+batched call.
 
 Stage two (Sec. 3.2, progressive distillation): in the round whose student has N steps, the
 teacher is the previous round's result (stage one's for the first round, used as a 2N-step
@@ -42,10 +43,10 @@ PyTree = Any
 TeacherDenoiser = Callable[[PyTree], Partial]
 
 
-def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigDict):
+def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigDict, w_beta: float):
     x, labels = batch["x"], batch["label"]
     w_rng, eps_rng, rest = jax.random.split(rng, 3)
-    low, high, beta = float(guidance.w_min), float(guidance.w_max), float(guidance.w_beta)
+    low, high, beta = float(guidance.w_min), float(guidance.w_max), float(w_beta)
     if beta == 1.0:  # uniform (the same draws as before w_beta existed)
         w = jax.random.uniform(w_rng, (x.shape[0],), minval=low, maxval=high)
     else:
@@ -84,17 +85,19 @@ def make_stage_one_loss(
     null_condition: Any,
     diffusion: ml_collections.ConfigDict,
     guidance: ml_collections.ConfigDict,
+    w_beta: float = 1.0,
 ) -> LossFn:
     """Loss (params, batch, rng, teacher_state) -> (loss, metrics) of stage one.
 
     `teacher_denoiser(teacher_state)` is the conditional teacher; `teacher_state` (its params,
     or a GaussianMixture) is the step's teacher argument. The target is the guided teacher
-    `guidance.guided_xhat`, both halves in one batched call.
+    `guidance.guided_xhat`, both halves in one batched call. w is drawn from
+    Beta(w_beta, w_beta) scaled to [guidance.w_min, guidance.w_max] (1: uniform).
     """
     bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
 
     def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher_state: PyTree):
-        x, labels, w, eps, rest = _sample_common(batch, rng, guidance)
+        x, labels, w, eps, rest = _sample_common(batch, rng, guidance, w_beta)
         t_rng, dropout_rng = jax.random.split(rest)
         t = jax.random.uniform(t_rng, (x.shape[0],))
         z = schedule.q_sample(x, t, eps, **bounds)
@@ -114,9 +117,11 @@ def make_stage_two_loss(
     first_round: bool,
     diffusion: ml_collections.ConfigDict,
     guidance: ml_collections.ConfigDict,
+    w_beta: float = 1.0,
 ) -> LossFn:
     """Loss (params, batch, rng, teacher) -> (loss, metrics) of a halving round.
 
+    w is drawn as in stage one, with this stage's `w_beta`.
     teacher = {'params': the teacher's params, 'steps': the student's N as an int32 scalar}.
     N is an argument, not a constant, so rounds with the same number of training steps (which
     the learning-rate schedule bakes in) and the same `first_round` value lower to the same
@@ -127,7 +132,7 @@ def make_stage_two_loss(
 
     def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher: PyTree):
         teacher_params, steps = teacher["params"], teacher["steps"]
-        x, labels, w, eps, rest = _sample_common(batch, rng, guidance)
+        x, labels, w, eps, rest = _sample_common(batch, rng, guidance, w_beta)
         i_rng, dropout_rng = jax.random.split(rest)
         i = jax.random.randint(i_rng, (x.shape[0],), 1, steps + 1)
         t, t_mid, t_end = targets.round_times(i, steps=steps, stochastic=stochastic)

@@ -98,6 +98,7 @@ def _stage_one_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop.S
         null_condition=run.null_condition,
         diffusion=run.config.diffusion,
         guidance=run.config.guidance,
+        w_beta=float(run.config.stage1.w_beta),
     )
     return _stage(run, spec, loss_fn, init_params, teacher_state)
 
@@ -110,6 +111,7 @@ def _stage_two_stage(run: Run, spec: StageSpec, teacher_params: PyTree) -> loop.
         first_round=spec.first_round,
         diffusion=run.config.diffusion,
         guidance=run.config.guidance,
+        w_beta=float(run.config.stage2.w_beta),
     )
     teacher = {"params": teacher_params, "steps": np.int32(spec.steps)}
     return _stage(run, spec, loss_fn, lambda t: jax.tree.map(jnp.copy, t["params"]), teacher)
