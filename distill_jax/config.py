@@ -51,12 +51,6 @@ def optimizer_config(
     )
 
 
-# Where a key's default changed after runs had recorded their config without it: the value
-# such a run was made with. Reading its config.json fills these in before the current
-# defaults, so an old run still builds the model it trained (workdir.read_config).
-RECORDED_BEFORE_KEY = {"model": {"guidance_head": "none"}}
-
-
 def _data_config() -> ml_collections.ConfigDict:
     """The dataset and its input pipeline."""
     data = ml_collections.ConfigDict()

@@ -207,18 +207,3 @@ def test_nan_guard_checks_the_parameters_it_would_save(tmp_path):
     with pytest.raises(loop.NonFiniteError, match=r"'loss': 0.0.*param_norm': inf.*no checkpoint"):
         loop.run_stage(stage, run, parallel.make_mesh(-1))
     assert not [p for p in run.directory(spec).glob("[0-9]*") if p.name.isdigit()]
-
-
-def test_a_run_recorded_before_guidance_head_existed_keeps_its_model(tmp_path):
-    from distill_jax.run import workdir as workdir_lib
-
-    config = load_config(SMOKE)
-    recorded = json.loads(config.to_json())
-    del recorded["model"]["guidance_head"]  # as written before the key existed
-    (tmp_path / "config.json").write_text(json.dumps(recorded))
-    assert workdir_lib.read_config(tmp_path).model.guidance_head == "none"
-    config.model.guidance_head = "none"
-    workdir_lib.check_config(config, tmp_path, allow_config_change=False)
-    config.model.guidance_head = "affine"
-    with pytest.raises(ValueError, match="model.guidance_head: 'none' -> 'affine'"):
-        workdir_lib.check_config(config, tmp_path, allow_config_change=False)

@@ -178,7 +178,7 @@ def check_config(
     path = workdir / CONFIG_FILE
     if not path.exists() or allow_config_change:
         return
-    diffs = config_differences(_recorded(path), json.loads(config.to_json()))
+    diffs = config_differences(_read_json(path), json.loads(config.to_json()))
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
         raise ConfigMismatchError(
@@ -213,11 +213,6 @@ def _with_defaults(recorded: dict, defaults: dict) -> dict:
     return merged
 
 
-def _recorded(path: epath.Path) -> dict:
-    """A recorded config, with the values of keys added since (config.RECORDED_BEFORE_KEY)."""
-    return _with_defaults(_read_json(path), config_lib.RECORDED_BEFORE_KEY)
-
-
 def _tuples(tree: Any) -> Any:
     """JSON lists back to tuples (the config schema's sequence fields are tuples)."""
     if isinstance(tree, dict):
@@ -235,5 +230,5 @@ def read_config(workdir: epath.Path) -> ml_collections.ConfigDict:
             f"{path} does not exist: {workdir} is not a run directory (create one with "
             "`distill-jax run --config=... --workdir=...`)."
         )
-    recorded = _with_defaults(_recorded(path), config_lib.base_config().to_dict())
+    recorded = _with_defaults(_read_json(path), config_lib.base_config().to_dict())
     return ml_collections.ConfigDict(_tuples(recorded))
