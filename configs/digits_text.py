@@ -22,7 +22,9 @@ def get_config(variant: str = ""):
     c.text.enabled = True
     c.text.max_tokens = 16  # the length the dataset's conditions were encoded with
     if not variant:
-        # Budget: at most 25 minutes on the 2-core CPU (19 min 38 s measured). A text teacher step
+        # Budget: at most 25 minutes on the 2-core CPU (19 min 38 s measured with digits.py's
+        # earlier stage-one and round settings: lr 5e-4, uniform w, rounds 16 and 8 of 300
+        # steps). A text teacher step
         # costs about 1.2x a class one in FLOPs (bench/bench_teacher.py: 12.5 against 10.5
         # GFLOP at batch 128; cross-attention, 16 tokens). Stage one carried most of
         # the students' distance to the teacher on the first text run (600 steps: its 32-step
