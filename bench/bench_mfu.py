@@ -26,7 +26,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from steps import TimedStep, bench_run, random_batch
+from steps import TimedStep, bench_run, matmul_flops_per_s, random_batch
 
 from distill_jax.config import load_config
 from distill_jax.data.sources import DatasetInfo
@@ -64,14 +64,8 @@ def peak_flops(device, override_tflops: float | None) -> tuple[float, str]:
         if name.lower() in device.device_kind.lower():
             return tflops * 1e12, f"data sheet ({name})"
     n = 2048 if device.platform == "cpu" else 8192
-    a = jax.device_put(jnp.ones((n, n), jnp.bfloat16), device)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(3):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * 3 / (time.perf_counter() - start), "measured bf16 matmul"
+    measured = matmul_flops_per_s(n, repeats=3, dtype=jnp.bfloat16, device=device)
+    return measured, "measured bf16 matmul"
 
 
 def on_device(tree, device):

@@ -23,9 +23,11 @@ from distill_jax.training import state as state_lib
 NOWHERE = epath.Path("/nonexistent")  # the stages are only built: no workdir is touched
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n^3 float32 matmul: what this device does on dense work."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+def matmul_flops_per_s(
+    n: int = 2048, repeats: int = 5, dtype=jnp.float32, device: jax.Device | None = None
+) -> float:
+    """FLOP/s of an n^3 matmul in `dtype` (on `device`): what it does on dense work."""
+    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype), device)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     start = time.perf_counter()

@@ -48,7 +48,7 @@ def get_config(variant: str = ""):
     c.eval.num_samples = 300  # as many as the test split holds
     c.eval.seeds = 2
     # The full-step teacher (the students' reference) and the 4-step one beside the 4-step
-    # student; the sweep over every N would double the evaluation's cost.
+    # student; the teacher at every other N (1, 2, 8, 16) added about 45% to the sampling.
     c.eval.teacher_steps = (32, 4)
     if variant == "smoke":
         c.model.channels = 16

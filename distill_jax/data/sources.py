@@ -10,11 +10,11 @@ dicts plus a `DatasetInfo`:
   [16, 384]}.
 - 'gmm': a Gaussian mixture from `distill_jax.diffusion.gmm`; examples
   {'x': float32 [D], 'label': int32}.
-
-These three are `ArraySource`s held in memory (the bundled ones decoded once per process),
-which `read_examples` reads a batch at a time.
 - any other name: a TFDS image classification dataset already prepared in array_record format
   under `data_dir`, read with `builder.as_data_source`; nothing is downloaded at run time.
+
+The first three are `ArraySource`s held in memory (the bundled ones decoded once per process),
+which `read_examples` reads a batch at a time.
 
 `preprocess_batch` (and `preprocess_example` for one) turns examples into the model's input
 {'x': float32, 'label': int32} (on a text dataset 'label' is the condition, float32 [L, 384]):
