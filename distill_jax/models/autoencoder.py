@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
+from distill_jax.models.norm import GroupNorm
 from distill_jax.models.unet import num_groups
 
 Params = Any
@@ -44,8 +45,8 @@ class _Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.out_channels
-        h = nn.Conv(c, (3, 3), name="conv_0")(nn.swish(nn.GroupNorm(num_groups(x.shape[-1]))(x)))
-        h = nn.Conv(c, (3, 3), name="conv_1")(nn.swish(nn.GroupNorm(num_groups(c))(h)))
+        h = nn.Conv(c, (3, 3), name="conv_0")(nn.swish(GroupNorm(num_groups(x.shape[-1]))(x)))
+        h = nn.Conv(c, (3, 3), name="conv_1")(nn.swish(GroupNorm(num_groups(c))(h)))
         if x.shape[-1] != c:
             x = nn.Conv(c, (1, 1), name="skip")(x)
         return x + h
@@ -69,7 +70,7 @@ class Encoder(nn.Module):
             if level < len(self.channel_mult) - 1:
                 h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), name=f"down_{level}")(h)
         h = _Block(h.shape[-1], name="mid")(h)
-        h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), name="norm_out")(h))
+        h = nn.swish(GroupNorm(num_groups(h.shape[-1]), name="norm_out")(h))
         moments = nn.Conv(2 * self.latent_channels, (3, 3), name="conv_out")(h)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, *LOGVAR_RANGE)
@@ -95,7 +96,7 @@ class Decoder(nn.Module):
                 b, height, width, c = h.shape
                 h = jax.image.resize(h, (b, 2 * height, 2 * width, c), "nearest")
                 h = nn.Conv(c, (3, 3), name=f"up_{level}")(h)
-        h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), name="norm_out")(h))
+        h = nn.swish(GroupNorm(num_groups(h.shape[-1]), name="norm_out")(h))
         return nn.Conv(self.out_channels, (3, 3), name="conv_out")(h)
 
 

@@ -32,6 +32,7 @@ from distill_jax.models.embeddings import (
     ConditioningEmbedding,
     affine_guidance_output,
 )
+from distill_jax.models.norm import GroupNorm
 from distill_jax.text_encoder import text_mask
 
 Dtype = Any
@@ -69,11 +70,11 @@ class ResBlock(nn.Module):
     def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
         """Apply the block; dropout only when `train` (needs a 'dropout' rng)."""
         c = self.out_channels
-        h = nn.GroupNorm(num_groups(x.shape[-1]), dtype=self.dtype, name="norm_0")(x)
+        h = GroupNorm(num_groups(x.shape[-1]), dtype=self.dtype, name="norm_0")(x)
         h = nn.Conv(c, (3, 3), dtype=self.dtype, name="conv_0")(nn.swish(h))
         film = nn.Dense(2 * c, dtype=self.dtype, name="film")(nn.swish(emb))
         scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
-        h = nn.GroupNorm(num_groups(c), dtype=self.dtype, name="norm_1")(h)
+        h = GroupNorm(num_groups(c), dtype=self.dtype, name="norm_1")(h)
         h = nn.swish(h * (1.0 + scale) + shift)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = nn.Conv(c, (3, 3), dtype=self.dtype, kernel_init=_zeros, name="conv_1")(h)
@@ -101,7 +102,7 @@ class AttentionBlock(nn.Module):
                 f"attention block at resolution {height}."
             )
         head_dim = c // self.num_heads
-        h = nn.GroupNorm(num_groups(c), dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(num_groups(c), dtype=self.dtype, name="norm")(x)
         h = h.reshape(b, height * width, c)
         qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype, name="qkv")(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -127,7 +128,7 @@ class CrossAttentionBlock(nn.Module):
         """Apply GroupNorm, attention to the unmasked tokens, and the residual sum."""
         b, height, width, c = x.shape
         head_dim = c // self.num_heads
-        h = nn.GroupNorm(num_groups(c), dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(num_groups(c), dtype=self.dtype, name="norm")(x)
         q = nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name="q")(
             h.reshape(b, height * width, c)
         )
@@ -288,7 +289,7 @@ class UNet(nn.Module):
         h = self._attn(h, context, "mid_attn")
         h = self._res(h, emb, h.shape[-1], "mid_res_1", train)
         h = self._up_path(h, skips, emb, context, train)
-        h = nn.swish(nn.GroupNorm(num_groups(h.shape[-1]), dtype=self.dtype, name="out_norm")(h))
+        h = nn.swish(GroupNorm(num_groups(h.shape[-1]), dtype=self.dtype, name="out_norm")(h))
         conv = dict(features=out_channels, kernel_size=(3, 3), dtype=self.dtype, kernel_init=_zeros)
         out = nn.Conv(**conv, name="out_conv")(h)
         if self.use_guidance and self.guidance_head == "affine":
