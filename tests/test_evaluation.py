@@ -169,3 +169,36 @@ def test_evaluate_resumes_from_finished_rows(smoke_workdir, tmp_path, classifier
     assert len(measured) == 1  # only the interrupted row ran again
     assert len(progress.read_text().splitlines()) == len(lines)
     assert (workdir / "eval" / "results.csv").is_file()
+
+
+def test_samples_are_scored_as_images_clipped_to_the_data_range(
+    smoke_workdir, tmp_path, classifier_cache
+):
+    import shutil
+
+    from distill_jax import sampling
+    from distill_jax.evaluation.plan import EVALUATORS, Entry
+    from distill_jax.run import Run
+
+    workdir = tmp_path / "run"  # _context writes the data grid: a copy keeps the shared run
+    shutil.copytree(smoke_workdir, workdir)
+    config = load_config(SMOKE_CONFIG)
+    config.eval.classifier.cache_dir = str(classifier_cache)
+    run = Run.open(workdir, eval_config=config.eval)
+    ctx, _ = evaluate._context(run)
+    entry = Entry(EVALUATORS[0], 2, 4.0)  # the 2-step guided teacher at w = 4
+    fn = sampling.denoise_fn(run, "teacher", 2)
+    drawn = ctx.draw(entry, 0, fn)
+    raw = sampling.sample(
+        run,
+        model="teacher",
+        steps=2,
+        batch_size=ctx.batch_size,
+        w=4.0,
+        labels=ctx.labels,
+        seed=1000,
+        fn=fn,
+        schedule=entry.schedule,
+    )
+    assert np.abs(raw).max() > 1.05  # guidance overshoots the data range
+    np.testing.assert_array_equal(drawn, np.clip(raw, -1.0, 1.0))

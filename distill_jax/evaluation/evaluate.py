@@ -78,8 +78,13 @@ class _Context:
         )
 
     def draw(self, entry: Entry, seed: int, fn, labels=None) -> np.ndarray:
-        """Samples of `entry`'s sampler with seed 1000 + seed (paired across samplers)."""
-        return sampling.sample(
+        """Samples of `entry`'s sampler with seed 1000 + seed (paired across samplers).
+
+        They are scored as the images they are, clipped to the data range [-1, 1] as every
+        saved or shown sample is: the feature classifier never saw values outside it, and
+        guided samples have them (about a third of the pixels at w = 4 on digits, up to 1.5).
+        """
+        x = sampling.sample(
             self.run,
             model=entry.evaluator.model,
             steps=entry.steps,
@@ -91,6 +96,7 @@ class _Context:
             fn=fn,
             schedule=entry.schedule,
         )
+        return np.clip(np.asarray(x), -1.0, 1.0)
 
     def teacher_reference(self, w: float, seed: int) -> metrics.FeatureStatistics:
         """Feature statistics of the full-step guided teacher's samples for (w, seed)."""
@@ -150,11 +156,11 @@ def _autoencoder_row(ctx: _Context, x: np.ndarray, labels: np.ndarray) -> dict:
     """
     encode, decode = ctx.run.codec()
     latents = sampling.apply_in_batches(encode, x, ctx.batch_size)
-    recon = sampling.apply_in_batches(decode, latents, ctx.batch_size)
-    feats, probs = ctx.classifier.features_and_probs(recon)
+    recon = np.clip(sampling.apply_in_batches(decode, latents, ctx.batch_size), -1.0, 1.0)
+    feats, probs = ctx.classifier.features_and_probs(recon)  # scored as images, like `draw`
     images.save_samples_png(
         ctx.grids / "reconstructions.png",
-        images.displayable(np.clip(recon, -1.0, 1.0)),
+        images.displayable(recon),
         labels,
         ctx.run.image_info.num_classes,
         rows=int(ctx.run.config.eval.grid_rows),
@@ -184,8 +190,8 @@ def _row_key(ctx: _Context, entry: Entry) -> dict:
         model=model,
         reference_split=e.reference_split or run.config.data.train_split,
         # 2: rows carry fd_teacher; 3: the teacher counts 1 evaluation per step at w = 0;
-        # 4: rows carry the within-class diversity.
-        metrics_version=4,
+        # 4: rows carry the within-class diversity; 5: samples scored clipped to [-1, 1].
+        metrics_version=5,
     )
 
 
