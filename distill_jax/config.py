@@ -16,7 +16,7 @@ from distill_jax.diffusion import guidance_schedule
 from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
 from distill_jax.diffusion.weighting import WEIGHTINGS
 from distill_jax.models.denoiser import DTYPES, MODEL_KINDS
-from distill_jax.models.embeddings import GUIDANCE_BRANCHES, GUIDANCE_HEADS
+from distill_jax.models.embeddings import GUIDANCE_HEADS
 
 TEACHER_KINDS = ("trained", "exact_gmm")
 DECAYS = ("cosine", "linear", "constant")
@@ -86,9 +86,6 @@ def _model_config() -> ml_collections.ConfigDict:
     # 'affine': the student outputs out + w * direction from a second output layer, so it is
     # affine in w like the guided teacher; 'none': w enters only through the embedding.
     model.guidance_head = "none"
-    # How the w branch enters the conditioning vector: 'additive' (the paper's, time + class +
-    # g(w)) or 'modulated' (time + class * (1 + a(w)) + b(w)); see models.embeddings.
-    model.guidance_branch = "additive"
     return model
 
 
@@ -285,8 +282,6 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
         _fail("model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
     if m.guidance_head not in GUIDANCE_HEADS:
         _fail("model.guidance_head", m.guidance_head, f"one of {GUIDANCE_HEADS}")
-    if m.guidance_branch not in GUIDANCE_BRANCHES:
-        _fail("model.guidance_branch", m.guidance_branch, f"one of {GUIDANCE_BRANCHES}")
     if config.diffusion.loss_weighting not in WEIGHTINGS:
         _fail("diffusion.loss_weighting", config.diffusion.loss_weighting, f"one of {WEIGHTINGS}")
     if config.teacher.kind not in TEACHER_KINDS:

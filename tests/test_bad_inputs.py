@@ -234,7 +234,6 @@ CONFIG_VALUE_CASES = [
     ("unknown_parameterisation", "model.parameterisation", "z", "parameterisation='z'"),
     ("unknown_dtype", "model.dtype", "int8", "int8"),
     ("unknown_guidance_head", "model.guidance_head", "quadratic", "guidance_head='quadratic'"),
-    ("unknown_guidance_branch", "model.guidance_branch", "film", "guidance_branch='film'"),
     ("zero_channels", "model.channels", 0, "model.channels=0"),
     ("dropout_above_one", "model.dropout", 1.5, "dropout=1.5"),
     ("n_end_zero", "stage2.n_end", 0, "n_start"),

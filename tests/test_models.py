@@ -15,7 +15,6 @@ from distill_jax.diffusion.schedule import logsnr_schedule_cosine
 from distill_jax.models import (
     GUIDANCE_BRANCH,
     GUIDANCE_HEAD,
-    ConditioningEmbedding,
     MLPDenoiser,
     UNet,
     build_model,
@@ -242,44 +241,6 @@ def test_affine_head_student_starts_as_teacher_and_is_affine_in_w(
     assert np.abs((at_3 - at_0) - 3.0 * (at_1 - at_0)).max() > 1e-3
 
 
-@pytest.mark.parametrize("data_shape", [IMAGE, POINT])
-def test_modulated_branch_starts_as_teacher_and_lets_w_act_per_class(
-    data_shape, unet_teacher, mlp_teacher
-):
-    teacher, _, teacher_params = unet_teacher if data_shape == IMAGE else mlp_teacher
-    student, init = build(data_shape, use_guidance=True, seed=2, guidance_branch="modulated")
-    params = student_params_from_teacher(teacher_params, init)
-    z, t, labels, _ = inputs(data_shape)
-    expected = apply(teacher, teacher_params, z, t, labels, train=False)
-    for w_value in (0.0, 1.0, 4.0):
-        out = apply(student, params, z, t, labels, jnp.full((4,), w_value), train=False)
-        np.testing.assert_allclose(out, expected, atol=1e-6, rtol=0)
-
-    def w_effect(branch: str, seed: int) -> np.ndarray:
-        """cond(t, c, w = 3) - cond(t, c, w = 0) for classes 0..3, with a trained branch."""
-        module = ConditioningEmbedding(
-            emb_dim=16,
-            num_classes=10,
-            use_guidance=True,
-            guidance_fourier_dim=8,
-            guidance_branch=branch,
-        )
-        t4, c4 = jnp.full((4,), 0.5), jnp.arange(4)
-        cond_params = module.init(jax.random.key(seed), t4, c4, jnp.zeros(4))["params"]
-        cond_params = dict(
-            cond_params, **{GUIDANCE_BRANCH: perturb(cond_params[GUIDANCE_BRANCH], seed=7)}
-        )
-        at = [module.apply({"params": cond_params}, t4, c4, jnp.full((4,), w)) for w in (0.0, 3.0)]
-        return np.asarray(at[1] - at[0])
-
-    # Additive: w moves every class's conditioning vector by the same g(w). Modulated: by
-    # class * a(w) + b(w), so guidance can push each class away from the null class.
-    additive, modulated = w_effect("additive", 0), w_effect("modulated", 0)
-    assert np.abs(additive).max() > 1e-3
-    np.testing.assert_allclose(additive, np.broadcast_to(additive[:1], additive.shape), atol=1e-6)
-    assert np.abs(modulated - modulated[:1]).max() > 1e-3
-
-
 def test_student_from_teacher_rejects_mismatches(unet_teacher, unet_student):
     _, _, teacher_params = unet_teacher
     _, student_init = unet_student
@@ -375,7 +336,6 @@ def test_dropout_only_when_training():
         (dict(kind="unet", dtype="float64"), IMAGE, "model.dtype"),
         (dict(kind="unet", parameterisation="score"), IMAGE, "parameterisation"),
         (dict(kind="mlp", guidance_head="linear"), POINT, "model.guidance_head"),
-        (dict(kind="unet", guidance_branch="film"), IMAGE, "model.guidance_branch"),
     ],
 )
 def test_bad_config_raises(overrides, data_shape, match):

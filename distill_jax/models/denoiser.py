@@ -23,12 +23,7 @@ from distill_jax import trees
 from distill_jax.diffusion.guidance import as_condition
 from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
-from distill_jax.models.embeddings import (
-    GUIDANCE_BRANCH,
-    GUIDANCE_BRANCHES,
-    GUIDANCE_HEAD,
-    GUIDANCE_HEADS,
-)
+from distill_jax.models.embeddings import GUIDANCE_BRANCH, GUIDANCE_HEAD, GUIDANCE_HEADS
 from distill_jax.models.mlp import MLPDenoiser
 from distill_jax.models.unet import UNet, check_image_size
 
@@ -74,17 +69,11 @@ def build_model(
         raise ValueError(
             f"config.model.guidance_head={m.guidance_head!r} is unknown: accepted {GUIDANCE_HEADS}."
         )
-    if m.guidance_branch not in GUIDANCE_BRANCHES:
-        raise ValueError(
-            f"config.model.guidance_branch={m.guidance_branch!r} is unknown: accepted "
-            f"{GUIDANCE_BRANCHES}."
-        )
     data_shape = tuple(int(d) for d in data_shape)
     common = dict(
         num_classes=int(num_classes),
         use_guidance=bool(use_guidance),
         guidance_fourier_dim=int(m.guidance_fourier_dim),
-        guidance_branch=str(m.guidance_branch),
         guidance_head=str(m.guidance_head),
         parameterisation=m.parameterisation,
         emb_dim=int(m.emb_dim),

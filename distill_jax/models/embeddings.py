@@ -38,11 +38,6 @@ GUIDANCE_HEAD = "guidance_head"
 # config.model.guidance_head: 'none' (w reaches the network only through GUIDANCE_BRANCH) or
 # 'affine' (also output = out + w * direction, a second zero-initialised output layer).
 GUIDANCE_HEADS = ("none", "affine")
-# config.model.guidance_branch: how the w branch enters the conditioning vector. 'additive'
-# (the paper's): time + class + g(w). 'modulated': time + class * (1 + a(w)) + b(w), which can
-# express guidance's extrapolation in embedding space, (1 + w) e_c - w e_null, for every class
-# with one a(w) and b(w); an additive branch cannot depend on the class.
-GUIDANCE_BRANCHES = ("additive", "modulated")
 
 
 def logsnr_to_unit_interval(logsnr: jax.Array) -> jax.Array:
@@ -103,22 +98,21 @@ def guidance_fourier_features(
 class GuidanceEmbedding(nn.Module):
     """The student's w branch: Fourier(w) -> Dense -> swish -> Dense (zero-initialised).
 
-    Maps w [B] to [B, outputs * emb_dim]; exactly zero at initialisation.
+    Maps w [B] to [B, emb_dim]; exactly zero at initialisation.
     """
 
     emb_dim: int
     fourier_dim: int = 32
-    outputs: int = 1
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, w: jax.Array) -> jax.Array:
-        """Embed w [B] -> [B, outputs * emb_dim]."""
+        """Embed w [B] -> [B, emb_dim]."""
         h = guidance_fourier_features(w, self.fourier_dim)
         h = nn.Dense(self.emb_dim, dtype=self.dtype, name="dense_0")(h)
         h = nn.swish(h)
         return nn.Dense(
-            self.outputs * self.emb_dim,
+            self.emb_dim,
             dtype=self.dtype,
             kernel_init=nn.initializers.zeros,
             bias_init=nn.initializers.zeros,
@@ -152,7 +146,6 @@ class ConditioningEmbedding(nn.Module):
       text_dim: width of the text encoder's token states; 0 for class labels.
       use_guidance: add the `GuidanceEmbedding` submodule named `GUIDANCE_BRANCH`.
       guidance_fourier_dim: Fourier features of w in that branch.
-      guidance_branch: 'additive' or 'modulated' (see GUIDANCE_BRANCHES).
       time_features: sinusoidal features of the log-SNR; 0 means emb_dim // 4 (rounded to even).
       logsnr_min, logsnr_max: bounds of the cosine schedule that turns t into log-SNR.
       dtype: compute dtype; parameters stay float32.
@@ -163,7 +156,6 @@ class ConditioningEmbedding(nn.Module):
     text_dim: int = 0
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
-    guidance_branch: str = "additive"
     time_features: int = 0
     logsnr_min: float = LOGSNR_MIN
     logsnr_max: float = LOGSNR_MAX
@@ -186,28 +178,19 @@ class ConditioningEmbedding(nn.Module):
         if self.text_dim:
             pooled = pooled_text(jnp.asarray(labels, jnp.float32))
             text = nn.Dense(self.emb_dim, dtype=self.dtype, name="text_dense_0")(pooled)
-            cond = nn.Dense(self.emb_dim, dtype=self.dtype, name="text_dense_1")(nn.swish(text))
+            emb = h + nn.Dense(self.emb_dim, dtype=self.dtype, name="text_dense_1")(nn.swish(text))
         else:
-            cond = nn.Embed(
+            emb = h + nn.Embed(
                 self.num_classes + 1, self.emb_dim, dtype=self.dtype, name="class_embed"
             )(jnp.asarray(labels, jnp.int32))
-        if not self.use_guidance:
-            return h + cond
-        if w is None:
-            raise ValueError(
-                "this model has a guidance branch (use_guidance=True): pass the guidance "
-                "weight w [B]."
-            )
-        w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
-        modulated = self.guidance_branch == "modulated"
-        g = GuidanceEmbedding(
-            self.emb_dim,
-            self.guidance_fourier_dim,
-            outputs=2 if modulated else 1,
-            dtype=self.dtype,
-            name=GUIDANCE_BRANCH,
-        )(w)
-        if modulated:
-            gain, shift = jnp.split(g, 2, axis=-1)
-            return h + cond * (1.0 + gain) + shift
-        return h + cond + g
+        if self.use_guidance:
+            if w is None:
+                raise ValueError(
+                    "this model has a guidance branch (use_guidance=True): pass the guidance "
+                    "weight w [B]."
+                )
+            w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
+            emb = emb + GuidanceEmbedding(
+                self.emb_dim, self.guidance_fourier_dim, dtype=self.dtype, name=GUIDANCE_BRANCH
+            )(w)
+        return emb

@@ -55,7 +55,6 @@ class MLPDenoiser(nn.Module):
       depth: residual blocks (config.model.mlp_depth).
       use_guidance: add the guidance-weight branch of a distilled student.
       guidance_fourier_dim: Fourier features of w in that branch.
-      guidance_branch: 'additive' or 'modulated' (see `embeddings.GUIDANCE_BRANCHES`).
       guidance_head: 'affine' gives a student a second output layer and outputs
         out + w * direction (see `affine_guidance_output`); 'none' has no such head.
       parameterisation: 'eps', 'x', 'v' or 'both' (which doubles the output width).
@@ -70,7 +69,6 @@ class MLPDenoiser(nn.Module):
     depth: int = 4
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
-    guidance_branch: str = "additive"
     guidance_head: str = "none"
     parameterisation: str = "v"
     emb_dim: int = 0
@@ -109,7 +107,6 @@ class MLPDenoiser(nn.Module):
             num_classes=self.num_classes,
             use_guidance=self.use_guidance,
             guidance_fourier_dim=self.guidance_fourier_dim,
-            guidance_branch=self.guidance_branch,
             logsnr_min=self.logsnr_min,
             logsnr_max=self.logsnr_max,
             dtype=self.dtype,

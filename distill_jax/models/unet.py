@@ -157,7 +157,6 @@ class UNet(nn.Module):
       text_dim: width of the text condition's token states; 0 conditions on class labels.
       use_guidance: add the guidance-weight branch of a distilled student.
       guidance_fourier_dim: Fourier features of w in that branch.
-      guidance_branch: 'additive' or 'modulated' (see `embeddings.GUIDANCE_BRANCHES`).
       guidance_head: 'affine' gives a student a second output conv and outputs
         out + w * direction (see `affine_guidance_output`); 'none' has no such head.
       parameterisation: 'eps', 'x', 'v' or 'both' (which doubles the output channels).
@@ -176,7 +175,6 @@ class UNet(nn.Module):
     text_dim: int = 0
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
-    guidance_branch: str = "additive"
     guidance_head: str = "none"
     parameterisation: str = "v"
     emb_dim: int = 0
@@ -267,7 +265,6 @@ class UNet(nn.Module):
             text_dim=self.text_dim,
             use_guidance=self.use_guidance,
             guidance_fourier_dim=self.guidance_fourier_dim,
-            guidance_branch=self.guidance_branch,
             time_features=self.channels,
             logsnr_min=self.logsnr_min,
             logsnr_max=self.logsnr_max,
