@@ -8,10 +8,11 @@ and 'bias' as Flax names them.
 
 Speed (issue 14): a hand-written GroupNorm that folds normalisation and affine into one
 multiply-add per element ran its own forward and backward pass 20-35% faster than Flax's on
-the README's 2-core CPU, but in the whole teacher train step it, Flax's default and this one
-were within the step's run-to-run noise of each other (-6% to +5% over interleaved runs on
-8x8x1 and 32x32x3): XLA already fuses the norm into its neighbours. So the library's
-implementation stays; `tests/test_norm.py` checks accuracy and a fixed-seed run.
+the README's 2-core CPU (a micro-benchmark, other jobs running), but in the whole teacher
+train step it, Flax's default and this one were within the step's run-to-run noise of each
+other (-6% to +5% over interleaved runs on 8x8x1 and 32x32x3): XLA already fuses the norm
+into its neighbours. So the library's implementation stays; `tests/test_norm.py` checks
+accuracy and a fixed-seed run.
 """
 
 from __future__ import annotations
