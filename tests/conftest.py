@@ -12,7 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"
 LATENT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_latent.py") + ":smoke"
-TEXT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_text.py") + ":smoke"
+TEXT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_latent_text.py") + ":smoke"
 
 
 # The start of a script run in a fresh interpreter where importing distill_jax fails: what an
@@ -137,6 +137,8 @@ def latent_workdir(tmp_path_factory, classifier_cache):
 
 @pytest.fixture(scope="session")
 def text_workdir(tmp_path_factory, classifier_cache):
-    """The same for `configs/digits_text.py:smoke`: a text-conditioned run (prompts through the
-    frozen MiniLM encoder); read-only for tests."""
+    """The same for `configs/digits_latent_text.py:smoke`: a text-conditioned run (prompts
+    through the frozen MiniLM encoder) in the latent space of an autoencoder, so one run covers
+    the text path and its conditions cached beside the latents; read-only for tests. (The pixel
+    text config's U-Net and losses are tested in tests/test_text.py without a whole run.)"""
     return _smoke_run(tmp_path_factory, classifier_cache, TEXT_SMOKE_CONFIG, "text")
