@@ -86,6 +86,9 @@ def _model_config() -> ml_collections.ConfigDict:
     # 'affine': the student outputs out + w * direction from a second output layer, so it is
     # affine in w like the guided teacher; 'none': w enters only through the embedding.
     model.guidance_head = "none"
+    # Extra ResBlocks the students have after each of the teacher's (zero-initialised: stage
+    # one still starts from the teacher's function); 0 gives students the teacher's network.
+    model.student_extra_blocks = 0
     return model
 
 
@@ -329,6 +332,7 @@ def _check_run_sections(config: ml_collections.ConfigDict) -> None:
     ):
         _check_number(config, key, low=1, integer=True)
     _check_number(config, "model.emb_dim", low=0, integer=True)
+    _check_number(config, "model.student_extra_blocks", low=0, integer=True)
     _check_number(config, "eval.classifier.image_size", low=0, integer=True)
     _check_number(config, "model.dropout", low=0, high=1)
     _check_number(config, "diffusion.logsnr_max", low=-100, high=100)

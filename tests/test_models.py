@@ -212,6 +212,24 @@ def test_student_from_teacher_equals_teacher_for_every_w(unet_teacher, unet_stud
     assert np.abs(out - expected).max() > 1e-3
 
 
+def test_student_with_extra_blocks_starts_as_its_teacher(unet_teacher):
+    teacher, _, teacher_params = unet_teacher
+    student, student_init = build(use_guidance=True, seed=2, student_extra_blocks=1)
+    params = student_params_from_teacher(teacher_params, student_init)
+    extra = [n for n in params if "student_extra" in n]
+    # One extra ResBlock after each of the teacher's: down path, middle (2), up path.
+    assert len(extra) == len([n for n in teacher_params if "_res_" in n]) > 4
+    z, t, labels, w = inputs(IMAGE)
+    expected = apply(teacher, teacher_params, z, t, labels, train=False)
+    np.testing.assert_allclose(
+        apply(student, params, z, t, labels, w, train=False), expected, atol=1e-6, rtol=0
+    )
+    # Trained extra blocks change the output; a teacher never has them.
+    nudged = dict(params, **{n: perturb(params[n], seed=4) for n in extra})
+    assert np.abs(apply(student, nudged, z, t, labels, w, train=False) - expected).max() > 1e-3
+    assert not [n for n in build(student_extra_blocks=1)[1] if "student_extra" in n]
+
+
 @pytest.mark.parametrize("data_shape", [IMAGE, POINT])
 def test_affine_head_student_starts_as_teacher_and_is_affine_in_w(
     data_shape, unet_teacher, mlp_teacher

@@ -23,7 +23,12 @@ from distill_jax import trees
 from distill_jax.diffusion.guidance import as_condition
 from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
-from distill_jax.models.embeddings import GUIDANCE_BRANCH, GUIDANCE_HEAD, GUIDANCE_HEADS
+from distill_jax.models.embeddings import (
+    GUIDANCE_BRANCH,
+    GUIDANCE_HEAD,
+    GUIDANCE_HEADS,
+    STUDENT_EXTRA,
+)
 from distill_jax.models.mlp import MLPDenoiser
 from distill_jax.models.unet import UNet, check_image_size
 
@@ -99,6 +104,7 @@ def build_model(
         num_res_blocks=int(m.num_res_blocks),
         attn_resolutions=tuple(int(r) for r in m.attn_resolutions),
         num_heads=int(m.num_heads),
+        student_extra_blocks=int(m.student_extra_blocks),
         text_dim=int(text_dim),
         **common,
     )
@@ -177,6 +183,14 @@ def make_denoise_fn(
     )
 
 
+def _student_only(name: str) -> bool:
+    """Whether the parameter `name` belongs to a part only a student has."""
+    parts = name.split("/")
+    return bool({GUIDANCE_BRANCH, GUIDANCE_HEAD} & set(parts)) or any(
+        STUDENT_EXTRA in part for part in parts
+    )
+
+
 def student_params_from_teacher(teacher_params: Params, student_init_params: Params) -> Params:
     """Student params = the teacher's weights plus the student's fresh guidance branch.
 
@@ -200,7 +214,7 @@ def student_params_from_teacher(teacher_params: Params, student_init_params: Par
     merged = []
     for name, (_, leaf) in zip(names, with_path, strict=True):
         if name not in teacher:
-            if not {GUIDANCE_BRANCH, GUIDANCE_HEAD} & set(name.split("/")):
+            if not _student_only(name):
                 raise ValueError(f"student params have {name} which the teacher lacks.")
             merged.append(leaf)  # the fresh guidance branch
         elif jnp.shape(teacher[name]) != jnp.shape(leaf):

@@ -35,6 +35,9 @@ Dtype = Any
 # parameters are its teacher's plus these (`student_params_from_teacher` keys on them).
 GUIDANCE_BRANCH = "guidance_embed"
 GUIDANCE_HEAD = "guidance_head"
+# ResBlocks a student may have beyond its teacher (config.model.student_extra_blocks): each
+# ends in a zero-initialised conv, so the student still starts equal to its teacher.
+STUDENT_EXTRA = "student_extra"
 # config.model.guidance_head: 'none' (w reaches the network only through GUIDANCE_BRANCH) or
 # 'affine' (also output = out + w * direction, a second zero-initialised output layer).
 GUIDANCE_HEADS = ("none", "affine")

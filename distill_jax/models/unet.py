@@ -29,6 +29,7 @@ from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN
 from distill_jax.models.embeddings import (
     GUIDANCE_HEAD,
+    STUDENT_EXTRA,
     ConditioningEmbedding,
     affine_guidance_output,
 )
@@ -159,6 +160,8 @@ class UNet(nn.Module):
       guidance_fourier_dim: Fourier features of w in that branch.
       guidance_head: 'affine' gives a student a second output conv and outputs
         out + w * direction (see `affine_guidance_output`); 'none' has no such head.
+      student_extra_blocks: a student's extra ResBlocks after each ResBlock (capacity beyond
+        its teacher's; zero-initialised, so it starts equal to the teacher); 0 for a teacher.
       parameterisation: 'eps', 'x', 'v' or 'both' (which doubles the output channels).
       emb_dim: conditioning width; 0 means 4 * channels.
       dtype: compute dtype; parameters stay float32.
@@ -176,6 +179,7 @@ class UNet(nn.Module):
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
     guidance_head: str = "none"
+    student_extra_blocks: int = 0
     parameterisation: str = "v"
     emb_dim: int = 0
     dtype: Dtype = jnp.float32
@@ -183,7 +187,14 @@ class UNet(nn.Module):
     logsnr_max: float = LOGSNR_MAX
 
     def _res(self, h: jax.Array, emb: jax.Array, channels: int, name: str, train: bool):
-        return ResBlock(channels, self.dropout, dtype=self.dtype, name=name)(h, emb, train=train)
+        """A ResBlock, then a student's `student_extra_blocks` (identity until trained)."""
+        h = ResBlock(channels, self.dropout, dtype=self.dtype, name=name)(h, emb, train=train)
+        for i in range(self.student_extra_blocks if self.use_guidance else 0):
+            extra = ResBlock(
+                channels, self.dropout, dtype=self.dtype, name=f"{name}_{STUDENT_EXTRA}_{i}"
+            )
+            h = extra(h, emb, train=train)
+        return h
 
     def _attn(self, h: jax.Array, context: tuple | None, name: str) -> jax.Array:
         """Self-attention, then (text U-Net) cross-attention to the prompt's tokens."""
