@@ -80,6 +80,19 @@ def test_cli_trains_writes_checkpoints_and_resume_after_sigkill_matches(tmp_path
     assert again.returncode == 0 and "skipped" in again.stdout + again.stderr
 
 
+def test_a_run_recorded_before_a_schema_key_existed_resumes_with_its_default(tmp_path):
+    from distill_jax.run import workdir as workdir_lib
+
+    config = load_config("configs/digits.py:smoke")
+    recorded = json.loads(config.to_json())
+    del recorded["model"]["student_extra_blocks"]  # as written by an older distill_jax
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    workdir_lib.check_config(config, tmp_path, allow_config_change=False)
+    config.model.student_extra_blocks = 1  # not the default: another model
+    with pytest.raises(workdir_lib.ConfigMismatchError, match="student_extra_blocks: 0 -> 1"):
+        workdir_lib.check_config(config, tmp_path, allow_config_change=False)
+
+
 def test_cli_refuses_model_changing_config_on_resume(tmp_path):
     first = _cli(tmp_path, "--config.teacher.num_steps=2")
     assert first.returncode == 0, first.stderr

@@ -178,7 +178,10 @@ def check_config(
     path = workdir / CONFIG_FILE
     if not path.exists() or allow_config_change:
         return
-    diffs = config_differences(_read_json(path), json.loads(config.to_json()))
+    # A key added to the schema after the run was made counts as its default there.
+    defaults = json.loads(config_lib.base_config().to_json())
+    recorded = _with_defaults(_read_json(path), defaults)
+    diffs = config_differences(recorded, json.loads(config.to_json()))
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
         raise ConfigMismatchError(
