@@ -333,6 +333,12 @@ def _check_run_sections(config: ml_collections.ConfigDict) -> None:
         _check_number(config, key, low=1, integer=True)
     _check_number(config, "model.emb_dim", low=0, integer=True)
     _check_number(config, "model.student_extra_blocks", low=0, integer=True)
+    if config.model.kind == "mlp" and config.model.student_extra_blocks:
+        _fail(
+            "model.student_extra_blocks",
+            config.model.student_extra_blocks,
+            "0 with model.kind='mlp' (U-Net only)",
+        )
     _check_number(config, "eval.classifier.image_size", low=0, integer=True)
     _check_number(config, "model.dropout", low=0, high=1)
     _check_number(config, "diffusion.logsnr_max", low=-100, high=100)

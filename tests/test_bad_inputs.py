@@ -103,6 +103,21 @@ CASES = [
     ("w_min_above_w_max", [*T, "--config.guidance.w_min=5"], "w_min <= w_max"),
     ("n_start_not_power", [*D, "--config.stage2.n_start=12"], "n_start"),
     ("exact_gmm_on_digits", [*T, "--config.teacher.kind=exact_gmm"], "exact_gmm"),
+    (
+        "negative_extra_blocks",
+        [*T, "--config.model.student_extra_blocks=-1"],
+        "student_extra_blocks=-1",
+    ),
+    (
+        "extra_blocks_on_mlp",
+        [
+            "distill",
+            "--config=" + str(ROOT / "configs" / "gmm.py") + ":smoke",
+            "--workdir={new}",
+            "--config.model.student_extra_blocks=1",
+        ],
+        "U-Net only",
+    ),
     ("text_on_class_data", [*T, "--config.text.enabled=True"], "text.enabled=True"),
     ("unknown_dataset", [*T, "--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),
     # Workdirs and their records.

@@ -195,8 +195,9 @@ def student_params_from_teacher(teacher_params: Params, student_init_params: Par
     """Student params = the teacher's weights plus the student's fresh guidance branch.
 
     Every subtree of the student is taken from the teacher except those named `GUIDANCE_BRANCH`
-    or `GUIDANCE_HEAD` that the teacher lacks, which keep their initial values (last layer
-    zero, so the student equals the teacher for every w). A teacher that has a guidance branch
+    or `GUIDANCE_HEAD`, or the extra ResBlocks named with `STUDENT_EXTRA`, that the teacher
+    lacks, which keep their initial values (last layer zero, so the student equals the teacher
+    for every w). A teacher that has a guidance branch
     itself (a distilled student) passes it on, so the copy never throws away what a teacher
     knows about w.
 
@@ -216,7 +217,7 @@ def student_params_from_teacher(teacher_params: Params, student_init_params: Par
         if name not in teacher:
             if not _student_only(name):
                 raise ValueError(f"student params have {name} which the teacher lacks.")
-            merged.append(leaf)  # the fresh guidance branch
+            merged.append(leaf)  # the fresh guidance branch or extra blocks
         elif jnp.shape(teacher[name]) != jnp.shape(leaf):
             raise ValueError(
                 f"teacher and student params differ at {name}: shape "
