@@ -197,9 +197,8 @@ def student_params_from_teacher(teacher_params: Params, student_init_params: Par
     Every subtree of the student is taken from the teacher except those named `GUIDANCE_BRANCH`
     or `GUIDANCE_HEAD`, or the extra ResBlocks named with `STUDENT_EXTRA`, that the teacher
     lacks, which keep their initial values (last layer zero, so the student equals the teacher
-    for every w). A teacher that has a guidance branch
-    itself (a distilled student) passes it on, so the copy never throws away what a teacher
-    knows about w.
+    for every w). A teacher that has a guidance branch itself (a distilled student) passes it
+    on, so the copy never throws away what a teacher knows about w.
 
     Pure tree surgery, so it runs inside `jax.jit` (sharded initialisation).
 

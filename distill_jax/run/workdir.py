@@ -178,10 +178,7 @@ def check_config(
     path = workdir / CONFIG_FILE
     if not path.exists() or allow_config_change:
         return
-    # A key added to the schema after the run was made counts as its default there.
-    defaults = json.loads(config_lib.base_config().to_json())
-    recorded = _with_defaults(_read_json(path), defaults)
-    diffs = config_differences(recorded, json.loads(config.to_json()))
+    diffs = config_differences(_recorded(path), json.loads(config.to_json()))
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
         raise ConfigMismatchError(
@@ -203,6 +200,14 @@ def record_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> Non
             return
         files.atomic_write(workdir / PREVIOUS_CONFIG_FILE, json.dumps(old, indent=2))
     files.atomic_write(path, json.dumps(new, indent=2))
+
+
+def _recorded(path: epath.Path) -> dict:
+    """The config recorded at `path`, with schema defaults for the keys it lacks.
+
+    A key added to the schema after the run was made counts as its default there.
+    """
+    return _with_defaults(_read_json(path), json.loads(config_lib.base_config().to_json()))
 
 
 def _with_defaults(recorded: dict, defaults: dict) -> dict:
@@ -233,5 +238,4 @@ def read_config(workdir: epath.Path) -> ml_collections.ConfigDict:
             f"{path} does not exist: {workdir} is not a run directory (create one with "
             "`distill-jax run --config=... --workdir=...`)."
         )
-    recorded = _with_defaults(_read_json(path), config_lib.base_config().to_dict())
-    return ml_collections.ConfigDict(_tuples(recorded))
+    return ml_collections.ConfigDict(_tuples(_recorded(path)))
