@@ -7,7 +7,8 @@ Usage: --config=configs/digits_latent_text.py (full run) or ...:smoke. The capti
 upsampled to 32x32 and encoded to 8x8x4 latents once; each cached latent keeps its caption's
 text condition (float16 [16, 384]) beside it. Guidance is against the empty prompt, in [0, 2]
 as the latent class run's (guidance acts about twice as strongly in this latent space).
-The full run took 24 min 38 s on the 2-core CPU; its figures are in the README.
+The full run took 24 min 38 s on the 2-core CPU with stage one at batch 128 (digits.py's
+batch of 256 since adds about 4 minutes; not re-timed); its figures are in the README.
 """
 
 import pathlib

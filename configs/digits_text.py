@@ -22,17 +22,17 @@ def get_config(variant: str = ""):
     c.text.enabled = True
     c.text.max_tokens = 16  # the length the dataset's conditions were encoded with
     if not variant:
-        # Budget: at most 25 minutes on the 2-core CPU (19 min 38 s measured with digits.py's
+        # Budget: about 25 minutes on the 2-core CPU (19 min 38 s measured with digits.py's
         # earlier stage-one and round settings: lr 5e-4, uniform w, rounds 16 and 8 of 300
-        # steps). A text teacher step costs about 1.2x a class one in FLOPs
-        # (bench/bench_teacher.py: 12.5 against 10.5 GFLOP at batch 128; cross-attention, 16
-        # tokens). Stage one carried most of the students' distance to the teacher on the
-        # first text run (600 steps: its 32-step student 1.9 FD-to-teacher at w = 2, the
-        # 4-step student 3.4), so it gets 1,000 steps
-        # (issue 12's ablation: longer stage one helps most in the middle of the range), paid
-        # for by a shorter teacher (2,000 steps; prompt accuracy was 0.99-1.0 at 2,500) and
-        # one round fewer: stage one's student samples in 16 steps, rounds 16 -> 8 -> 4 -> 2 ->
-        # 1 (the full-step teacher of the evaluation still takes 32 guided steps).
+        # steps, batch 128; stage one's batch of 256 adds about 4 minutes, not re-timed). A
+        # text teacher step costs about 1.2x a class one in FLOPs (bench/bench_teacher.py:
+        # 12.5 against 10.5 GFLOP at batch 128; cross-attention, 16 tokens). Stage one carried
+        # most of the students' distance to the teacher on the first text run (600 steps: its
+        # 32-step student 1.9 FD-to-teacher at w = 2, the 4-step student 3.4), so it gets 1,000
+        # steps (issue 12's ablation: longer stage one helps most in the middle of the range),
+        # paid for by a shorter teacher (2,000 steps; prompt accuracy was 0.99-1.0 at 2,500)
+        # and one round fewer: stage one's student samples in 16 steps, rounds 16 -> 8 -> 4 ->
+        # 2 -> 1 (the full-step teacher of the evaluation still takes 32 guided steps).
         c.teacher.num_steps = 2000
         c.stage1.num_steps = 1000
         c.stage2.n_start = 16
