@@ -93,6 +93,17 @@ def test_a_run_recorded_before_a_schema_key_existed_resumes_with_its_default(tmp
         workdir_lib.check_config(config, tmp_path, allow_config_change=False)
 
 
+def test_reading_a_run_recorded_before_a_schema_key_existed_gives_its_default(tmp_path):
+    from distill_jax.run import workdir as workdir_lib
+
+    recorded = json.loads(load_config("configs/digits.py:smoke").to_json())
+    del recorded["model"]["student_extra_blocks"]  # as written by an older distill_jax
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    config = workdir_lib.read_config(tmp_path)
+    assert config.model.student_extra_blocks == 0
+    assert config.model.channel_mult == (1,)  # recorded lists come back as tuples
+
+
 def test_cli_refuses_model_changing_config_on_resume(tmp_path):
     first = _cli(tmp_path, "--config.teacher.num_steps=2")
     assert first.returncode == 0, first.stderr
