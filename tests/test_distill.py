@@ -442,3 +442,40 @@ def test_w_beta_draws_more_weights_near_the_ends_and_one_is_uniform():
     for stage in ("stage1", "stage2"):
         with pytest.raises(ValueError, match=f"{stage}.w_beta"):
             validate_config(load_config(str(ROOT / "configs/digits.py"), {f"{stage}.w_beta": 0.0}))
+
+
+def test_stratified_draws_put_one_t_and_one_w_in_each_stratum_with_the_same_marginals():
+    import ml_collections
+
+    from distill_jax.training import distill
+
+    n = 256
+    batch = {"x": jnp.zeros((n, 2)), "label": jnp.zeros((n,), jnp.int32)}
+    config = ml_collections.ConfigDict(dict(w_min=0.0, w_max=4.0))
+    for beta in (1.0, 0.5):
+        # Over many batches the draws keep their distribution: uniform t; w = 4 Beta(beta, beta)
+        # (arcsine for 0.5: P(w < 4 sin^2(pi q / 2)) = q).
+        ws, ts = [], []
+        for seed in range(20):
+            _, _, w, _, _, u = distill._sample_common(
+                batch, jax.random.PRNGKey(seed), config, beta, True
+            )
+            w, u = np.asarray(w), np.asarray(u)
+            # Within one batch: exactly one u in each [k/n, (k+1)/n), and one w in each of the
+            # n equal-probability intervals of its distribution.
+            assert sorted(np.floor(u * n).astype(int)) == list(range(n))
+            w_unit = w / 4 if beta == 1.0 else np.arcsin(np.sqrt(w / 4)) * 2 / np.pi
+            # (sorted, the k-th lies in the k-th interval, up to float32 rounding of w)
+            k = np.arange(n)
+            assert np.all((np.sort(w_unit) > (k - 0.01) / n) & (np.sort(w_unit) < (k + 1.01) / n))
+            assert abs(np.corrcoef(w, u)[0, 1]) < 0.25  # t and w are drawn independently
+            ws.append(w), ts.append(u)
+        ws, ts = np.concatenate(ws), np.concatenate(ts)
+        for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+            edge = 4 * q if beta == 1.0 else 4 * np.sin(np.pi * q / 2) ** 2
+            assert abs(np.mean(ws < edge) - q) < 0.01, (beta, q)
+            assert abs(np.mean(ts < q) - q) < 0.01
+    # Stage two's step i in 1..N: each of N = 8 steps n / 8 times per batch.
+    u = distill._stratified_uniform(jax.random.PRNGKey(3), n)
+    i = np.asarray(distill._step_of(u, jnp.int32(8)))
+    np.testing.assert_array_equal(np.bincount(i, minlength=9), [0] + [n // 8] * 8)
