@@ -163,9 +163,6 @@ def _stage1_config() -> ml_collections.ConfigDict:
     # w = w_min + (w_max - w_min) * Beta(w_beta, w_beta) per example: 1 is uniform; below 1
     # puts more of the draws near both ends of the guidance range.
     stage1.w_beta = 1.0
-    # True: t and w each cover their range evenly across the batch (stratified draws: one per
-    # 1/batch of the range, in random order); each draw is still from the same distribution.
-    stage1.stratified = False
     # EMA 0.99, not 0.999: the EMA starts at the stage's initial weights and is not debiased, so
     # after a few hundred steps a 0.999 EMA is still mostly those weights (0.999^300 = 0.74);
     # the next round's teacher would be the previous one. Long runs set their own (cifar10.py).
@@ -184,7 +181,6 @@ def _stage2_config() -> ml_collections.ConfigDict:
     stage2.final_rounds = 3  # the last `final_rounds` rounds train `final_steps_per_round`
     stage2.final_steps_per_round = 1000
     stage2.w_beta = 1.0  # as stage1.w_beta, for the halving rounds
-    stage2.stratified = False  # as stage1.stratified (w, and the step i in 1..N)
     stage2.stochastic = False  # train jumps of 2/N (last 1/N) for the stochastic sampler
     stage2.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=50, ema_decay=0.99)
     return stage2
@@ -352,10 +348,6 @@ def _check_run_sections(config: ml_collections.ConfigDict) -> None:
     _check_number(config, "guidance.w_min", low=-1)  # w = -1 is the unconditional model
     _check_number(config, "stage1.w_beta", low=0, low_open=True)
     _check_number(config, "stage2.w_beta", low=0, low_open=True)
-    for key in ("stage1.stratified", "stage2.stratified", "stage2.stochastic"):
-        section, name = key.split(".")
-        if not isinstance(config[section][name], bool):
-            _fail(key, config[section][name], "True or False")
     if not config.guidance.w_min <= config.guidance.w_max:
         _fail("guidance", (config.guidance.w_min, config.guidance.w_max), "w_min <= w_max")
     for key in (

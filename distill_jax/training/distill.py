@@ -43,64 +43,16 @@ PyTree = Any
 TeacherDenoiser = Callable[[PyTree], Partial]
 
 
-def _stratified_uniform(rng: jax.Array, n: int) -> jax.Array:
-    """n draws from U[0, 1), exactly one in each stratum [k/n, (k+1)/n), in random order.
-
-    Each draw is still U[0, 1) on its own; across the batch the draws cover [0, 1) evenly, so
-    the batch's loss (a mean over t and w) varies less from step to step.
-    """
-    jitter_rng, order_rng = jax.random.split(rng)
-    u = (jnp.arange(n) + jax.random.uniform(jitter_rng, (n,))) / n
-    return jax.random.permutation(order_rng, u)
-
-
-def _step_of(u: jax.Array, steps: jax.Array) -> jax.Array:
-    """The step i in 1..steps whose interval [(i-1)/steps, i/steps) holds u."""
-    return jnp.minimum(jnp.floor(u * steps).astype(jnp.int32) + 1, steps)
-
-
-def _beta_quantile(u: jax.Array, beta: float, iterations: int = 32) -> jax.Array:
-    """The inverse CDF of the symmetric Beta(beta, beta) at u, by bisection on betainc."""
-
-    def bisect(_, bounds):
-        low, high = bounds
-        mid = 0.5 * (low + high)
-        below = jax.scipy.special.betainc(beta, beta, mid) < u
-        return jnp.where(below, mid, low), jnp.where(below, high, mid)
-
-    low, high = jax.lax.fori_loop(0, iterations, bisect, (jnp.zeros_like(u), jnp.ones_like(u)))
-    return 0.5 * (low + high)
-
-
-def _sample_common(
-    batch: dict,
-    rng: jax.Array,
-    guidance: ml_collections.ConfigDict,
-    w_beta: float,
-    stratified: bool = False,
-):
-    """(x, labels, w, eps, rest, u): w per example, and u ~ U[0, 1) for the stage's time.
-
-    stratified: w's and u's draws each cover their range evenly across the batch
-    (`_stratified_uniform`, w through Beta's inverse CDF), independently of each other.
-    """
+def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigDict, w_beta: float):
     x, labels = batch["x"], batch["label"]
     w_rng, eps_rng, rest = jax.random.split(rng, 3)
     low, high, beta = float(guidance.w_min), float(guidance.w_max), float(w_beta)
-    n = x.shape[0]
-    if stratified:
-        w_rng, u_rng = jax.random.split(w_rng)
-        w_unit = _stratified_uniform(w_rng, n)
-        w = low + (high - low) * (w_unit if beta == 1.0 else _beta_quantile(w_unit, beta))
-        u = _stratified_uniform(u_rng, n)
-    elif beta == 1.0:  # uniform (the same draws as before w_beta existed)
-        w = jax.random.uniform(w_rng, (n,), minval=low, maxval=high)
-        u = None
+    if beta == 1.0:  # uniform (the same draws as before w_beta existed)
+        w = jax.random.uniform(w_rng, (x.shape[0],), minval=low, maxval=high)
     else:
-        w = low + (high - low) * jax.random.beta(w_rng, beta, beta, (n,))
-        u = None
+        w = low + (high - low) * jax.random.beta(w_rng, beta, beta, (x.shape[0],))
     eps = jax.random.normal(eps_rng, x.shape, x.dtype)
-    return x, labels, w, eps, rest, u
+    return x, labels, w, eps, rest
 
 
 def _student_regression(
@@ -134,7 +86,6 @@ def make_stage_one_loss(
     diffusion: ml_collections.ConfigDict,
     guidance: ml_collections.ConfigDict,
     w_beta: float = 1.0,
-    stratified: bool = False,
 ) -> LossFn:
     """Loss (params, batch, rng, teacher_state) -> (loss, metrics) of stage one.
 
@@ -142,15 +93,13 @@ def make_stage_one_loss(
     or a GaussianMixture) is the step's teacher argument. The target is the guided teacher
     `guidance.guided_xhat`, both halves in one batched call. w is drawn from
     Beta(w_beta, w_beta) scaled to [guidance.w_min, guidance.w_max] (1: uniform).
-    stratified (config stage1.stratified): t and w each cover their range evenly across the
-    batch (`_sample_common`).
     """
     bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
 
     def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher_state: PyTree):
-        x, labels, w, eps, rest, u = _sample_common(batch, rng, guidance, w_beta, stratified)
+        x, labels, w, eps, rest = _sample_common(batch, rng, guidance, w_beta)
         t_rng, dropout_rng = jax.random.split(rest)
-        t = jax.random.uniform(t_rng, (x.shape[0],)) if u is None else u
+        t = jax.random.uniform(t_rng, (x.shape[0],))
         z = schedule.q_sample(x, t, eps, **bounds)
         teacher_fn = teacher_denoiser(teacher_state)
         target = guidance_lib.guided_xhat(teacher_fn, z, t, labels, w, null_label=null_condition)
@@ -169,12 +118,10 @@ def make_stage_two_loss(
     diffusion: ml_collections.ConfigDict,
     guidance: ml_collections.ConfigDict,
     w_beta: float = 1.0,
-    stratified: bool = False,
 ) -> LossFn:
     """Loss (params, batch, rng, teacher) -> (loss, metrics) of a halving round.
 
-    w is drawn as in stage one, with this stage's `w_beta` and `stratified` (which also
-    spreads i evenly over 1..N across the batch).
+    w is drawn as in stage one, with this stage's `w_beta`.
     teacher = {'params': the teacher's params, 'steps': the student's N as an int32 scalar}.
     N is an argument, not a constant, so rounds with the same number of training steps (which
     the learning-rate schedule bakes in) and the same `first_round` value lower to the same
@@ -185,12 +132,9 @@ def make_stage_two_loss(
 
     def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher: PyTree):
         teacher_params, steps = teacher["params"], teacher["steps"]
-        x, labels, w, eps, rest, u = _sample_common(batch, rng, guidance, w_beta, stratified)
+        x, labels, w, eps, rest = _sample_common(batch, rng, guidance, w_beta)
         i_rng, dropout_rng = jax.random.split(rest)
-        if u is None:
-            i = jax.random.randint(i_rng, (x.shape[0],), 1, steps + 1)
-        else:
-            i = _step_of(u, steps)
+        i = jax.random.randint(i_rng, (x.shape[0],), 1, steps + 1)
         t, t_mid, t_end = targets.round_times(i, steps=steps, stochastic=stochastic)
         z_t = schedule.q_sample(x, t, eps, **bounds)
         teacher_fn = denoiser.make_denoise_fn(student, teacher_params)

@@ -99,7 +99,6 @@ def _stage_one_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop.S
         diffusion=run.config.diffusion,
         guidance=run.config.guidance,
         w_beta=float(run.config.stage1.w_beta),
-        stratified=bool(run.config.stage1.stratified),
     )
     return _stage(run, spec, loss_fn, init_params, teacher_state)
 
@@ -113,7 +112,6 @@ def _stage_two_stage(run: Run, spec: StageSpec, teacher_params: PyTree) -> loop.
         diffusion=run.config.diffusion,
         guidance=run.config.guidance,
         w_beta=float(run.config.stage2.w_beta),
-        stratified=bool(run.config.stage2.stratified),
     )
     teacher = {"params": teacher_params, "steps": np.int32(spec.steps)}
     return _stage(run, spec, loss_fn, lambda t: jax.tree.map(jnp.copy, t["params"]), teacher)
