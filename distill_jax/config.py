@@ -2,27 +2,13 @@
 
 `base_config()` returns an `ml_collections.ConfigDict` holding every key the library reads,
 with defaults; files under configs/ start from it and change what their dataset needs.
-`validate_config` checks the values a run depends on and fails with a message naming the key
-and what is accepted.
+config_checks.py validates them (`validate_config`) and derives the halving rounds
+(`round_schedule`).
 """
 
 from __future__ import annotations
 
-import math
-
 import ml_collections
-
-from distill_jax.diffusion import guidance_schedule
-from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
-from distill_jax.diffusion.weighting import WEIGHTINGS
-from distill_jax.models.denoiser import DTYPES, MODEL_KINDS
-from distill_jax.models.embeddings import GUIDANCE_HEADS
-
-TEACHER_KINDS = ("trained", "exact_gmm")
-DECAYS = ("cosine", "linear", "constant")
-AUTOENCODER_LOSSES = ("l1", "l2")
-# Datasets whose examples carry text conditions, and the prompt length they were encoded with.
-TEXT_DATASETS = {"digits_text": 16}
 
 
 def optimizer_config(
@@ -34,7 +20,7 @@ def optimizer_config(
     grad_clip: float = 1.0,
     ema_decay: float = 0.999,
 ) -> ml_collections.ConfigDict:
-    """AdamW with linear warmup then `decay` (one of DECAYS), global-norm clipping and EMA."""
+    """AdamW with linear warmup then `decay` (config_checks.DECAYS), clipping and EMA."""
     return ml_collections.ConfigDict(
         dict(
             learning_rate=learning_rate,
@@ -121,7 +107,7 @@ def _autoencoder_config() -> ml_collections.ConfigDict:
     # LDM's KL-f4/f8 models weigh the KL term 1e-6: enough to keep the latent bounded and
     # smooth, small enough that reconstructions stay sharp.
     ae.kl_weight = 1e-6
-    ae.loss = "l1"  # reconstruction loss, one of AUTOENCODER_LOSSES
+    ae.loss = "l1"  # reconstruction loss, one of config_checks.AUTOENCODER_LOSSES
     ae.batch_size = 64
     ae.num_steps = 2000
     ae.dropout = 0.0
@@ -246,224 +232,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = _train_config()
     c.eval = _eval_config()
     return c
-
-
-def _fail(key: str, value, accepted: str) -> None:
-    raise ValueError(f"config.{key}={value!r} is invalid: accepted {accepted}.")
-
-
-def _check_number(
-    config, key: str, *, low=None, high=None, integer=False, low_open=False, high_open=True
-) -> None:
-    """Fail unless config[key] is a finite (integer) number within the bounds given."""
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    value = node
-    kind = "an integer" if integer else "a finite number"
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    ok = ok and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        left = "" if low is None else f" {'>' if low_open else '>='} {low}"
-        right = "" if high is None else f" {'<' if high_open else '<='} {high}"
-        joined = " and".join(part for part in (left, right) if part)
-        _fail(key, value, f"{kind}{joined}")
-
-
-def _check_choices(config: ml_collections.ConfigDict) -> None:
-    """The named choices: model kind, parameterisation, dtype, weighting, teacher kind."""
-    m = config.model
-    if m.kind not in MODEL_KINDS:
-        _fail("model.kind", m.kind, f"one of {MODEL_KINDS}")
-    if m.parameterisation not in PARAMETERISATIONS:
-        _fail("model.parameterisation", m.parameterisation, f"one of {PARAMETERISATIONS}")
-    if m.dtype not in DTYPES:
-        _fail("model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
-    if m.guidance_head not in GUIDANCE_HEADS:
-        _fail("model.guidance_head", m.guidance_head, f"one of {GUIDANCE_HEADS}")
-    if config.diffusion.loss_weighting not in WEIGHTINGS:
-        _fail("diffusion.loss_weighting", config.diffusion.loss_weighting, f"one of {WEIGHTINGS}")
-    if config.teacher.kind not in TEACHER_KINDS:
-        _fail("teacher.kind", config.teacher.kind, f"one of {TEACHER_KINDS}")
-    if config.teacher.kind == "exact_gmm" and config.data.name != "gmm":
-        _fail("teacher.kind", "exact_gmm", "'exact_gmm' only with data.name='gmm'")
-
-
-def _check_stage_sections(config: ml_collections.ConfigDict) -> None:
-    """Counts and optimiser settings of the teacher, stage one and stage two."""
-    for stage in ("autoencoder", "teacher", "stage1", "stage2"):
-        _check_number(config, f"{stage}.batch_size", low=1, integer=True)
-        opt = f"{stage}.optimizer"
-        _check_number(config, f"{opt}.learning_rate", low=0, low_open=True)
-        _check_number(config, f"{opt}.warmup_steps", low=0, integer=True)
-        _check_number(config, f"{opt}.end_learning_rate_factor", low=0)
-        _check_number(config, f"{opt}.weight_decay", low=0)
-        _check_number(config, f"{opt}.grad_clip", low=0)
-        _check_number(config, f"{opt}.ema_decay", low=0, high=1)
-        _check_number(config, f"{opt}.b1", low=0, high=1)
-        _check_number(config, f"{opt}.b2", low=0, high=1)
-        _check_number(config, f"{opt}.eps", low=0, low_open=True)
-        decay = config[stage].optimizer.decay
-        if decay not in DECAYS:
-            _fail(f"{opt}.decay", decay, f"one of {DECAYS}")
-        if "dropout" in config[stage]:
-            _check_number(config, f"{stage}.dropout", low=0, high=1)
-    _check_number(config, "teacher.num_steps", low=1, integer=True)
-    _check_number(config, "stage1.num_steps", low=1, integer=True)
-    _check_number(config, "stage2.steps_per_round", low=1, integer=True)
-    _check_number(config, "stage2.final_steps_per_round", low=1, integer=True)
-    _check_number(config, "stage2.final_rounds", low=0, integer=True)
-    round_schedule(config.stage2)
-
-
-def _check_run_sections(config: ml_collections.ConfigDict) -> None:
-    """Model sizes, diffusion, guidance, training-loop and evaluation settings."""
-    for key in (
-        "model.channels",
-        "model.num_res_blocks",
-        "model.num_heads",
-        "model.mlp_hidden",
-        "model.mlp_depth",
-        "model.guidance_fourier_dim",
-    ):
-        _check_number(config, key, low=1, integer=True)
-    _check_number(config, "model.emb_dim", low=0, integer=True)
-    _check_number(config, "model.student_extra_blocks", low=0, integer=True)
-    if config.model.kind == "mlp" and config.model.student_extra_blocks:
-        _fail(
-            "model.student_extra_blocks",
-            config.model.student_extra_blocks,
-            "0 with model.kind='mlp' (U-Net only)",
-        )
-    _check_number(config, "eval.classifier.image_size", low=0, integer=True)
-    _check_number(config, "model.dropout", low=0, high=1)
-    _check_number(config, "diffusion.logsnr_max", low=-100, high=100)
-    _check_number(config, "diffusion.logsnr_min", low=-100, high=config.diffusion.logsnr_max)
-    _check_number(config, "diffusion.p_uncond", low=0, high=1)
-    _check_number(config, "guidance.w_max")
-    _check_number(config, "guidance.w_min", low=-1)  # w = -1 is the unconditional model
-    _check_number(config, "stage1.w_beta", low=0, low_open=True)
-    _check_number(config, "stage2.w_beta", low=0, low_open=True)
-    if not config.guidance.w_min <= config.guidance.w_max:
-        _fail("guidance", (config.guidance.w_min, config.guidance.w_max), "w_min <= w_max")
-    for key in (
-        "train.log_every",
-        "train.checkpoint_every",
-        "train.keep_checkpoints",
-        "train.mesh_fsdp_axis",
-        "eval.num_samples",
-        "eval.seeds",
-        "eval.batch_size",
-        "eval.grid_rows",
-    ):
-        _check_number(config, key, low=1, integer=True)
-    if config.train.mesh_data_axis != -1:
-        _check_number(config, "train.mesh_data_axis", low=1, integer=True)
-    for w in config.eval.guidance_weights:
-        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
-            _fail("eval.guidance_weights", tuple(config.eval.guidance_weights), "finite numbers")
-    schedules = config.eval.guidance_schedules
-    if isinstance(schedules, str) or not isinstance(schedules, tuple | list):
-        _fail("eval.guidance_schedules", schedules, "a tuple of names, e.g. ('interval:0.2,0.8',)")
-    for name in schedules:
-        try:
-            guidance_schedule.parse_schedule(name)
-        except ValueError as error:
-            raise ValueError(f"config.eval.guidance_schedules: {error}") from None
-
-
-def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
-    """The autoencoder section of a latent run (config.autoencoder.enabled)."""
-    ae = config.autoencoder
-    if not isinstance(ae.enabled, bool):
-        _fail("autoencoder.enabled", ae.enabled, "True or False")
-    if not ae.enabled:
-        return
-    if config.data.name == "gmm" or config.model.kind != "unet":
-        _fail(
-            "autoencoder.enabled",
-            True,
-            "True only for image data with model.kind='unet' (latents are images [h, w, c])",
-        )
-    for key in ("channels", "num_res_blocks", "latent_channels", "batch_size", "num_steps"):
-        _check_number(config, f"autoencoder.{key}", low=1, integer=True)
-    mult = tuple(ae.channel_mult)
-    if not mult or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mult):
-        _fail("autoencoder.channel_mult", mult, "a non-empty tuple of integers >= 1")
-    _check_number(config, "autoencoder.kl_weight", low=0)
-    _check_number(config, "autoencoder.dropout", low=0, high=1)
-    if ae.loss not in AUTOENCODER_LOSSES:
-        _fail("autoencoder.loss", ae.loss, f"one of {AUTOENCODER_LOSSES}")
-
-
-def _check_text(config: ml_collections.ConfigDict) -> None:
-    """The text section: a text run needs a captioned dataset and a U-Net, and vice versa."""
-    text = config.text
-    if not isinstance(text.enabled, bool):
-        _fail("text.enabled", text.enabled, "True or False")
-    if config.data.name in TEXT_DATASETS and not text.enabled:
-        _fail("text.enabled", False, f"True for the captioned dataset {config.data.name!r}")
-    if not text.enabled:
-        return
-    if config.data.name not in TEXT_DATASETS:
-        _fail("text.enabled", True, f"True only with config.data.name in {tuple(TEXT_DATASETS)}")
-    if config.model.kind != "unet":
-        _fail("model.kind", config.model.kind, "'unet' for a text-conditioned run")
-    tokens = TEXT_DATASETS[config.data.name]
-    if config.text.max_tokens != tokens:
-        _fail(
-            "text.max_tokens",
-            config.text.max_tokens,
-            f"{tokens}, the length {config.data.name!r} was encoded with",
-        )
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Check every value a run depends on before anything is written.
-
-    Raises:
-      ValueError: naming the first bad key, its value and what is accepted.
-    """
-    _check_choices(config)
-    _check_autoencoder(config)
-    _check_text(config)
-    _check_stage_sections(config)
-    _check_run_sections(config)
-
-
-def round_schedule(stage2: ml_collections.ConfigDict) -> list[tuple[int, int]]:
-    """[(student steps N, training steps)] of every halving round, from n_start/2 to n_end.
-
-    The last `final_rounds` rounds train `final_steps_per_round` steps (the paper trains the
-    last, hardest rounds longer), the others `steps_per_round`.
-
-    Raises:
-      ValueError: n_start is not n_end * 2**k with n_end >= 1.
-    """
-    n_start, n_end = int(stage2.n_start), int(stage2.n_end)
-    ratio = n_start // n_end if n_end >= 1 and n_start % n_end == 0 else 0
-    if ratio < 1 or ratio & (ratio - 1):
-        _fail(
-            "stage2.n_start", (n_start, n_end), "n_start = n_end * 2**k with n_end >= 1 and k >= 0"
-        )
-    steps, n = [], n_start
-    while n > n_end:
-        n //= 2
-        steps.append(n)
-    final = int(stage2.final_rounds)
-    return [
-        (
-            n,
-            int(
-                stage2.final_steps_per_round if k >= len(steps) - final else stage2.steps_per_round
-            ),
-        )
-        for k, n in enumerate(steps)
-    ]
 
 
 def load_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:

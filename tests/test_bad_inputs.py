@@ -267,10 +267,11 @@ CONFIG_VALUE_CASES = [
 )
 def test_config_value_is_refused_naming_key_and_value(case_id, key, value, expected):
     from distill_jax import config as config_lib
+    from distill_jax import config_checks
 
     config = config_lib.load_config(SMOKE, {key: value})
     with pytest.raises(ValueError, match=re.escape(expected)):
-        config_lib.validate_config(config)
+        config_checks.validate_config(config)
 
 
 def _artifacts(root: pathlib.Path, run: pathlib.Path) -> dict[str, pathlib.Path]:

@@ -20,7 +20,8 @@ from conftest import snapshot
 from jax.tree_util import Partial
 
 from distill_jax import checkpoints, parallel
-from distill_jax.config import load_config, validate_config
+from distill_jax.config import load_config
+from distill_jax.config_checks import validate_config
 from distill_jax.data import sources
 from distill_jax.diffusion import gmm, samplers, schedule
 from distill_jax.diffusion.guidance import make_guided_denoise_fn

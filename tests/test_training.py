@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from distill_jax import checkpoints, parallel
-from distill_jax.config import load_config, validate_config
+from distill_jax.config import load_config
+from distill_jax.config_checks import validate_config
 from distill_jax.run import Run
 from distill_jax.training import loop, pipeline
 

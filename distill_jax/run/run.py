@@ -18,8 +18,7 @@ import numpy as np
 from etils import epath
 from jax.tree_util import Partial
 
-from distill_jax import checkpoints, text_encoder
-from distill_jax import config as config_lib
+from distill_jax import checkpoints, config_checks, text_encoder
 from distill_jax.data import sources
 from distill_jax.diffusion import gmm, guidance
 from distill_jax.models import autoencoder, denoiser
@@ -167,7 +166,7 @@ class Run:
         config = workdir_lib.read_config(workdir)
         if eval_config is not None:
             config.eval = ml_collections.ConfigDict(eval_config.to_dict())
-        config_lib.validate_config(config)
+        config_checks.validate_config(config)
         return cls(workdir, config, _dataset_info(config), stages_lib.plan_stages(config))
 
     def locked(self):

@@ -17,8 +17,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import ml_collections
 
-from distill_jax import config as config_lib
-from distill_jax import text_encoder
+from distill_jax import config_checks, text_encoder
 from distill_jax.data import sources
 from distill_jax.models import autoencoder, denoiser
 
@@ -147,7 +146,7 @@ def plan_stages(config: ml_collections.ConfigDict) -> list[StageSpec]:
         StageSpec("teacher", teacher_kind, None, int(config.teacher.num_steps), None, seed),
         StageSpec("stage1", "stage1", n_start, int(config.stage1.num_steps), "teacher", seed + 1),
     ]
-    for index, (steps, num_steps) in enumerate(config_lib.round_schedule(config.stage2)):
+    for index, (steps, num_steps) in enumerate(config_checks.round_schedule(config.stage2)):
         stages.append(
             StageSpec(
                 round_name(steps),

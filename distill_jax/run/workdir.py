@@ -34,7 +34,7 @@ import ml_collections
 from etils import epath
 
 from distill_jax import config as config_lib
-from distill_jax import files, trees
+from distill_jax import config_checks, files, trees
 
 CONFIG_FILE = "config.json"
 PREVIOUS_CONFIG_FILE = "config.previous.json"
@@ -174,7 +174,7 @@ def check_config(
       ValueError: an invalid config value (naming the key); ConfigMismatchError for a recorded
         config that builds another model or dataset, unless `allow_config_change`.
     """
-    config_lib.validate_config(config)
+    config_checks.validate_config(config)
     path = workdir / CONFIG_FILE
     if not path.exists() or allow_config_change:
         return
