@@ -5,13 +5,15 @@ architecture, batch config.eval.batch_size, after compilation) and multiplies by
 config's evaluation samples. Usage: python bench/eval_cost.py configs/digits.py[:variant]
 """
 
+import pathlib
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from distill_jax.config import load_config, round_schedule
+from distill_jax.config import load_config
+from distill_jax.config_checks import round_schedule
 from distill_jax.diffusion import guidance, samplers
 from distill_jax.evaluation.evaluate import teacher_step_counts
 from distill_jax.run import Run
@@ -54,4 +56,10 @@ def main(spec):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "configs/digits.py")
+    spec = sys.argv[1] if len(sys.argv) > 1 else "configs/digits.py"
+    if len(sys.argv) > 2 or not pathlib.Path(spec.partition(":")[0]).is_file():
+        sys.exit(
+            f"eval_cost: {' '.join(sys.argv[1:])!r} is not a config: accepted one argument, "
+            "a config file with an optional variant, e.g. configs/digits.py:smoke."
+        )
+    main(spec)
