@@ -11,7 +11,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"
-LATENT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_latent.py") + ":smoke"
 TEXT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_latent_text.py") + ":smoke"
 
 
@@ -126,13 +125,6 @@ def smoke_workdir(tmp_path_factory, classifier_cache):
     """A workdir made by `distill-jax run --config=configs/digits.py:smoke` (all stages,
     evaluation and report), shared by every test of the session; read-only for tests."""
     return _smoke_run(tmp_path_factory, classifier_cache, SMOKE_CONFIG, "smoke")
-
-
-@pytest.fixture(scope="session")
-def latent_workdir(tmp_path_factory, classifier_cache):
-    """The same for `configs/digits_latent.py:smoke`: autoencoder, teacher, stage one and the
-    rounds on its latents, evaluation and report; read-only for tests."""
-    return _smoke_run(tmp_path_factory, classifier_cache, LATENT_SMOKE_CONFIG, "latent")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,12 @@
-"""Latent runs: the autoencoder stage, latent teacher and students, decoding, export, refusals.
+"""Latent runs: the autoencoder stage, latent teacher and students, decoding, refusals.
 
-One smoke run of configs/digits_latent.py:smoke (autoencoder, teacher, stage one, rounds,
-evaluation, report) is shared by the module; the other tests train only what they need.
+The finished latent run these tests read is the session's text smoke run (`text_workdir`:
+configs/digits_latent_text.py:smoke, an autoencoder, then teacher, stage one, rounds,
+evaluation and report on its latents): a class-conditional latent smoke run of its own added
+about 100 s and no code path. Class-conditional latent runs are trained here by the
+`other_run` fixture (configs/digits_latent.py:smoke through the CLI, autoencoder and teacher)
+and by the ImageNet-256 test (every stage, in bfloat16). Decoded sampling and export of a
+latent run are tested on the text run in tests/test_text.py.
 """
 
 import json
@@ -16,12 +21,11 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import sample_standalone, snapshot
+from conftest import snapshot
 
-from distill_jax import export, sampling
+from distill_jax import sampling
 from distill_jax.config import load_config
 from distill_jax.data import loader
-from distill_jax.diffusion import samplers
 from distill_jax.run import Run
 from distill_jax.training import pipeline
 
@@ -38,25 +42,26 @@ def _cli(*args, env=None, wait=True):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_latent_smoke_run_writes_a_report_with_the_autoencoder_floor(latent_workdir):
-    run = Run.open(latent_workdir)
+def test_latent_smoke_run_writes_a_report_with_the_autoencoder_floor(text_workdir):
+    run = Run.open(text_workdir)
     assert run.info.shape == (8, 8, 4) and run.image_info.shape == (32, 32, 1)
     latents = run.latents()
     for spec in run.stages[1:]:  # every diffusion stage learnt on the autoencoder's latents
         record = run.finished(spec)
         assert record["latents"] == {"scale": latents.scale, "shape": [8, 8, 4]}, spec.name
-    report = (latent_workdir / "report.md").read_text()
+    report = (text_workdir / "report.md").read_text()
     assert "## Autoencoder" in report and "reconstructions" in report
-    results = json.loads((latent_workdir / "eval" / "results.json").read_text())
+    results = json.loads((text_workdir / "eval" / "results.json").read_text())
     floor = results["autoencoder"]
     assert floor["latent_shape"] == [8, 8, 4] and floor["recon_mse"] > 0
-    assert (latent_workdir / "eval" / floor["grid"]).is_file()
+    assert floor["latent_scale"] == latents.scale
+    assert (text_workdir / "eval" / floor["grid"]).is_file()
     samplers_seen = {(row["sampler"], row["steps"]) for row in results["rows"]}
     assert ("student_ddim", 1) in samplers_seen and ("teacher_ddim", 8) in samplers_seen
 
 
-def test_latent_scale_makes_the_encoded_train_split_unit_variance(latent_workdir):
-    run = Run.open(latent_workdir)
+def test_latent_scale_makes_the_encoded_train_split_unit_variance(text_workdir):
+    run = Run.open(text_workdir)
     x, _ = loader.make_eval_arrays(run.config.data, split=run.config.data.train_split)
     encode, _ = run.codec()
     z = sampling.apply_in_batches(encode, x, 256)
@@ -66,43 +71,6 @@ def test_latent_scale_makes_the_encoded_train_split_unit_variance(latent_workdir
     source = run.train_source(run.stage("teacher"))
     cached = np.stack([source[i]["x"] for i in range(16)])
     np.testing.assert_allclose(cached, z[:16], rtol=1e-5, atol=1e-5)
-
-
-def test_sampling_a_latent_run_decodes_images(latent_workdir, tmp_path):
-    out = tmp_path / "samples.npz"
-    result = _cli(
-        "sample",
-        f"--workdir={latent_workdir}",
-        "--steps=2",
-        "--guidance=1",
-        "--num=10",
-        f"--out={out}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with np.load(out) as data:
-        assert data["images"].shape == (10, 32, 32, 1) and data["images"].dtype == np.uint8
-    assert out.with_suffix(".png").is_file()
-
-
-# A fresh interpreter in which importing distill_jax fails: only the artifact's own loader.
-
-
-def test_latent_export_in_a_separate_process_matches_library_sampling(latent_workdir, tmp_path):
-    artifact = tmp_path / "artifact"
-    metadata = export.export_sampler(latent_workdir, steps=2, out=artifact, platforms=("cpu",))
-    assert metadata["noise_shape"] == [8, 8, 4] and metadata["image_shape"] == [32, 32, 1]
-    rng = np.random.default_rng(0)
-    noise = rng.standard_normal((5, 8, 8, 4)).astype(np.float32)
-    labels = rng.integers(0, 10, 5).astype(np.int32)
-    w = rng.uniform(0.0, 2.0, 5).astype(np.float32)
-    exported = sample_standalone(artifact, tmp_path, noise, labels, w)
-    run = Run.open(latent_workdir)
-    fn = sampling.denoise_fn(run, "student", 2)
-    z = samplers.ddim_sample(fn, noise, labels, w, steps=2, **run.bounds)
-    _, decode = run.codec()
-    library = np.clip(np.asarray(decode(z)), -1.0, 1.0)
-    assert exported.shape == (5, 32, 32, 1)
-    np.testing.assert_allclose(exported, library, atol=2e-5)
 
 
 def _autoencoder_mse(run: Run, which: str, x: np.ndarray) -> float:
@@ -193,14 +161,14 @@ def test_a_latent_that_does_not_fit_the_unet_is_refused_before_anything_is_writt
     assert not workdir.exists()
 
 
-def test_distilling_without_a_finished_autoencoder_is_refused(tmp_path, latent_workdir):
+def test_distilling_without_a_finished_autoencoder_is_refused(tmp_path, text_workdir):
     workdir = tmp_path / "run"
     result = _cli("distill", f"--config={LATENT_SMOKE}", f"--workdir={workdir}")
     _refused(result, "no finished autoencoder")
     assert not workdir.exists()
     # A run whose autoencoder lost its FINISHED record cannot be sampled or evaluated.
     copy = tmp_path / "copy"
-    shutil.copytree(latent_workdir, copy)
+    shutil.copytree(text_workdir, copy)
     (copy / "autoencoder" / "FINISHED.json").unlink()
     before = snapshot(copy)
     out = tmp_path / "s.npz"
@@ -211,12 +179,13 @@ def test_distilling_without_a_finished_autoencoder_is_refused(tmp_path, latent_w
     assert not out.exists() and snapshot(copy) == before
 
 
-def test_a_teacher_trained_on_other_latents_is_refused(other_run, latent_workdir, smoke_workdir):
-    # other_run's autoencoder has the latent run's shape but another scale.
-    assert Run.open(other_run).latents() != Run.open(latent_workdir).latents()
+def test_a_teacher_trained_on_other_latents_is_refused(other_run, text_workdir, smoke_workdir):
+    # other_run's autoencoder has the text run's latent shape but another scale. The latents
+    # are checked before anything else of the teacher (its text conditioning included).
+    assert Run.open(other_run).latents() != Run.open(text_workdir).latents()
     before = snapshot(other_run)
     for teacher, phrase in (
-        (latent_workdir / "teacher", "was trained on latents"),
+        (text_workdir / "teacher", "was trained on latents"),
         (smoke_workdir / "teacher", "was trained on pixels"),
     ):
         result = _cli("distill", *OTHER, f"--workdir={other_run}", f"--teacher={teacher}")
