@@ -42,7 +42,7 @@ def main(spec):
     t_step = seconds_per_step(teacher_fn, shape, batch, 1.0) / batch
     s_step = seconds_per_step(student_fn, shape, batch, 1.0) / batch
     teacher_steps = sum(teacher_step_counts(config))
-    student_steps = int(config.stage2.n_start) + sum(n for n, _ in round_schedule(config.stage2))
+    student_steps = int(config.stage2.n_start) + sum(n for n, _, _ in round_schedule(config.stage2))
     runs = int(config.eval.num_samples) * int(config.eval.seeds) * len(config.eval.guidance_weights)
     print(
         f"guided teacher step: {1e3 * t_step:.3f} ms/sample; "

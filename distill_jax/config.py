@@ -166,6 +166,8 @@ def _stage2_config() -> ml_collections.ConfigDict:
     stage2.steps_per_round = 500
     stage2.final_rounds = 3  # the last `final_rounds` rounds train `final_steps_per_round`
     stage2.final_steps_per_round = 1000
+    # > 0: the peak learning rate of those last rounds (0: stage2.optimizer.learning_rate).
+    stage2.final_learning_rate = 0.0
     stage2.w_beta = 1.0  # as stage1.w_beta, for the halving rounds
     stage2.stochastic = False  # train jumps of 2/N (last 1/N) for the stochastic sampler
     stage2.optimizer = optimizer_config(learning_rate=5e-4, warmup_steps=50, ema_decay=0.99)

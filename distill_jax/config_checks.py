@@ -93,6 +93,7 @@ def _check_stage_sections(config: ml_collections.ConfigDict) -> None:
     _check_number(config, "stage2.steps_per_round", low=1, integer=True)
     _check_number(config, "stage2.final_steps_per_round", low=1, integer=True)
     _check_number(config, "stage2.final_rounds", low=0, integer=True)
+    _check_number(config, "stage2.final_learning_rate", low=0)
     round_schedule(config.stage2)
 
 
@@ -211,11 +212,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_run_sections(config)
 
 
-def round_schedule(stage2: ml_collections.ConfigDict) -> list[tuple[int, int]]:
-    """[(student steps N, training steps)] of every halving round, from n_start/2 to n_end.
+def round_schedule(stage2: ml_collections.ConfigDict) -> list[tuple[int, int, bool]]:
+    """[(student steps N, training steps, final)] of every round, from n_start/2 to n_end.
 
-    The last `final_rounds` rounds train `final_steps_per_round` steps (the paper trains the
-    last, hardest rounds longer), the others `steps_per_round`.
+    The last `final_rounds` rounds (final=True) train `final_steps_per_round` steps (the paper
+    trains the last, hardest rounds longer), the others `steps_per_round`; with
+    `final_learning_rate` > 0 the final ones also train at that peak learning rate.
 
     Raises:
       ValueError: n_start is not n_end * 2**k with n_end >= 1.
@@ -230,13 +232,12 @@ def round_schedule(stage2: ml_collections.ConfigDict) -> list[tuple[int, int]]:
     while n > n_end:
         n //= 2
         steps.append(n)
-    final = int(stage2.final_rounds)
+    first_final = len(steps) - int(stage2.final_rounds)
     return [
         (
             n,
-            int(
-                stage2.final_steps_per_round if k >= len(steps) - final else stage2.steps_per_round
-            ),
+            int(stage2.final_steps_per_round if k >= first_final else stage2.steps_per_round),
+            k >= first_final,
         )
         for k, n in enumerate(steps)
     ]

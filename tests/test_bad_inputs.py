@@ -232,6 +232,7 @@ CONFIG_VALUE_CASES = [
     ("zero_round_steps", "stage2.steps_per_round", 0, "stage2.steps_per_round=0"),
     ("zero_final_steps", "stage2.final_steps_per_round", 0, "final_steps_per_round=0"),
     ("negative_final_rounds", "stage2.final_rounds", -1, "stage2.final_rounds=-1"),
+    ("nan_final_lr", "stage2.final_learning_rate", float("nan"), "final_learning_rate=nan"),
     ("zero_batch", "teacher.batch_size", 0, "teacher.batch_size=0"),
     ("negative_lr", "teacher.optimizer.learning_rate", -1, "learning_rate=-1"),
     ("inf_lr", "stage2.optimizer.learning_rate", float("inf"), "learning_rate=inf"),

@@ -443,3 +443,32 @@ def test_w_beta_draws_more_weights_near_the_ends_and_one_is_uniform():
     for stage in ("stage1", "stage2"):
         with pytest.raises(ValueError, match=f"{stage}.w_beta"):
             validate_config(load_config(str(ROOT / "configs/digits.py"), {f"{stage}.w_beta": 0.0}))
+
+
+def test_final_rounds_train_at_their_own_learning_rate(smoke_workdir):
+    import json
+
+    from distill_jax.run import plan_stages
+
+    digits = load_config(str(ROOT / "configs/digits.py"))
+    rounds = [spec for spec in plan_stages(digits) if spec.kind == "stage2"]
+    assert [(s.steps, s.final_round) for s in rounds] == [
+        (16, False),
+        (8, False),
+        (4, False),
+        (2, True),
+        (1, True),
+    ]
+    # The smoke run (rounds 4, 2, 1; final_rounds=1) logged each round's scheduled learning
+    # rate at the same step of the same warmup: the final round's is final_learning_rate's.
+    config = Run.open(smoke_workdir).config
+    assert config.stage2.final_rounds == 1 and config.stage2.final_learning_rate > 0
+    logged = {}
+    for line in (smoke_workdir / "metrics.jsonl").open():
+        record = json.loads(line)
+        if record["stage"].startswith("stage2/") and record["step"] == 5:
+            logged[record["stage"]] = record["learning_rate"]
+    ratio = config.stage2.final_learning_rate / config.stage2.optimizer.learning_rate
+    assert ratio != 1
+    assert logged[round_name(2)] == pytest.approx(logged[round_name(4)], rel=1e-6)
+    assert logged[round_name(1)] == pytest.approx(ratio * logged[round_name(2)], rel=1e-6)

@@ -103,6 +103,8 @@ class StageSpec:
       seed: seeds its initialisation, its data order and its training randomness.
       first_round: the first halving round (its teacher is stage one's continuous-time
         student, not a round of the same grid).
+      final_round: one of the last `stage2.final_rounds` rounds (their own training steps
+        and, where set, learning rate: `config_checks.round_schedule`).
     """
 
     name: str
@@ -112,6 +114,7 @@ class StageSpec:
     teacher: str | None
     seed: int
     first_round: bool = False
+    final_round: bool = False
 
     @property
     def stage_kind(self) -> StageKind:
@@ -146,7 +149,8 @@ def plan_stages(config: ml_collections.ConfigDict) -> list[StageSpec]:
         StageSpec("teacher", teacher_kind, None, int(config.teacher.num_steps), None, seed),
         StageSpec("stage1", "stage1", n_start, int(config.stage1.num_steps), "teacher", seed + 1),
     ]
-    for index, (steps, num_steps) in enumerate(config_checks.round_schedule(config.stage2)):
+    schedule = config_checks.round_schedule(config.stage2)
+    for index, (steps, num_steps, final) in enumerate(schedule):
         stages.append(
             StageSpec(
                 round_name(steps),
@@ -156,6 +160,7 @@ def plan_stages(config: ml_collections.ConfigDict) -> list[StageSpec]:
                 stages[-1].name,
                 seed + 2 + steps,
                 first_round=index == 0,
+                final_round=final,
             )
         )
     return stages

@@ -29,12 +29,20 @@ PyTree = Any
 
 
 def _stage(run: Run, spec: StageSpec, loss_fn, init_params, teacher: PyTree = None):
-    """The loop's Stage: batch size and optimiser from the stage kind's config section."""
+    """The loop's Stage: batch size and optimiser from the stage kind's config section.
+
+    A final halving round takes its peak learning rate from `stage2.final_learning_rate`
+    where that is set (> 0).
+    """
     section = run.config[spec.stage_kind.section]
+    optimizer = section.optimizer
+    if spec.final_round and float(section.final_learning_rate) > 0:
+        optimizer = optimizer.copy_and_resolve_references()
+        optimizer.learning_rate = float(section.final_learning_rate)
     return loop.Stage(
         spec=spec,
         batch_size=int(section.batch_size),
-        optimizer=section.optimizer,
+        optimizer=optimizer,
         loss_fn=loss_fn,
         init_params=init_params,
         abstract_params=run.abstract_params(spec),
