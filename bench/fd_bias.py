@@ -1,11 +1,12 @@
 """How much of an FD-to-teacher figure is the finite-sample bias of the Frechet distance.
 
 The evaluation scores each sampler by the FD between its samples and the full-step guided
-teacher's samples from the same noise (`distill-jax evaluate`: `eval.num_samples` per seed,
-300 on digits). FD estimated from n samples is biased upwards by roughly k / n (Chong and
-Forsyth 2020, "Effectively unbiased FID and Inception Score and where to find them"), so a
-small distance measured on few samples is mostly bias. This draws `--num` samples per row
-(paired noise, seed 1000, balanced labels), and prints for each row and w:
+teacher's samples from the same noise (`distill-jax evaluate`: on all seeds' samples at once,
+`eval.seeds` x `eval.num_samples`, 2 x 300 on digits, and per seed of 300). FD estimated
+from n samples is biased upwards by roughly k / n (Chong and Forsyth 2020, "Effectively
+unbiased FID and Inception Score and where to find them"), so a small distance measured on
+few samples is mostly bias. This draws `--num` samples per row (paired noise, seed 1000,
+balanced labels), and prints for each row and w:
 
 - the FD-to-teacher on all `--num` samples,
 - the mean and spread of it over disjoint subsets of `--subset` samples (the evaluation's n),

@@ -104,6 +104,21 @@ def test_within_class_diversity_measures_spread_inside_each_label():
     )
 
 
+def test_pooled_fd_is_closer_to_the_true_distance_than_the_per_seed_figures():
+    # FD from n samples is biased upwards by about k / n: two seeds' sets pooled halve it.
+    rng = np.random.default_rng(0)
+    sets = [rng.normal(size=(150, 16)) for _ in range(2)]
+    same = [rng.normal(size=(150, 16)) for _ in range(2)]  # the same distribution: FD 0
+    pooled, pairs = metrics.pooled_frechet_distance(sets, same)
+    assert len(pairs) == 2 and min(pairs) > 0.0
+    assert pooled < 0.6 * np.mean(pairs)
+    shifted = [x + 0.5 for x in same]  # FD between the distributions: 16 * 0.25 = 4
+    pooled, pairs = metrics.pooled_frechet_distance(sets, shifted)
+    assert abs(pooled - 4.0) < abs(np.mean(pairs) - 4.0)
+    with pytest.raises(ValueError, match="as many sets as references"):
+        metrics.pooled_frechet_distance(sets, same[:1])
+
+
 def test_run_wrote_the_evaluation_and_a_report_whose_links_exist(smoke_workdir):
     out = smoke_workdir / "eval"
     for name in (
@@ -202,3 +217,38 @@ def test_samples_are_scored_as_images_clipped_to_the_data_range(
     )
     assert np.abs(raw).max() > 1.05  # guidance overshoots the data range
     np.testing.assert_array_equal(drawn, np.clip(raw, -1.0, 1.0))
+
+
+def test_fd_to_teacher_is_measured_on_every_seed_at_once(smoke_workdir, tmp_path, classifier_cache):
+    import shutil
+
+    from distill_jax import sampling
+    from distill_jax.evaluation.plan import EVALUATORS, Entry
+    from distill_jax.run import Run
+
+    workdir = tmp_path / "run"  # _context writes the data grid: a copy keeps the shared run
+    shutil.copytree(smoke_workdir, workdir)
+    config = load_config(SMOKE_CONFIG)
+    config.eval.classifier.cache_dir = str(classifier_cache)
+    config.eval.seeds = 2
+    run = Run.open(workdir, eval_config=config.eval)
+    ctx, _ = evaluate._context(run)
+    reference = Entry(EVALUATORS[0], ctx.reference_steps, 2.0)
+    row = evaluate._measure(
+        ctx, reference, sampling.denoise_fn(run, "teacher", ctx.reference_steps)
+    )
+    assert row["seeds"] == 2 and row["fd_teacher"] < 1e-6 and row["fd_teacher_per_seed"] < 1e-6
+    coarse = Entry(EVALUATORS[0], 2, 2.0)
+    fn = sampling.denoise_fn(run, "teacher", 2)
+    row = evaluate._measure(ctx, coarse, fn)
+    features = [ctx.classifier.features_and_probs(ctx.draw(coarse, s, fn))[0] for s in (0, 1)]
+    teacher = [ctx.teacher_reference(2.0, s) for s in (0, 1)]
+    pooled = metrics.frechet_distance(
+        metrics.feature_statistics(np.concatenate(features)),
+        metrics.feature_statistics(np.concatenate(teacher)),
+    )
+    assert row["fd_teacher"] == pytest.approx(pooled, rel=1e-9)
+    assert row["fd_teacher"] < row["fd_teacher_per_seed"]  # half the finite-sample bias
+    assert f"{row['fd_teacher']:.3f} ({row['fd_teacher_per_seed']:.3f} ± " in (
+        evaluate.table.markdown_table([row])
+    )

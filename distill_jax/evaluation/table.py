@@ -1,10 +1,10 @@
 """The evaluation table as CSV, JSON and Markdown, written atomically (`files.atomic_write`).
 
 A row is one (sampler, steps N, guidance weight w) with the mean and seed spread (standard
-deviation over seeds) of FD (to real data), FD to the full-step guided teacher's samples at the
-same w, IS, conditional accuracy and within-class diversity (on a text run: prompt accuracy, and
-the thickness adherence too), the network evaluations per sample and the sampling time per
-image.
+deviation over seeds) of FD (to real data), IS, conditional accuracy and within-class diversity
+(on a text run: prompt accuracy, and the thickness adherence too), FD to the full-step guided
+teacher's samples at the same w (on every seed's samples at once; the per-seed figures' mean
+and spread beside it), the network evaluations per sample and the sampling time per image.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ COLUMNS = (
     "fd",
     "fd_std",
     "fd_teacher",
-    "fd_teacher_std",
+    "fd_teacher_per_seed",
+    "fd_teacher_per_seed_std",
     "inception_score",
     "inception_score_std",
     "accuracy",
@@ -56,8 +57,20 @@ def _pm(row: dict, key: str, digits: int) -> str:
     return f"{text} ± {spread:.{digits}f}" if spread else text
 
 
+def _fd_teacher(row: dict) -> str:
+    """Pooled FD to teacher, with the per-seed mean ± spread in brackets when seeds > 1."""
+    if "fd_teacher" not in row:
+        return "-"
+    if row.get("seeds", 1) > 1 and "fd_teacher_per_seed" in row:
+        return f"{row['fd_teacher']:.3f} ({_pm(row, 'fd_teacher_per_seed', 3)})"
+    return f"{row['fd_teacher']:.3f}"
+
+
 def markdown_table(rows: list[dict], data_row: dict | None = None, *, link_grids: str = "") -> str:
     """A Markdown table of the rows (mean ± seed spread), the real-data row first if given.
+
+    FD to teacher is the figure on every seed's samples at once; in brackets, with more than
+    one seed, the mean ± spread of the per-seed figures (each on fewer samples, so higher).
 
     Args:
       rows: result rows (see `COLUMNS`).
@@ -66,8 +79,8 @@ def markdown_table(rows: list[dict], data_row: dict | None = None, *, link_grids
     """
     text = any("thickness" in row for row in rows)
     header = (
-        "| sampler | N | w | evals/sample | FD ↓ | FD to teacher ↓ | IS ↑ | accuracy ↑ | "
-        "diversity |" + (" thickness ρ ↑ |" if text else "") + " ms/image |"
+        "| sampler | N | w | evals/sample | FD ↓ | FD to teacher ↓ (per seed) | IS ↑ | "
+        "accuracy ↑ | diversity |" + (" thickness ρ ↑ |" if text else "") + " ms/image |"
     ) + (" grid |" if link_grids else "")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     if data_row is not None:
@@ -82,7 +95,7 @@ def markdown_table(rows: list[dict], data_row: dict | None = None, *, link_grids
     for row in rows:
         line = (
             f"| {row['sampler']} | {row['steps']} | {row['w']:g} | {row['evaluations']} | "
-            f"{_pm(row, 'fd', 3)} | {_pm(row, 'fd_teacher', 3) if 'fd_teacher' in row else '-'} | "
+            f"{_pm(row, 'fd', 3)} | {_fd_teacher(row)} | "
             f"{_pm(row, 'inception_score', 3)} | "
             f"{_pm(row, 'accuracy', 3)} | {_pm(row, 'diversity', 3)} | "
             + (f"{_pm(row, 'thickness', 3)} | " if text else "")
