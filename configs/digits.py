@@ -27,7 +27,7 @@ def get_config(variant: str = ""):
     c.model.dropout = 0.1
     c.guidance.w_min, c.guidance.w_max = 0.0, 4.0  # pixel-space range of Meng et al.
     # Budget: the whole pipeline (teacher, stage one, five halving rounds 32 -> 1, evaluation)
-    # in 27.5 minutes on a 2-core CPU (README). 32 guided DDIM steps are already close to the
+    # in 27-30 minutes on a 2-core CPU (README). 32 guided DDIM steps are already close to the
     # teacher's converged samples on 8x8 digits.
     c.teacher.batch_size = 128
     c.teacher.num_steps = 2500
