@@ -186,21 +186,28 @@ def test_evaluate_resumes_from_finished_rows(smoke_workdir, tmp_path, classifier
     assert (workdir / "eval" / "results.csv").is_file()
 
 
-def test_samples_are_scored_as_images_clipped_to_the_data_range(
-    smoke_workdir, tmp_path, classifier_cache
-):
+def _eval_context(smoke_workdir, tmp_path, classifier_cache, seeds: int = 1):
+    """(run, evaluation context) on a copy of the smoke run (_context writes the data grid)."""
     import shutil
 
-    from distill_jax import sampling
-    from distill_jax.evaluation.plan import EVALUATORS, Entry
     from distill_jax.run import Run
 
-    workdir = tmp_path / "run"  # _context writes the data grid: a copy keeps the shared run
+    workdir = tmp_path / "run"
     shutil.copytree(smoke_workdir, workdir)
     config = load_config(SMOKE_CONFIG)
     config.eval.classifier.cache_dir = str(classifier_cache)
+    config.eval.seeds = seeds
     run = Run.open(workdir, eval_config=config.eval)
-    ctx, _ = evaluate._context(run)
+    return run, evaluate._context(run)[0]
+
+
+def test_samples_are_scored_as_images_clipped_to_the_data_range(
+    smoke_workdir, tmp_path, classifier_cache
+):
+    from distill_jax import sampling
+    from distill_jax.evaluation.plan import EVALUATORS, Entry
+
+    run, ctx = _eval_context(smoke_workdir, tmp_path, classifier_cache)
     entry = Entry(EVALUATORS[0], 2, 4.0)  # the 2-step guided teacher at w = 4
     fn = sampling.denoise_fn(run, "teacher", 2)
     drawn = ctx.draw(entry, 0, fn)
@@ -220,19 +227,10 @@ def test_samples_are_scored_as_images_clipped_to_the_data_range(
 
 
 def test_fd_to_teacher_is_measured_on_every_seed_at_once(smoke_workdir, tmp_path, classifier_cache):
-    import shutil
-
     from distill_jax import sampling
     from distill_jax.evaluation.plan import EVALUATORS, Entry
-    from distill_jax.run import Run
 
-    workdir = tmp_path / "run"  # _context writes the data grid: a copy keeps the shared run
-    shutil.copytree(smoke_workdir, workdir)
-    config = load_config(SMOKE_CONFIG)
-    config.eval.classifier.cache_dir = str(classifier_cache)
-    config.eval.seeds = 2
-    run = Run.open(workdir, eval_config=config.eval)
-    ctx, _ = evaluate._context(run)
+    run, ctx = _eval_context(smoke_workdir, tmp_path, classifier_cache, seeds=2)
     reference = Entry(EVALUATORS[0], ctx.reference_steps, 2.0)
     row = evaluate._measure(
         ctx, reference, sampling.denoise_fn(run, "teacher", ctx.reference_steps)
