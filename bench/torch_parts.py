@@ -29,11 +29,11 @@ import torch
 from steps import matmul_flops_per_s
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch_side_by_side import (
-    SHAPES,
     AttentionBlock,
     ResBlock,
     UNet,
     load_jax_params,
+    parse_shapes,
     shape_config,
     torch_matmul_flops_per_s,
 )
@@ -143,8 +143,10 @@ def time_block(kind: str, torch_module, config, shape, calls: int) -> dict[str, 
         theirs = torch_forward().numpy().transpose(0, 2, 3, 1)
     error = float(np.abs(np.asarray(apply(params, x, emb)) - theirs).max())
     assert error <= 1e-4 * max(float(np.abs(theirs).max()), 1.0), f"{kind}: outputs differ {error}"
-    fns = {"jax": lambda: jax.block_until_ready(jax_step(params, x, emb, cotangent))}
-    fns["torch"] = torch_step
+    fns = {
+        "jax": lambda: jax.block_until_ready(jax_step(params, x, emb, cotangent)),
+        "torch": torch_step,
+    }
     if kind == "attn":
         fns["torch_math"] = torch_math_step
     return timed(fns, calls)
@@ -183,9 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     xla_flags.apply()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    sizes = [int(s) for s in args.shapes.split(",") if s]
-    if not sizes or not set(sizes) <= set(SHAPES):
-        parser.error(f"--shapes={args.shapes!r}: accepted a comma-separated subset of 8,32")
+    sizes = parse_shapes(parser, args.shapes)
     print(
         f"jax {jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} "
         f"threads; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"

@@ -50,6 +50,14 @@ def shape_config(size: int):
     return config, DatasetInfo(f"{h}x{w}x{c}", (h, w, c), 10, None, None), batch
 
 
+def parse_shapes(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """The sizes of --shapes (a comma-separated subset of SHAPES), or one clear error line."""
+    sizes = [int(s) if s.strip().isdigit() else s for s in text.split(",") if s.strip()]
+    if not sizes or not set(sizes) <= set(SHAPES):
+        parser.error(f"--shapes={text!r}: accepted a comma-separated subset of 8,32")
+    return sizes
+
+
 def jax_step(config, info: DatasetInfo, batch_size: int):
     """(run n steps, params) for the project's teacher step (`steps.teacher_step`)."""
     step = teacher_step(config, info, batch_size)
@@ -279,9 +287,7 @@ def main() -> None:
     args = parser.parse_args()
     xla_flags.apply()  # the CLI's CPU XLA flags (importing distill_jax applied them already)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    sizes = [int(s) for s in args.shapes.split(",")]
-    if not set(sizes) <= set(SHAPES):
-        parser.error(f"--shapes={args.shapes!r}: accepted a comma-separated subset of 8,32")
+    sizes = parse_shapes(parser, args.shapes)
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind} x{len(jax.devices())}; "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
