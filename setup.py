@@ -47,6 +47,9 @@ setup(
             "ruff>=0.6,<1",
             # the layers contract of .importlinter (imports flow one way), run by scripts/test.sh
             "import-linter>=2.1,<3",
+            # `distill-jax plan`: describes TPU slices so steps compile for them on a CPU;
+            # the libtpu release that jax[tpu] pins for the pinned jax (0.10.2: 0.0.42.*).
+            "libtpu==0.0.42.*",
             # executing launch/explore.ipynb in tests/test_notebook.py
             "nbclient>=0.10,<0.12",
             "nbformat>=5.10,<6",

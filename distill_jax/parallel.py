@@ -172,19 +172,21 @@ def lost_peer_error(error: BaseException) -> PeerLostError | None:
     return None
 
 
-def make_mesh(num_data_devices: int = -1, *, fsdp: int = 1) -> Mesh:
+def make_mesh(num_data_devices: int = -1, *, fsdp: int = 1, devices: list | None = None) -> Mesh:
     """A 2-D mesh ('data', 'fsdp') of shape (num_data_devices, fsdp) over the first devices.
 
     Args:
       num_data_devices: size of the 'data' axis; -1 uses every device (len(devices) // fsdp).
       fsdp: size of the 'fsdp' axis, over which parameters and optimiser state are sharded
         (1: pure data parallelism, everything replicated).
+      devices: the devices to use (default jax.devices()); a TPU slice's abstract devices
+        (`topologies.abstract_devices`) make a mesh to compile for, not to run on.
 
     With several processes the mesh must use every device, so that each process feeds its
     own devices; devices keep jax.devices() order (process 0's first), so each process holds
     a contiguous block of the batch.
     """
-    devices = jax.devices()
+    devices = jax.devices() if devices is None else list(devices)
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(
             f"mesh_fsdp_axis={fsdp} is invalid with {len(devices)} devices: accepted a "

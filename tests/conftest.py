@@ -9,6 +9,11 @@ import textwrap
 
 import pytest
 
+# The test extra installs libtpu (for `distill-jax plan`); without a TPU, JAX would still try
+# to start it in every process, print libtpu's warnings on stderr and take its lockfile. The
+# suite and every command it starts run on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"
 TEXT_SMOKE_CONFIG = str(ROOT / "configs" / "digits_latent_text.py") + ":smoke"
