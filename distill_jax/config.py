@@ -75,6 +75,26 @@ def _model_config() -> ml_collections.ConfigDict:
     # Extra ResBlocks the students have after each of the teacher's (zero-initialised: stage
     # one still starts from the teacher's function); 0 gives students the teacher's network.
     model.student_extra_blocks = 0
+    # model.kind == 'dit' (distill_jax/models/dit.py): width, blocks and patch size; heads are
+    # model.num_heads. dit_learned_sigma: the output also has DiT's variance channels
+    # (carried, unused); dit_per_block_embedders: each block has its own timestep and class
+    # embedders, as in diffusers' layout.
+    model.dit_hidden = 128
+    model.dit_depth = 4
+    model.dit_patch_size = 2
+    model.dit_mlp_ratio = 4
+    model.dit_learned_sigma = False
+    model.dit_per_block_embedders = False
+    model.dit_attention_bias = True  # biases on the attention's q, k and v
+    model.dit_norm_eps = 1e-5  # the LayerNorm before each MLP (diffusers' norm_eps)
+    model.dit_pos_interpolation_scale = 1.0  # positional embeddings at patch index / this
+    # The network's time input: beta_schedule '' is continuous time (networks trained here);
+    # a diffusers beta schedule ('linear', 'scaled_linear', 'squaredcos_cap_v2') makes it the
+    # fractional timestep of that discrete schedule (an imported teacher;
+    # distill_jax/diffusion/discrete.py).
+    model.discrete_schedule = ml_collections.ConfigDict(
+        dict(beta_schedule="", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
+    )
     return model
 
 

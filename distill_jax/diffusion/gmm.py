@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma_at
+from distill_jax.diffusion.schedule import (
+    LOGSNR_MAX,
+    LOGSNR_MIN,
+    alpha_sigma,
+    logsnr_schedule_cosine,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -95,8 +100,16 @@ def gmm_xhat(
       labels: [B] int labels in [0, K]; K is the unconditional (null) class.
     """
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-    alpha, sigma = alpha_sigma_at(t, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
-    mean_x, log_post = _component_posteriors(gmm, z.astype(jnp.float32), alpha, sigma)
+    logsnr = logsnr_schedule_cosine(t, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    return gmm_xhat_at_logsnr(gmm, z.astype(jnp.float32), logsnr, labels)
+
+
+def gmm_xhat_at_logsnr(
+    gmm: GaussianMixture, z: jax.Array, logsnr: jax.Array, labels: jax.Array
+) -> jax.Array:
+    """`gmm_xhat` at log-SNRs [B] instead of times, in z's float dtype (float64 with x64)."""
+    alpha, sigma = alpha_sigma(jnp.asarray(logsnr, z.dtype))
+    mean_x, log_post = _component_posteriors(gmm, z, alpha, sigma)
     posterior = jax.nn.softmax(log_post, axis=-1)  # p(k | z) [B, K]
     uncond = jnp.einsum("bk,bkd->bd", posterior, mean_x)
     k = gmm.num_classes

@@ -46,10 +46,11 @@ def ddim_step(
     *,
     logsnr_min: float = LOGSNR_MIN,
     logsnr_max: float = LOGSNR_MAX,
+    last: jax.Array | None = None,
 ) -> jax.Array:
     """One DDIM step t -> s: z_s = alpha_s xhat + sigma_s (z_t - alpha_t xhat) / sigma_t.
 
-    Returns exactly xhat where s == 0 (the last step of a sampler).
+    Returns exactly xhat where `last` (default: where s == 0), the last step of a sampler.
 
     Args:
       xhat: [B, ...] x prediction at (z_t, t).
@@ -58,13 +59,16 @@ def ddim_step(
       s: [B] or scalar target times, s <= t.
       logsnr_min: the schedule's lower log-SNR clip (as in `schedule`).
       logsnr_max: the schedule's upper log-SNR clip.
+      last: [B] or scalar bool, where to return xhat; None means s == 0. A time grid that
+        visits t = 0 before its last step (a discrete teacher's own grid, whose timestep 0 is
+        the clipped schedule's t = 0) steps onto it as onto any other time.
     """
     kw = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
     alpha_t, sigma_t = alpha_sigma_at(t, **kw)
     alpha_s, sigma_s = alpha_sigma_at(s, **kw)
     ratio = expand_to(sigma_s / sigma_t, z_t)
     z_s = ratio * z_t + (expand_to(alpha_s, z_t) - ratio * expand_to(alpha_t, z_t)) * xhat
-    is_last = expand_to(jnp.asarray(s) == 0, z_t)
+    is_last = expand_to(jnp.asarray(s) == 0 if last is None else jnp.asarray(last), z_t)
     return jnp.where(is_last, xhat, z_s).astype(z_t.dtype)
 
 
@@ -133,7 +137,7 @@ def _sample(
     rng: jax.Array | None,
     known: jax.Array | None,
     mask: jax.Array | None,
-    t_start: jax.Array,
+    grid: jax.Array,  # [steps + 1]: grid[i] is t_i, grid[0] = 0
     *,
     sampler: str,
     steps: int,
@@ -144,8 +148,8 @@ def _sample(
     batch = z_init.shape[0]
 
     def times(i: jax.Array) -> jax.Array:
-        # t_start * i / N per example; i - 2 is -1 at the last step, whose u is unused.
-        return jnp.full((batch,), t_start * jnp.maximum(i, 0) / steps, jnp.float32)
+        # t_i per example; i - 2 is -1 at the last step, whose u is unused.
+        return jnp.full((batch,), grid[jnp.maximum(i, 0)], jnp.float32)
 
     def noise_pair(i: jax.Array) -> tuple[jax.Array, jax.Array]:
         key = jax.random.fold_in(rng, i)
@@ -162,7 +166,7 @@ def _sample(
         t, s = times(i), times(i - 1)
         xhat = denoise_fn(z, t, labels, w[k]).astype(z.dtype)
         if sampler == "ddim":
-            z_s = ddim_step(xhat, z, t, s, **kw)
+            z_s = ddim_step(xhat, z, t, s, last=i == 1, **kw)
         else:
             step_noise, _ = noise_pair(i)
             if sampler == "ancestral":
@@ -204,6 +208,24 @@ def per_step_weights(w, *, steps: int, batch: int) -> jax.Array:
     return jnp.broadcast_to(w, (steps, batch))
 
 
+def _time_grid(sampler: str, steps: int, t_start: float, times) -> jax.Array:
+    """[steps + 1] times, t_0 = 0 first: t_start * i / steps, or the given grid checked."""
+    if times is None:
+        return jnp.float32(t_start) * jnp.arange(steps + 1, dtype=jnp.float32) / steps
+    grid = jnp.asarray(times, jnp.float32)
+    if sampler != "ddim" or t_start != 1.0:
+        raise ValueError(
+            "times (a custom time grid) is accepted with sampler='ddim' and t_start=1 only."
+        )
+    ok = grid.shape == (steps + 1,) and bool(grid[0] == 0) and bool(jnp.all(jnp.diff(grid) >= 0))
+    if not ok or not bool(grid[-1] <= 1):
+        raise ValueError(
+            f"times of shape {grid.shape} is invalid: accepted [steps + 1] = [{steps + 1}] "
+            "rising times in [0, 1] that start at 0."
+        )
+    return grid
+
+
 def _check_inpainting(z_init: jax.Array, known, mask):
     """(known, mask) as arrays of z_init's shape and dtype, or (None, None)."""
     if (known is None) != (mask is None):
@@ -234,6 +256,7 @@ def run_sampler(
     mask: jax.Array | None = None,
     logsnr_min: float = LOGSNR_MIN,
     logsnr_max: float = LOGSNR_MAX,
+    times: jax.Array | None = None,
 ) -> jax.Array:
     """Run the sampler named `sampler` ('ddim', 'ancestral' or 'stochastic'); x at t = 0.
 
@@ -252,6 +275,9 @@ def run_sampler(
       mask: [B, ...] 1 where `known` holds a known pixel, 0 elsewhere; None with `known`.
       logsnr_min: the schedule's lower log-SNR clip (as in `schedule`).
       logsnr_max: the schedule's upper log-SNR clip.
+      times: 'ddim' only: the time grid [steps + 1] instead of t_start * i / steps, rising
+        from times[0] = 0 (e.g. a discrete teacher's own timesteps,
+        `discrete.times_of_timesteps`); the sampler starts at times[-1].
 
     Returns:
       [B, ...] samples, the x-hat of the last step.
@@ -282,7 +308,7 @@ def run_sampler(
         rng,
         known,
         mask,
-        jnp.float32(t_start),
+        _time_grid(sampler, steps, t_start, times),
         sampler=sampler,
         steps=int(steps),
         logsnr_min=float(logsnr_min),

@@ -46,8 +46,13 @@ def t_from_logsnr(
 
 
 def alpha_sigma(logsnr: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(alpha, sigma) with alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr)."""
-    logsnr = jnp.asarray(logsnr, jnp.float32)
+    """(alpha, sigma) with alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr).
+
+    float32, or float64 for a float64 logsnr (with jax_enable_x64, as exactness tests use).
+    """
+    logsnr = jnp.asarray(logsnr)
+    if logsnr.dtype != jnp.float64:
+        logsnr = logsnr.astype(jnp.float32)
     return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
 
 

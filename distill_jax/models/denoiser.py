@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from distill_jax import trees
+from distill_jax.diffusion import discrete
 from distill_jax.diffusion.guidance import as_condition
 from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
+from distill_jax.models.dit import DiT, check_patch_size
 from distill_jax.models.embeddings import (
     GUIDANCE_BRANCH,
     GUIDANCE_HEAD,
@@ -35,7 +37,7 @@ from distill_jax.models.unet import UNet, check_image_size
 Params = Any
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-MODEL_KINDS = ("unet", "mlp")
+MODEL_KINDS = ("unet", "mlp", "dit")
 
 
 def build_model(
@@ -48,11 +50,11 @@ def build_model(
     logsnr_min: float = LOGSNR_MIN,
     logsnr_max: float = LOGSNR_MAX,
 ) -> nn.Module:
-    """Build the network named by `model_config.kind` ('unet' or 'mlp').
+    """Build the network named by `model_config.kind` ('unet', 'mlp' or 'dit').
 
     Args:
       model_config: `config.model` (see distill_jax.config.base_config).
-      data_shape: one example's shape, (H, W, C) for 'unet' or (D,) for 'mlp'.
+      data_shape: one example's shape, (H, W, C) for 'unet' and 'dit', or (D,) for 'mlp'.
       num_classes: real classes; the embedding gets one more row for the NULL class.
       use_guidance: True for a distilled student (adds the guidance-weight branch).
       text_dim: width of a text condition's token states (a text-conditioned U-Net); 0 for
@@ -94,7 +96,11 @@ def build_model(
             raise ValueError("config.model.kind='mlp' conditions on class labels only, not text.")
         return MLPDenoiser(hidden=int(m.mlp_hidden), depth=int(m.mlp_depth), **common)
     if len(data_shape) != 3:
-        raise ValueError(f"config.model.kind='unet' needs data_shape (H, W, C); got {data_shape}.")
+        raise ValueError(
+            f"config.model.kind={m.kind!r} needs data_shape (H, W, C); got {data_shape}."
+        )
+    if m.kind == "dit":
+        return _build_dit(m, data_shape, text_dim, common)
     # Tuples, not lists: the module is hashed when it rides as static data under jit.
     channel_mult = tuple(int(c) for c in m.channel_mult)
     check_image_size(data_shape[0], data_shape[1], channel_mult)
@@ -106,6 +112,54 @@ def build_model(
         num_heads=int(m.num_heads),
         student_extra_blocks=int(m.student_extra_blocks),
         text_dim=int(text_dim),
+        **common,
+    )
+
+
+def discrete_logsnrs(model_config: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """lambda_k of `model.discrete_schedule` (() for a network on continuous time)."""
+    schedule = model_config.discrete_schedule
+    if not schedule.beta_schedule:
+        return ()
+    table = discrete.logsnr_table(
+        schedule.beta_schedule,
+        num_timesteps=int(schedule.num_train_timesteps),
+        beta_start=float(schedule.beta_start),
+        beta_end=float(schedule.beta_end),
+    )
+    return tuple(float(v) for v in table)
+
+
+def _build_dit(
+    m: ml_collections.ConfigDict, data_shape: tuple[int, ...], text_dim: int, common: dict
+) -> DiT:
+    if text_dim:
+        raise ValueError("config.model.kind='dit' conditions on class labels only, not text.")
+    if m.guidance_head != "none":
+        raise ValueError(
+            f"config.model.guidance_head={m.guidance_head!r} is not available for "
+            "model.kind='dit': accepted 'none'."
+        )
+    if int(m.dit_hidden) % int(m.num_heads):
+        raise ValueError(
+            f"config.model.dit_hidden={m.dit_hidden} must be a multiple of "
+            f"config.model.num_heads={m.num_heads}."
+        )
+    check_patch_size(data_shape[0], data_shape[1], int(m.dit_patch_size))
+    common = {k: v for k, v in common.items() if k not in ("emb_dim", "guidance_head")}
+    return DiT(
+        hidden=int(m.dit_hidden),
+        depth=int(m.dit_depth),
+        num_heads=int(m.num_heads),
+        patch_size=int(m.dit_patch_size),
+        out_channels=data_shape[2],
+        learned_sigma=bool(m.dit_learned_sigma),
+        per_block_embedders=bool(m.dit_per_block_embedders),
+        timestep_logsnrs=discrete_logsnrs(m),
+        mlp_ratio=int(m.dit_mlp_ratio),
+        attention_bias=bool(m.dit_attention_bias),
+        norm_eps=float(m.dit_norm_eps),
+        pos_interpolation_scale=float(m.dit_pos_interpolation_scale),
         **common,
     )
 

@@ -1,0 +1,1 @@
+"""Readers of teachers trained elsewhere (diffusers folders) into this library's networks."""

@@ -1,0 +1,215 @@
+"""The diffusers DiT reader against diffusers itself (scripts/diffusers_golden.py golden files)."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill_jax.diffusion import discrete, guidance, samplers
+from distill_jax.interop import diffusers as reader
+from distill_jax.models import denoiser
+from distill_jax.models.dit import DiT
+from distill_jax.trees import named_leaves
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "diffusers")
+FOLDERS = ("dit_tiny", "dit_tiny_legacy")
+
+
+def _imported(name: str):
+    imported = reader.read_dit_folder(os.path.join(DATA, name))
+    lo, hi = imported.logsnr_range
+    model = denoiser.build_model(
+        reader.model_config(imported.model),
+        data_shape=imported.data_shape,
+        num_classes=imported.num_classes,
+        use_guidance=False,
+        logsnr_min=lo,
+        logsnr_max=hi,
+    )
+    return imported, model
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_forward_equals_diffusers(name):
+    golden = np.load(os.path.join(DATA, "forward.npz"))
+    imported, model = _imported(name)
+    x = jnp.asarray(golden[f"{name}/x"]).transpose(0, 2, 3, 1)
+    out = model.apply(
+        {"params": imported.params},
+        x,
+        jnp.asarray(golden[f"{name}/t"]),
+        jnp.asarray(golden[f"{name}/labels"]),
+        with_variance=True,
+        method=DiT.on_timesteps,
+    )
+    want = golden[f"{name}/out"].transpose(0, 2, 3, 1)
+    assert out.shape == want.shape
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+    # __call__ returns the prediction channels only (the variance is carried, not used).
+    assert (
+        model.apply({"params": imported.params}, x, jnp.zeros(3), jnp.zeros(3, int)).shape[-1]
+        == x.shape[-1]
+    )
+
+
+def test_conventions_recorded():
+    imported, _ = _imported("dit_tiny")
+    record = imported.record
+    assert record["schedule"]["beta_schedule"] == "linear"
+    assert record["schedule"]["prediction_type"] == "epsilon"
+    assert record["conventions"]["null_class"] == 10
+    assert record["conventions"]["learned_variance"] is True
+    assert len(record["weights_sha256"]) == 64
+    legacy, _ = _imported("dit_tiny_legacy")
+    assert legacy.model["parameterisation"] == "v"
+    assert legacy.model["dit_attention_bias"] is False
+    assert legacy.record["transformer_class"] == "Transformer2DModel"
+    np.testing.assert_allclose(legacy.logsnr_range, (-5.36405, 7.06940), atol=1e-4)
+
+
+def test_guided_ddim_equals_diffusers_on_its_grid():
+    """diffusers' DDIMScheduler in DiTPipeline's loop, against our guided teacher stepping on
+    the same timesteps: every state within float32 rounding of the trajectory's scale."""
+    golden = np.load(os.path.join(DATA, "ddim.npz"))
+    imported, model = _imported("dit_tiny")
+    lo, hi = imported.logsnr_range
+    guided = guidance.make_guided_denoise_fn(
+        denoiser.make_denoise_fn(model, imported.params), null_label=imported.num_classes
+    )
+    table = np.asarray(model.timestep_logsnrs)
+    steps = discrete.scheduler_timesteps(10, num_timesteps=1000)
+    np.testing.assert_array_equal(steps, golden["timesteps"])
+    times = discrete.times_of_timesteps(steps, table, logsnr_min=lo, logsnr_max=hi)
+    trajectory = golden["trajectory"].transpose(0, 1, 3, 4, 2)
+    labels, w = jnp.asarray(golden["labels"]), float(golden["guidance_scale"]) - 1.0
+    kw = dict(logsnr_min=lo, logsnr_max=hi)
+    z = jnp.asarray(trajectory[0])
+    falling = times[::-1]
+    for j in range(10):
+        t, s = jnp.full(4, falling[j]), jnp.full(4, falling[j + 1])
+        xhat = guided(z, t, labels, jnp.full(4, w))
+        z = samplers.ddim_step(xhat, z, t, s, last=j == 9, **kw)
+        scale = max(1.0, float(np.abs(trajectory[j + 1]).max()))
+        assert float(jnp.max(jnp.abs(z - trajectory[j + 1]))) <= 1e-5 * scale, j
+    sampled = samplers.run_sampler(
+        "ddim", guided, trajectory[0], labels, w, steps=10, times=times, **kw
+    )
+    np.testing.assert_allclose(sampled, z, rtol=0, atol=1e-5 * float(np.abs(z).max()))
+
+
+@pytest.mark.parametrize("layout", ["Transformer2DModel", "DiTTransformer2DModel"])
+def test_dit_xl2_manifest_fully_mapped(layout):
+    with open(os.path.join(DATA, "dit_xl2_manifest.json")) as f:
+        manifest = json.load(f)
+    config = dict(manifest["config"], _class_name=layout)
+    keys = reader.dit_model_config(config)
+    abstract = reader.abstract_dit_params(keys, (32, 32, 4), 1000)
+    ours = {reader.diffusers_name(n): (n, leaf.shape) for n, leaf in named_leaves(abstract).items()}
+    real = manifest["layouts"][layout]
+    assert len(real) == 28 * 19 + 6  # 19 tensors per block, patch and final layers
+    assert set(ours) == set(real)
+    for torch_name, shape in real.items():
+        name, flax_shape = ours[torch_name]
+        assert reader.to_flax_layout(np.empty(shape), name).shape == flax_shape, torch_name
+    assert sum(int(np.prod(s)) for s in real.values()) == sum(
+        int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract)
+    )
+
+
+def test_student_of_imported_teacher_starts_as_teacher():
+    imported, teacher = _imported("dit_tiny")
+    lo, hi = imported.logsnr_range
+    config = reader.model_config(imported.model)
+    student = denoiser.build_model(
+        config,
+        data_shape=imported.data_shape,
+        num_classes=10,
+        use_guidance=True,
+        logsnr_min=lo,
+        logsnr_max=hi,
+    )
+    fresh = denoiser.init_params(student, jax.random.PRNGKey(3), data_shape=(8, 8, 4))
+    params = denoiser.student_params_from_teacher(imported.params, fresh)
+    z = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 4))
+    t, labels = jnp.array([0.05, 0.3, 0.7, 1.0]), jnp.array([0, 4, 9, 10])
+    want = denoiser.make_denoise_fn(teacher, imported.params)(z, t, labels)
+    for w in (0.0, 1.5, 4.0):
+        got = denoiser.make_denoise_fn(student, params)(z, t, labels, jnp.full(4, w))
+        np.testing.assert_array_equal(got, want)
+    # ... and the guidance branch is live: a trained branch changes the output with w.
+    params["guidance_embed"] = jax.tree.map(lambda p: p + 0.1, params["guidance_embed"])
+    moved = denoiser.make_denoise_fn(student, params)(z, t, labels, jnp.full(4, 2.0))
+    assert float(jnp.max(jnp.abs(moved - want))) > 1e-3
+
+
+def _copy(tmp_path, name="dit_tiny"):
+    folder = tmp_path / name
+    shutil.copytree(os.path.join(DATA, name), folder)
+    return folder
+
+
+def _edit_json(path, **changes):
+    value = json.loads(path.read_text())
+    value.update(changes)
+    path.write_text(json.dumps(value))
+
+
+def _edit_tensors(folder, edit):
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "transformer" / reader.WEIGHTS_FILE
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+@pytest.mark.parametrize(
+    "break_folder, message",
+    [
+        (lambda f: shutil.rmtree(f / "transformer"), "has no transformer/"),
+        (lambda f: (f / "vae").mkdir(), "cannot read diffusers' AutoencoderKL yet"),
+        (
+            lambda f: _edit_json(
+                f / "scheduler" / "scheduler_config.json",
+                _class_name="FlowMatchEulerDiscreteScheduler",
+            ),
+            "_class_name=",
+        ),
+        (
+            lambda f: _edit_json(
+                f / "scheduler" / "scheduler_config.json", beta_schedule="sigmoid"
+            ),
+            "beta_schedule='sigmoid'",
+        ),
+        (
+            lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", prediction_type="flow"),
+            "prediction_type='flow'",
+        ),
+        (
+            lambda f: _edit_json(f / "transformer" / "config.json", norm_type="ada_norm"),
+            "norm_type='ada_norm'",
+        ),
+        (lambda f: _edit_tensors(f, lambda t: t.pop("proj_out_2.bias")), "missing 1"),
+        (
+            lambda f: _edit_tensors(f, lambda t: t.update(extra=np.zeros(3, np.float32))),
+            "1 not mapped \\(extra\\)",
+        ),
+        (
+            lambda f: _edit_tensors(
+                f, lambda t: t.update({"proj_out_2.bias": np.zeros(5, np.float32)})
+            ),
+            "has shape \\(5,\\)",
+        ),
+        (lambda f: _edit_json(f / "transformer" / "config.json", num_layers=3), "missing"),
+    ],
+)
+def test_bad_folders_refused_in_one_line(tmp_path, break_folder, message):
+    folder = _copy(tmp_path)
+    break_folder(folder)
+    with pytest.raises(reader.ImportError_, match=message) as error:
+        reader.read_dit_folder(folder)
+    assert "\n" not in str(error.value)
