@@ -1,20 +1,8 @@
 """Command line: `distill-jax COMMAND --config=FILE[:variant] --workdir=DIR [--config.key=value]`.
 
-Commands:
-  train     train (or resume) the teacher
-  distill   stage one, then every stage-two halving round (--only=stage1|stage2,
-            --teacher=PATH to take a finished teacher stage directory from elsewhere)
-  run       the whole pipeline: every stage, skipping finished ones and resuming the rest,
-            then the evaluation and workdir/report.md
-  sample    draw samples from a run: --model=teacher|student --steps=N --guidance=W
-            [--stochastic] [--guidance_schedule=interval:0.2,0.8|ramp:0,2] --num=K
-            [--labels=0,3] --seed=S --out=FILE.npz, plus image-to-image
-            (--init=FILE.npz --t_start=T) and inpainting (--init=FILE.npz --mask=left|...|FILE)
-  evaluate  the table of FD / IS / accuracy of the teacher and every student, plots, grids,
-            and workdir/report.md; reads the workdir's config (a --config replaces its eval
-            section)
-  export    a self-contained sampler of the student with --steps=N at --out=DIR (jax.export
-            function, weights, metadata.json, run_sampler.py needing only jax and numpy)
+Commands: train, distill, run, sample, evaluate, export. Their one-line summaries, and which
+flags each takes (grouped, with defaults), live in cli_help.py: `distill-jax --help`,
+`distill-jax COMMAND --help`, and docs/cli.md.
 
 Also runnable as `python -m distill_jax`. This module only parses flags and calls library code.
 Every failure a user can cause ends in one line on stderr and exit code 2 (--traceback adds the
@@ -33,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import distill_jax
+from distill_jax import cli_help
 
 COMMANDS = ("train", "distill", "run", "sample", "evaluate", "export")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(distill_jax.__file__))
@@ -53,7 +42,7 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "Resume a workdir even though its recorded config builds a different model or dataset.",
 )
 _MODEL = flags.DEFINE_enum("model", "student", ["teacher", "student"], "sample: which model.")
-_STEPS = flags.DEFINE_integer("steps", None, "sample: sampling steps N.")
+_STEPS = flags.DEFINE_integer("steps", None, "sample, export: sampling steps N.")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "sample: guidance weight w.")
 _SCHEDULE = flags.DEFINE_string(
     "guidance_schedule",
@@ -62,7 +51,9 @@ _SCHEDULE = flags.DEFINE_string(
     "0 elsewhere) or ramp:G1,G0 (w times a gain linear in t, G1 at t=1, G0 at t=0).",
 )
 _STOCHASTIC = flags.DEFINE_bool(
-    "stochastic", False, "sample: the student's stochastic sampler (ancestral for the teacher)."
+    "stochastic",
+    False,
+    "sample, export: the student's stochastic sampler (sample: ancestral for the teacher).",
 )
 _NUM = flags.DEFINE_integer("num", 64, "sample: number of samples (ignored with --init).")
 _LABELS = flags.DEFINE_list("labels", None, "sample: class labels, cycled (default 0..K-1).")
@@ -73,7 +64,9 @@ _PROMPTS_FILE = flags.DEFINE_string(
     "prompts_file", None, "sample (text runs): a text file with one prompt per line."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
-_OUT = flags.DEFINE_string("out", None, "sample: the .npz to write (a .png is written beside).")
+_OUT = flags.DEFINE_string(
+    "out", None, "sample: the .npz to write (a .png is written beside); export: the directory."
+)
 _INIT = flags.DEFINE_string("init", None, "sample: .npz of start images (images or x, labels).")
 _T_START = flags.DEFINE_float("t_start", 1.0, "sample: image-to-image start time in (0, 1].")
 _MASK = flags.DEFINE_string(
@@ -368,6 +361,7 @@ def _export() -> None:
         platforms=tuple(_PLATFORMS.value),
         overwrite=_OVERWRITE.value,
         schedule=_schedule(),
+        progress=True,
     )
     logging.info("[export] wrote %s (%d steps)", _OUT.value, metadata["steps"])
 
@@ -413,6 +407,18 @@ COMMAND_FUNCTIONS = {
 }
 
 
+def _print_help(argv: list[str]) -> None:
+    """--help: cli_help's list of commands, or one command's flags; then exit 0."""
+    try:
+        text = cli_help.help_text(argv, COMMANDS)
+    except ValueError as error:
+        _exit_with("distill-jax", error)
+    sys.stdout.write(text)
+    sys.exit(0)
+
+
 def run_main() -> None:
     """Console-script entry point."""
+    if cli_help.help_requested(sys.argv):
+        _print_help(sys.argv)
     app.run(main, argv=sys.argv, flags_parser=_parse_flags)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from jax.tree_util import Partial
+from tqdm import tqdm
 
 from distill_jax import export_loader, files, text_encoder, trees
 from distill_jax.diffusion import samplers
@@ -225,6 +226,15 @@ def _metadata(
     }
 
 
+def _student_weights(run: Run, spec) -> tuple[list[str], list[np.ndarray], tuple, Partial]:
+    """The student's and (latent runs) the decoder's weights: names, arrays, treedefs, decode."""
+    names, arrays, treedef = _flat_weights(run.load_params(spec))
+    _, decode = run.codec()  # a latent run's sampler ends in its decoder
+    decoder_names, decoder_arrays, decoder_def = _flat_weights(decode.args)
+    names += [f"autoencoder/{name}" for name in decoder_names]
+    return names, arrays + decoder_arrays, (treedef, decoder_def), decode
+
+
 def export_sampler(
     workdir: epath.PathLike,
     *,
@@ -235,6 +245,7 @@ def export_sampler(
     platforms: Sequence[str] = PLATFORMS,
     overwrite: bool = False,
     schedule: GuidanceSchedule = CONSTANT,
+    progress: bool = False,
 ) -> dict:
     """Write the `steps`-step student of `workdir` as a sampler artifact directory at `out`.
 
@@ -250,6 +261,7 @@ def export_sampler(
       overwrite: replace an existing `out` that holds an earlier export (never anything else).
       schedule: the guidance schedule baked into the sampler (`guidance_schedule`): the
         exported function still takes one w per example, and guides step k with gain_k * w.
+      progress: show the phases (restore, lower, write) as a progress bar on stderr (tqdm).
 
     Returns:
       The metadata written to out/metadata.json.
@@ -265,15 +277,14 @@ def export_sampler(
     if len(shape) != 3:
         raise ValueError(f"Only image students [H, W, C] can be exported; this run has {shape}.")
     spec = run.student(int(steps))
-    names, arrays, treedef = _flat_weights(run.load_params(spec))
-    _, decode = run.codec()  # a latent run's sampler ends in its decoder
-    decoder_names, decoder_arrays, decoder_def = _flat_weights(decode.args)
-    names += [f"autoencoder/{name}" for name in decoder_names]
-    arrays += decoder_arrays
+    bar = tqdm(total=3, unit="phase", desc="export: restoring weights", disable=not progress)
+    names, arrays, treedefs, decode = _student_weights(run, spec)
+    bar.update()
+    bar.set_description(f"export: lowering for {', '.join(platforms)}")
     (batch,) = jax.export.symbolic_shape("B") if batch_size is None else (int(batch_size),)
     function = _sampler_function(
         run.model(spec),
-        (treedef, decoder_def),
+        treedefs,
         decode,
         run.bounds,
         gains=schedule.weights(1.0, steps=int(steps)),
@@ -283,6 +294,8 @@ def export_sampler(
     exported = jax.export.export(function, platforms=tuple(platforms))(
         *_specs(shape, batch, stochastic, _condition_shape(run)), *weight_specs
     )
+    bar.update()
+    bar.set_description("export: writing")
     with files.atomic_directory(out, replace=overwrite) as staging:
         (staging / FUNCTION_FILE).write_bytes(exported.serialize())
         with (staging / WEIGHTS_FILE).open("wb") as handle:
@@ -300,4 +313,6 @@ def export_sampler(
             staging=staging,
         )
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    bar.update()
+    bar.close()
     return metadata

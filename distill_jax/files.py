@@ -4,6 +4,9 @@ All paths are `etils.epath.Path`s, so a workdir may be a local folder or a `gs:/
 local (POSIX) filesystem the final rename is atomic: a crash or a full disk leaves the previous
 version, never half a file. On object stores a rename is a copy then a delete; that path is not
 exercised by the tests (they have no bucket), so treat it as best effort.
+
+`check_room` compares what a command is about to write or hold with the free memory and disk,
+so that work whose output would not fit is refused before it starts.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -97,3 +101,48 @@ def exclusive(lock_file: PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give a new allocation (MemAvailable); None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def free_disk(path: PathLike) -> int | None:
+    """Free bytes on the filesystem that would hold `path`; None for a remote (gs://) path."""
+    if "://" in os.fspath(path):
+        return None
+    directory = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(directory):  # the nearest folder that exists
+        directory = os.path.dirname(directory)
+    return shutil.disk_usage(directory).free
+
+
+def readable_size(num_bytes: float) -> str:
+    """1234567 -> '1.2 MB' (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if num_bytes < 1000 or unit == "TB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def check_room(what: str, *, memory: int, disk: int, path: PathLike) -> None:
+    """Raise ValueError, naming the sizes, if `what` needs more memory or disk than is free."""
+    for kind, needed, free in (
+        ("memory", memory, available_memory()),
+        (f"disk at {os.path.dirname(os.fspath(path)) or '.'}", disk, free_disk(path)),
+    ):
+        if free is not None and needed > free:
+            raise ValueError(
+                f"{what} needs about {readable_size(needed)} of {kind}, and "
+                f"{readable_size(free)} is free: accepted a smaller number, or several runs "
+                "with other seeds."
+            )

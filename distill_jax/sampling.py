@@ -19,6 +19,7 @@ from noise and keeps the known pixels.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from jax.tree_util import Partial
+from tqdm import tqdm
 
 from distill_jax import files, images
 from distill_jax.diffusion import samplers
@@ -38,6 +40,9 @@ from distill_jax.run import Run
 from distill_jax.run import prompts as prompt_lib
 
 MODELS = ("teacher", "student")
+# Bytes of memory per sample value while `sample_to_files` runs: the float32 samples, the float
+# temporaries of converting them to uint8, and the uint8 images of the .npz and the picture.
+MEMORY_PER_VALUE = 10
 
 
 def in_trained_range(run: Run, weights: np.ndarray | float) -> bool:
@@ -172,6 +177,7 @@ def sample(
     batch_size: int = 250,
     fn: Partial | None = None,
     schedule: GuidanceSchedule = CONSTANT,
+    progress: bool = False,
 ) -> np.ndarray:
     """Draw len(labels) samples, float32 [N, *shape] in the data range ([-1, 1] for images).
 
@@ -192,6 +198,7 @@ def sample(
       batch_size: samples per sampler call (the last call is padded, so one compilation).
       fn: a denoise_fn to reuse (from `denoise_fn(run, model, steps)`), loaded if None.
       schedule: how w varies over the steps (`guidance_schedule`); constant by default.
+      progress: show a progress bar with an ETA on stderr (tqdm), one tick per batch.
     """
     if not np.isfinite(w):
         raise ValueError(f"guidance weight w={w} is invalid: accepted a finite number.")
@@ -212,7 +219,8 @@ def sample(
     encode, decode = run.codec()
     if init is not None:
         init = apply_in_batches(encode, np.asarray(init, np.float32), batch_size)
-    out = []
+    out = None
+    bar = tqdm(total=num, unit="sample", desc=f"{model} N={steps}", disable=not progress)
     for start in range(0, num, batch_size):
         stop = min(start + batch_size, num)
         chunk = functools.partial(_padded, start=start, stop=stop, size=batch_size)
@@ -228,8 +236,13 @@ def sample(
             t_start=t_start,
             mask=None if mask is None else chunk(mask),
         )
-        out.append(np.asarray(_apply(decode, x))[: stop - start])
-    return np.concatenate(out).astype(np.float32)
+        batch = np.asarray(_apply(decode, x), np.float32)[: stop - start]
+        if out is None:  # filled in place: no second copy of all the samples
+            out = np.empty((num, *batch.shape[1:]), np.float32)
+        out[start:stop] = batch
+        bar.update(stop - start)
+    bar.close()
+    return out
 
 
 @jax.jit
@@ -276,6 +289,22 @@ def _sample_inputs(run: Run, num: int, labels, init, mask):
     else:
         label_array = class_labels(num, run.info.num_classes)
     return label_array, x_init, mask_array
+
+
+def check_output_fits(run: Run, num: int, out: epath.PathLike) -> None:
+    """Refuse, before sampling, `num` samples that would not fit in memory or on `out`'s disk.
+
+    Raises ValueError naming the size needed and the size free.
+    """
+    values = num * math.prod(run.image_info.shape)
+    image_data = len(run.image_info.shape) == 3
+    shape = "x".join(str(d) for d in run.image_info.shape)
+    files.check_room(
+        f"num={num} (samples of {shape})",
+        memory=values * MEMORY_PER_VALUE,
+        disk=values * (1 if image_data else 4) + 4 * num,
+        path=out,
+    )
 
 
 def _write_samples(
@@ -343,7 +372,11 @@ def sample_to_files(
             "(config.stage2.stochastic=False); the stochastic sampler may do worse."
         )
     prompt_lib.check_condition_kind(run, prompts=prompts, labels=labels)
+    if init is None:  # before the labels exist: a huge num is refused here, not by numpy
+        check_output_fits(run, num, out)
     label_array, x_init, mask_array = _sample_inputs(run, num, labels, init, mask)
+    if init is not None:
+        check_output_fits(run, len(label_array), out)
     conditions = label_array
     if run.text:
         prompts, label_array, conditions = prompt_lib.prompt_conditions(
@@ -361,6 +394,7 @@ def sample_to_files(
         t_start=t_start,
         mask=mask_array,
         schedule=schedule,
+        progress=True,
     )
     out = epath.Path(out)
     if out.suffix != ".npz":

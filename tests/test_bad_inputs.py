@@ -178,6 +178,7 @@ CASES = [
     ("teacher_nan_guidance", [*S, "--model=teacher", "--guidance=nan"], "guidance=nan"),
     ("guidance_out_of_range", [*S[:3], "--guidance=99", S[4]], "trained range"),
     ("zero_num", [*S, "--num=0"], "num=0"),
+    ("num_beyond_memory", [*S, "--num=100000000000"], "of memory, and"),
     ("prompt_on_class_run", [*S, "--prompt=a thick seven"], "conditions on class labels"),
     ("schedule_outside_unit", [*S, "--guidance_schedule=interval:0.5,1.5"], "0 <= LO <= HI"),
     ("schedule_reversed", [*S, "--guidance_schedule=interval:0.8,0.2"], "interval [0.8, 0.2]"),

@@ -37,6 +37,7 @@ def test_sample_cli_writes_npz_and_png(smoke_workdir, tmp_path):
         f"--out={out}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "student N=2: 100%" in result.stderr and "12/12" in result.stderr  # the progress bar
     with np.load(out) as data:
         assert data["images"].dtype == np.uint8 and data["images"].shape == (12, 8, 8, 1)
         assert data["labels"].dtype == np.int32
@@ -140,3 +141,21 @@ def test_second_identical_sample_command_compiles_nothing(smoke_workdir, tmp_pat
     assert len(hits) == len(compiled), "\n".join(compiled)
     # The first command had nothing to read: it compiled and stored every program.
     assert "Persistent compilation cache hit" not in logs[0]
+
+
+def test_samples_that_would_not_fit_are_refused_with_their_size(
+    smoke_workdir, tmp_path, monkeypatch
+):
+    """The disk check of --num (the memory one is a case of tests/test_bad_inputs.py)."""
+    from distill_jax import files
+    from distill_jax.run import Run
+
+    run = Run.open(smoke_workdir)
+    monkeypatch.setattr(files, "free_disk", lambda path: 60_000)
+    # 1,000 uint8 images of 8x8x1 and their int32 labels: 68,000 bytes.
+    with pytest.raises(
+        ValueError, match=r"num=1000 \(samples of 8x8x1\) needs about 68.0 kB of disk"
+    ):
+        sampling.check_output_fits(run, 1000, tmp_path / "s.npz")
+    monkeypatch.setattr(files, "free_disk", lambda path: 70_000)
+    sampling.check_output_fits(run, 1000, tmp_path / "s.npz")
