@@ -1,7 +1,7 @@
 """Command line: `distill-jax COMMAND --config=FILE[:variant] --workdir=DIR [--config.key=value]`.
 
-Commands: train, distill, run, sample, evaluate, export. Their one-line summaries, and which
-flags each takes (grouped, with defaults), live in cli_help.py: `distill-jax --help`,
+Commands: train, distill, run, sample, evaluate, export, plan. Their one-line summaries, and
+which flags each takes (grouped, with defaults), live in cli_help.py: `distill-jax --help`,
 `distill-jax COMMAND --help`, and docs/cli.md.
 
 Also runnable as `python -m distill_jax`. This module only parses flags and calls library code.
@@ -23,10 +23,12 @@ from ml_collections import config_flags
 import distill_jax
 from distill_jax import cli_help
 
-COMMANDS = ("train", "distill", "run", "sample", "evaluate", "export")
+COMMANDS = ("train", "distill", "run", "sample", "evaluate", "export", "plan")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(distill_jax.__file__))
 # Commands that read the workdir's recorded config and need no --config.
 WORKDIR_COMMANDS = ("sample", "evaluate", "export")
+# Commands that need no workdir.
+NO_WORKDIR_COMMANDS = ("plan",)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with a variant: configs/digits.py:smoke."
@@ -65,7 +67,10 @@ _PROMPTS_FILE = flags.DEFINE_string(
 )
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _OUT = flags.DEFINE_string(
-    "out", None, "sample: the .npz to write (a .png is written beside); export: the directory."
+    "out",
+    None,
+    "sample: the .npz to write (a .png is written beside); export: the directory; plan: the "
+    "JSON file (default plan_TOPOLOGY.json).",
 )
 _INIT = flags.DEFINE_string("init", None, "sample: .npz of start images (images or x, labels).")
 _T_START = flags.DEFINE_float("t_start", 1.0, "sample: image-to-image start time in (0, 1].")
@@ -79,6 +84,18 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"], "export: lowering targets.")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "export: replace an existing --out that holds an earlier export."
+)
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "plan: a TPU slice as gcloud names it (v5e-8, v4-32, v5p-128) or cpu."
+)
+_MESH = flags.DEFINE_string(
+    "mesh", None, "plan: DATAxFSDP mesh sizes (default config.train's), e.g. 8x1 or -1x2."
+)
+_STAGES = flags.DEFINE_list(
+    "stages", [], "plan: only the programs starting with these names (teacher, stage2, sample)."
+)
+_SAMPLE_BATCH = flags.DEFINE_integer(
+    "sample_batch", 64, "plan: images per sampler call on one chip."
 )
 _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "On an error, show the Python traceback too (also DISTILL_JAX_TRACEBACK=1)."
@@ -172,8 +189,10 @@ def _check_flags(argv: list[str]) -> str:
         _usage_error(f"Unknown command {command!r}.")
     if _CONFIG.value is None and command not in WORKDIR_COMMANDS:
         _usage_error("--config is required, e.g. --config=configs/digits.py.")
-    if not _WORKDIR.value:
+    if not _WORKDIR.value and command not in NO_WORKDIR_COMMANDS:
         _usage_error("--workdir is required.")
+    if command == "plan" and not _TOPOLOGY.value:
+        _usage_error("plan needs --topology, e.g. --topology=v5e-8.")
     if command == "sample" and (_STEPS.value is None or _GUIDANCE.value is None or not _OUT.value):
         _usage_error("sample needs --steps, --guidance and --out.")
     if command == "export" and (_STEPS.value is None or not _OUT.value):
@@ -397,6 +416,29 @@ def _sample() -> None:
     logging.info("[sample] wrote %s and %s", npz, png)
 
 
+def _plan() -> None:
+    """The plan command: flags -> planning.plan_run; the table on stdout, the plan as JSON."""
+    import jax
+
+    # The plan compiles for the slice's abstract devices and runs nothing: it never takes
+    # the TPU of the machine it runs on (a training job may be using it).
+    jax.config.update("jax_platforms", "cpu")
+    from distill_jax import planning
+
+    plan = planning.plan_run(
+        _CONFIG.value,
+        _TOPOLOGY.value,
+        mesh=_MESH.value,
+        sample_batch=_SAMPLE_BATCH.value,
+        stages=tuple(_STAGES.value),
+        log=lambda line: logging.info("%s", line),
+    )
+    sys.stdout.write(planning.format_plan(plan))
+    out = _OUT.value or f"plan_{plan['topology']}.json"
+    planning.write_plan(plan, out)
+    logging.info("[plan] wrote %s", out)
+
+
 COMMAND_FUNCTIONS = {
     "train": _train,
     "distill": _distill,
@@ -404,6 +446,7 @@ COMMAND_FUNCTIONS = {
     "sample": _sample,
     "evaluate": _evaluate,
     "export": _export,
+    "plan": _plan,
 }
 
 

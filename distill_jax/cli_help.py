@@ -44,6 +44,7 @@ _METAVARS = {
     "topology": "SLICE",
     "mesh": "DATAxFSDP",
     "stages": "S,S,...",
+    "sample_batch": "B",
 }
 
 
@@ -105,6 +106,14 @@ COMMANDS = {
         required=("workdir", "steps", "out"),
         common=("stochastic", "guidance_schedule", "batch_size", "platforms"),
         advanced=("overwrite", "traceback"),
+    ),
+    "plan": CommandHelp(
+        summary="compile the train steps and samplers for a TPU slice here: memory, FLOPs, times",
+        usage="--config=FILE[:variant] --topology=SLICE [--mesh=DATAxFSDP] [--out=FILE.json]",
+        required=("config", "topology"),
+        common=("mesh", "stages", "sample_batch", "out"),
+        advanced=("traceback",),
+        overrides=True,
     ),
 }
 

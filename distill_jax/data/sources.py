@@ -223,19 +223,25 @@ def _not_prepared_message(name: str, data_dir: str) -> str:
     return message
 
 
-def _tfds_source(
-    data_config: ml_collections.ConfigDict, split: str
-) -> tuple[Sequence, DatasetInfo]:
-    """An already prepared TFDS dataset read by `as_data_source` (array_record)."""
-    name, data_dir = data_config.name, data_config.data_dir
+def _tfds_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of config.data.name (prepared or not); an unknown name fails clearly."""
+    name = data_config.name
     try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
+        return tfds.builder(name, data_dir=data_config.data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise ValueError(
             f"Unknown dataset config.data.name={name!r}: accepted 'digits' (bundled), 'gmm' "
             "(toy Gaussian mixture), or any TFDS image classification dataset name "
             "(e.g. 'mnist', 'cifar10')."
         ) from error
+
+
+def _tfds_source(
+    data_config: ml_collections.ConfigDict, split: str
+) -> tuple[Sequence, DatasetInfo]:
+    """An already prepared TFDS dataset read by `as_data_source` (array_record)."""
+    name, data_dir = data_config.name, data_config.data_dir
+    builder = _tfds_builder(data_config)
     info = _image_info(builder, data_config, name)
     try:
         source = builder.as_data_source(split)
@@ -302,6 +308,17 @@ def load_source(
     if data_config.name == "digits_text":
         return _digits_text_source(data_config, split)
     return _tfds_source(data_config, split)
+
+
+def dataset_info(data_config: ml_collections.ConfigDict, *, seed: int = 0) -> DatasetInfo:
+    """The dataset's `DatasetInfo` without its examples: a TFDS dataset need not be prepared.
+
+    For a TFDS name the shape and classes come from the builder's metadata (its split sizes may
+    be None); the bundled datasets and 'gmm' are described as `load_source` describes them.
+    """
+    if data_config.name in ("gmm", "digits", "digits_text"):
+        return load_source(data_config, split=data_config.train_split, seed=seed)[1]
+    return _image_info(_tfds_builder(data_config), data_config, data_config.name)
 
 
 def preprocess_batch(examples: Mapping[str, Any], *, image_size: int = 0) -> dict[str, np.ndarray]:

@@ -100,7 +100,7 @@ class Run:
     writes nothing) or `Run.open` (to read a run that exists).
     """
 
-    workdir: epath.Path
+    workdir: epath.Path | None
     config: ml_collections.ConfigDict
     image_info: sources.DatasetInfo
     stages: list[stages_lib.StageSpec]
@@ -156,6 +156,17 @@ class Run:
         workdir = epath.Path(workdir).absolute()
         workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
         return cls(workdir, config, _dataset_info(config), stages_lib.plan_stages(config))
+
+    @classmethod
+    def describe(cls, config: ml_collections.ConfigDict) -> Run:
+        """A run of `config` that exists nowhere, to plan it (`distill_jax.planning`).
+
+        The config is validated and its stages built; there is no workdir (workdir is None)
+        and the dataset is described by its metadata alone (`sources.dataset_info`).
+        """
+        config_checks.validate_config(config)
+        info = sources.dataset_info(config.data, seed=config.seed)
+        return cls(None, config, info, stages_lib.plan_stages(config))
 
     @classmethod
     def open(
@@ -375,13 +386,14 @@ class Run:
             return gmm.make_gmm_denoise_fn(params, **self.bounds)
         return denoiser.make_denoise_fn(self.model(spec), params)
 
-    def guided_teacher_fn(self, *, unguided_steps: str = "none") -> Partial:
+    def guided_teacher_fn(self, *, unguided_steps: str = "none", params: PyTree = None) -> Partial:
         """The guided teacher, (1 + w) xhat(z, c) - w xhat(z, null) in one batched call.
 
         unguided_steps: 'none', 'some' or 'all' steps with w = 0, which need only the
-        conditional half (`guidance.make_guided_denoise_fn`).
+        conditional half (`guidance.make_guided_denoise_fn`). params: the teacher's weights
+        (loaded when None).
         """
-        cond_fn = self.denoise_fn(self.stage("teacher"))
+        cond_fn = self.denoise_fn(self.stage("teacher"), params)
         return guidance.make_guided_denoise_fn(
             cond_fn, null_label=self.null_condition, unguided_steps=unguided_steps
         )

@@ -83,8 +83,12 @@ def _check_finite(stage: Stage, records: list[tuple[int, dict]], last_saved, dir
 
 
 @dataclasses.dataclass
-class _Compiled:
-    """The stage's shardings, abstract state and jitted functions on one mesh."""
+class CompiledStage:
+    """The stage's shardings, abstract state and jitted functions on one mesh.
+
+    `step` is jitted, not yet compiled: training calls it, `distill_jax.planning` lowers it
+    with abstract arguments and compiles it for a TPU slice.
+    """
 
     abstract_state: PyTree
     state_sharding: PyTree
@@ -94,7 +98,7 @@ class _Compiled:
     step: Callable
 
 
-def _compile(stage: Stage, mesh: jax.sharding.Mesh) -> _Compiled:
+def compile_stage(stage: Stage, mesh: jax.sharding.Mesh) -> CompiledStage:
     """Shardings (FSDP-style for params, EMA and moments), the sharded init and the step."""
     optimizer = state_lib.make_optimizer(stage.optimizer, stage.spec.num_steps)
     schedule = state_lib.learning_rate_schedule(stage.optimizer, stage.spec.num_steps)
@@ -131,18 +135,20 @@ def _compile(stage: Stage, mesh: jax.sharding.Mesh) -> _Compiled:
         out_shardings=(state_sharding, repl),
         donate_argnums=(0,),
     )
-    return _Compiled(abstract_state, state_sharding, teacher_sharding, batch_sharding, init, step)
+    return CompiledStage(
+        abstract_state, state_sharding, teacher_sharding, batch_sharding, init, step
+    )
 
 
 def initial_state(
     stage: Stage, mesh: jax.sharding.Mesh, *, checkpointer=None, data_iter=None
-) -> tuple[state_lib.TrainState, PyTree, _Compiled]:
+) -> tuple[state_lib.TrainState, PyTree, CompiledStage]:
     """(state, global teacher, compiled): restored from the latest checkpoint, else fresh.
 
     A restore also moves `data_iter` to the saved position. The fresh state is created by one
     jitted call whose outputs are already in the parameters' shardings.
     """
-    compiled = _compile(stage, mesh)
+    compiled = compile_stage(stage, mesh)
     teacher = parallel.host_to_global(stage.teacher, compiled.teacher_sharding)
     latest = checkpointer.latest_step() if checkpointer is not None else None
     if latest is not None:
