@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from distill_jax.planning.programs import Program
 from distill_jax.topologies import ChipSpec
@@ -111,6 +112,27 @@ def estimate(
         compile_seconds=compile_seconds,
         same_as=program.same_as,
     )
+
+
+_OUT_OF_MEMORY = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT]?)\)")
+
+
+def out_of_memory(program: Program, chip: ChipSpec, message: str) -> Estimate | None:
+    """The figures of a program the TPU compiler refused for want of HBM (None: another error).
+
+    The compiler stops before any analysis, so only memory is known: the temporaries its
+    message names plus the arguments' shards; no FLOPs, no times.
+    """
+    match = _OUT_OF_MEMORY.search(message)
+    if "RESOURCE_EXHAUSTED" not in message or match is None:
+        return None
+    temp = float(match.group(1)) * 1024 ** "_KMGT".index(match.group(2) or "_")
+    result = unrunnable(program, chip)
+    result.problem = ""
+    result.argument_bytes = program.argument_bytes
+    result.temp_bytes = temp
+    result.total_bytes = program.argument_bytes + temp
+    return result
 
 
 def unrunnable(program: Program, chip: ChipSpec) -> Estimate:

@@ -92,8 +92,17 @@ def measured_cpu_chip(size: int = 1024, megabytes: int = 256) -> topologies.Chip
 
 
 def _compile(program, chip, chips, log) -> estimate_lib.Estimate:
+    """Compile `program` and estimate it; a compiler refusing it for want of HBM is an answer."""
     start = time.perf_counter()
-    compiled = program.lowered.compile()
+    try:
+        compiled = program.lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        result = estimate_lib.out_of_memory(program, chip, str(error))
+        if result is None:
+            raise
+        result.compile_seconds = time.perf_counter() - start
+        log(f"[plan] {program.name}: does not fit ({result.compile_seconds:.1f} s)")
+        return result
     seconds = time.perf_counter() - start
     log(f"[plan] {program.name}: compiled in {seconds:.1f} s")
     return estimate_lib.estimate(program, compiled, chip, chips, seconds)
@@ -105,6 +114,8 @@ def _advise(run, result, spec_name, devices, fsdp, chip, log) -> str:
     tried = estimate_lib.fsdp_candidates(
         result, fsdp=fsdp, chips=chips, state_bytes=result.argument_bytes
     )[:MAX_FSDP_TRIES]
+    if tried:
+        log(f"[plan] {spec_name}: trying fsdp sizes {tried}")
     spec = run.stage(spec_name)
     for size in tried:
         mesh = parallel.make_mesh(chips // size, fsdp=size, devices=devices)

@@ -46,6 +46,8 @@ class Program:
       problem: why the program cannot run on this mesh (a batch that does not split), or ''.
       same_as: the name of an earlier program whose lowered text is identical ('' if none):
         it is compiled once.
+      argument_bytes: bytes of its arguments on one device (their shards), known before
+        compiling: what a larger 'fsdp' axis can shard further.
     """
 
     name: str
@@ -56,6 +58,7 @@ class Program:
     lowered: Any = None
     problem: str = ""
     same_as: str = ""
+    argument_bytes: float = 0.0
 
 
 def _abstract(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -68,6 +71,17 @@ def _abstract(tree: PyTree, shardings: PyTree) -> PyTree:
         ),
         tree,
         shardings,
+    )
+
+
+def per_device_bytes(tree: PyTree) -> float:
+    """Bytes one device holds of `tree`'s ShapeDtypeStructs (each leaf's shard)."""
+    leaves = jax.tree.leaves(tree)
+    return float(
+        sum(
+            np.prod(leaf.sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+            for leaf in leaves
+        )
     )
 
 
@@ -109,7 +123,9 @@ def train_program(run: Run, spec: StageSpec, mesh: jax.sharding.Mesh) -> Program
     }
     batch = jax.tree.map(lambda a: a.update(sharding=compiled.batch_sharding), batch)
     teacher = _abstract(stage.teacher, compiled.teacher_sharding)
-    program.lowered = compiled.step.lower(compiled.abstract_state, batch, teacher)
+    arguments = (compiled.abstract_state, batch, teacher)
+    program.lowered = compiled.step.lower(*arguments)
+    program.argument_bytes = per_device_bytes(arguments)
     return program
 
 
@@ -206,5 +222,7 @@ def sampler_programs(
         )
         arguments = _abstract(arguments, jax.tree.map(lambda _: one, arguments))
         lowered = jax.jit(_sampler(run, spec, steps)).lower(*arguments)
-        programs.append(Program(name, "sample", batch, 1, loop_trips=steps, lowered=lowered))
+        program = Program(name, "sample", batch, 1, loop_trips=steps, lowered=lowered)
+        program.argument_bytes = per_device_bytes(arguments)
+        programs.append(program)
     return programs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from distill_jax.planning.estimate import human_bytes, human_seconds
 
 COLUMNS = (
@@ -21,6 +23,10 @@ COLUMNS = (
 )
 
 
+def _number(value: float, form: str) -> str:
+    return format(value, form) if math.isfinite(value) else "-"
+
+
 def _row(entry: dict) -> list[str]:
     if entry["problem"]:
         return [entry["name"], str(entry["batch"]), "no", *["-"] * 9, entry["problem"]]
@@ -33,11 +39,11 @@ def _row(entry: dict) -> list[str]:
         memory,
         human_bytes(entry["argument_bytes"]),
         human_bytes(entry["temp_bytes"]),
-        f"{entry['flops'] / 1e9:,.1f}",
-        f"{entry['bytes_accessed'] / 1e9:,.2f}",
+        _number(entry["flops"] / 1e9, ",.1f"),
+        _number(entry["bytes_accessed"] / 1e9, ",.2f"),
         human_seconds(entry["seconds"]),
-        entry["bound"],
-        f"{entry['images_per_s']:,.0f}",
+        entry["bound"] or "-",
+        _number(entry["images_per_s"], ",.0f"),
         f"{entry['calls']:,}",
         human_seconds(entry["stage_seconds"]) if entry["kind"] == "train" else "-",
     ]
