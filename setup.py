@@ -60,6 +60,9 @@ setup(
         "tfds-prepare": ["tensorflow-cpu>=2.16"],
         # bench/torch_side_by_side.py: the same teacher step in PyTorch, for the JAX/torch ratio.
         "bench": ["torch==2.13.0"],
+        # scripts/diffusers_golden.py and scripts/train_diffusers_dit.py: golden files and a
+        # teacher made by diffusers itself (CI never installs these; tests read their files).
+        "diffusers": ["torch==2.13.0", "diffusers==0.42.1", "safetensors>=0.4,<0.9"],
     },
     entry_points={"console_scripts": ["distill-jax=distill_jax.cli:run_main"]},
 )

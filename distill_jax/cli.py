@@ -36,7 +36,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, logs).")
 _ONLY = flags.DEFINE_enum("only", None, ["stage1", "stage2"], "distill: run one stage only.")
 _TEACHER = flags.DEFINE_string(
-    "teacher", None, "distill: a finished teacher stage directory (default WORKDIR/teacher)."
+    "teacher",
+    None,
+    "train, distill, run: diffusers:DIR imports a teacher trained elsewhere (a diffusers DiT "
+    "pipeline folder) into WORKDIR/teacher once; distill also takes a finished teacher stage "
+    "directory (default WORKDIR/teacher).",
 )
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change",
@@ -56,6 +60,13 @@ _STOCHASTIC = flags.DEFINE_bool(
     "stochastic",
     False,
     "sample, export: the student's stochastic sampler (sample: ancestral for the teacher).",
+)
+_GRID = flags.DEFINE_enum(
+    "grid",
+    "uniform",
+    ["uniform", "teacher"],
+    "sample --model=teacher: uniform (t = i/N) or teacher (a teacher imported from diffusers "
+    "steps on its own DDIM timesteps, as diffusers' DDIMScheduler would).",
 )
 _NUM = flags.DEFINE_integer("num", 64, "sample: number of samples (ignored with --init).")
 _LABELS = flags.DEFINE_list("labels", None, "sample: class labels, cycled (default 0..K-1).")
@@ -298,28 +309,52 @@ def main(argv: list[str]) -> None:
         _exit_with(f"distill-jax {command}".rstrip(), lost, EXIT_PEER_LOST)
 
 
-def _train() -> None:
+def _importing() -> bool:
+    from distill_jax.run import imported
+
+    return (_TEACHER.value or "").startswith(imported.PREFIX)
+
+
+def _run_config():
+    """--config with the network of an imported teacher.
+
+    The teacher is imported now (once) by --teacher=diffusers:DIR, or was earlier into the
+    workdir; otherwise --config as it is.
+    """
+    from distill_jax.run import imported
+
+    if _importing():
+        start = time.perf_counter()
+        config = imported.import_teacher(_CONFIG.value, _WORKDIR.value, _TEACHER.value)
+        logging.info("[teacher] imported %s (%.1fs)", _TEACHER.value, time.perf_counter() - start)
+        return config
+    return imported.with_recorded_import(_CONFIG.value, _WORKDIR.value)
+
+
+def _train(config=None) -> None:
     """The train command (and the first phase of run): the teacher."""
     from distill_jax.training import pipeline
 
+    config = config if config is not None else _run_config()
     start = time.perf_counter()
     state = pipeline.train_teacher(
-        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+        config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
     )
     if state is not None:
         _record("teacher", start)
 
 
-def _distill() -> None:
+def _distill(config=None) -> None:
     """The distill command (and the second phase of run): stage one and every round."""
     from distill_jax.training import pipeline
 
+    config = config if config is not None else _run_config()
     start = time.perf_counter()
     trained = pipeline.distill_stages(
-        _CONFIG.value,
+        config,
         _WORKDIR.value,
         only=_ONLY.value,
-        teacher_dir=_TEACHER.value,
+        teacher_dir=None if _importing() else _TEACHER.value,
         allow_config_change=_ALLOW_CONFIG_CHANGE.value,
     )
     if trained:
@@ -327,9 +362,15 @@ def _distill() -> None:
 
 
 def _run() -> None:
-    """The run command: teacher, distillation, evaluation and report."""
-    _train()
-    _distill()
+    """The run command: teacher (or its import), distillation, evaluation and report."""
+    if _TEACHER.value and not _importing():
+        raise ValueError(
+            f"run --teacher={_TEACHER.value!r} is not accepted: run takes --teacher=diffusers:DIR "
+            "(an import); a teacher stage directory goes to `distill --teacher=DIR`."
+        )
+    config = _run_config()
+    _train(config)
+    _distill(config)
     _evaluate()
 
 
@@ -412,6 +453,7 @@ def _sample() -> None:
         mask=_MASK.value,
         schedule=_schedule(),
         prompts=prompts or None,
+        grid=_GRID.value,
     )
     logging.info("[sample] wrote %s and %s", npz, png)
 

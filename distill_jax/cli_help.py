@@ -28,7 +28,7 @@ _ABSL_ADDITIONS = re.compile(r"^<[^>]*>: |;\s+repeat this option to specify a li
 # The placeholder a flag's value is shown as; others show their name in capitals.
 _METAVARS = {
     "workdir": "DIR",
-    "teacher": "DIR",
+    "teacher": "DIR|diffusers:DIR",
     "steps": "N",
     "guidance": "W",
     "num": "K",
@@ -67,21 +67,23 @@ class CommandHelp:
 _TRAINING = dict(required=("config", "workdir"), overrides=True)
 COMMANDS = {
     "train": CommandHelp(
-        summary="train (or resume) the guided teacher",
-        usage="--config=FILE[:variant] --workdir=DIR [--config.KEY=VALUE ...]",
+        summary="train (or resume) the guided teacher, or import one (--teacher=diffusers:DIR)",
+        usage="--config=FILE[:variant] --workdir=DIR [--teacher=diffusers:DIR] [--config.KEY=...]",
+        common=("teacher",),
         advanced=("allow_config_change", "traceback"),
         **_TRAINING,
     ),
     "distill": CommandHelp(
         summary="stage one, then every stage-two halving round (or --only one of them)",
-        usage="--config=FILE[:variant] --workdir=DIR [--teacher=DIR] [--only=stage1|stage2]",
+        usage="--config=FILE[:variant] --workdir=DIR [--teacher=DIR|diffusers:DIR] [--only=...]",
         common=("teacher", "only"),
         advanced=("allow_config_change", "traceback"),
         **_TRAINING,
     ),
     "run": CommandHelp(
         summary="the whole pipeline (train, distill), then evaluate and write report.md",
-        usage="--config=FILE[:variant] --workdir=DIR [--config.KEY=VALUE ...]",
+        usage="--config=FILE[:variant] --workdir=DIR [--teacher=diffusers:DIR] [--config.KEY=...]",
+        common=("teacher",),
         advanced=("allow_config_change", "traceback"),
         **_TRAINING,
     ),
@@ -90,7 +92,7 @@ COMMANDS = {
         usage="--workdir=DIR --steps=N --guidance=W --out=FILE.npz [flags]",
         required=("workdir", "steps", "guidance", "out"),
         common=("model", "num", "labels", "seed", "stochastic", "guidance_schedule"),
-        advanced=("prompt", "prompts_file", "init", "t_start", "mask", "traceback"),
+        advanced=("prompt", "prompts_file", "init", "t_start", "mask", "grid", "traceback"),
     ),
     "evaluate": CommandHelp(
         summary="FD, IS, accuracy, FD to teacher of every sampler; plots, grids, report.md",

@@ -36,10 +36,12 @@ from distill_jax.diffusion.guidance_schedule import (
     GuidanceSchedule,
     guided_evaluations,
 )
-from distill_jax.run import Run
+from distill_jax.run import Run, imported
 from distill_jax.run import prompts as prompt_lib
 
 MODELS = ("teacher", "student")
+# The time grid of a sampler: t = i / N, or an imported teacher's own discrete timesteps.
+GRIDS = ("uniform", "teacher")
 # Bytes of memory per sample value while `sample_to_files` runs: the float32 samples, the float
 # temporaries of converting them to uint8, and the uint8 images of the .npz and the picture.
 MEMORY_PER_VALUE = 10
@@ -148,11 +150,13 @@ def _padded(a: np.ndarray, start: int, stop: int, size: int) -> np.ndarray:
     return np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
 
 
-def _sample_chunk(run, fn, sampler, labels, w, key, *, steps, init, t_start, mask) -> jax.Array:
+def _sample_chunk(
+    run, fn, sampler, labels, w, key, *, steps, init, t_start, mask, times
+) -> jax.Array:
     """One padded batch: start noise (or noised init), then the sampler."""
     noise_key, init_key, sampler_key = jax.random.split(key, 3)
     z = jax.random.normal(noise_key, (len(labels), *run.info.shape), jnp.float32)
-    kwargs = dict(steps=int(steps), **run.bounds)
+    kwargs = dict(steps=int(steps), times=times, **run.bounds)
     if init is not None and mask is None:
         kwargs["t_start"] = float(t_start)
         z = samplers.noise_to(init, float(t_start), init_key, **run.bounds)
@@ -160,6 +164,20 @@ def _sample_chunk(run, fn, sampler, labels, w, key, *, steps, init, t_start, mas
         kwargs.update(known=init, mask=mask)
     # run_sampler drops the key where its sampler needs none (plain DDIM).
     return samplers.run_sampler(sampler, fn, z, labels, w, sampler_key, **kwargs)
+
+
+def _time_grid(run: Run, grid: str, model: str, sampler: str, init, steps: int):
+    """None for t = i / N, or the imported teacher's own DDIM grid (grid='teacher')."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid={grid!r} is invalid: accepted one of {GRIDS}.")
+    if grid == "uniform":
+        return None
+    if model != "teacher" or sampler != "ddim" or init is not None:
+        raise ValueError(
+            "grid='teacher' (the imported teacher's own timesteps) is accepted for the teacher's "
+            "deterministic DDIM from noise only (model='teacher', no --stochastic or --init)."
+        )
+    return imported.teacher_times(run, int(steps))
 
 
 def sample(
@@ -178,6 +196,7 @@ def sample(
     fn: Partial | None = None,
     schedule: GuidanceSchedule = CONSTANT,
     progress: bool = False,
+    grid: str = "uniform",
 ) -> np.ndarray:
     """Draw len(labels) samples, float32 [N, *shape] in the data range ([-1, 1] for images).
 
@@ -199,6 +218,8 @@ def sample(
       fn: a denoise_fn to reuse (from `denoise_fn(run, model, steps)`), loaded if None.
       schedule: how w varies over the steps (`guidance_schedule`); constant by default.
       progress: show a progress bar with an ETA on stderr (tqdm), one tick per batch.
+      grid: 'uniform' (t = i / N) or 'teacher': an imported teacher's own diffusers DDIM
+        timesteps (`imported.teacher_times`; DDIM from pure noise only).
     """
     if not np.isfinite(w):
         raise ValueError(f"guidance weight w={w} is invalid: accepted a finite number.")
@@ -214,6 +235,7 @@ def sample(
     sampler = "ddim"
     if stochastic:
         sampler = "ancestral" if model == "teacher" else "stochastic"
+    times = _time_grid(run, grid, model, sampler, init, steps)
     key = jax.random.PRNGKey(seed)
     batch_size = min(batch_size, num)
     encode, decode = run.codec()
@@ -235,6 +257,7 @@ def sample(
             init=None if init is None else chunk(init),
             t_start=t_start,
             mask=None if mask is None else chunk(mask),
+            times=times,
         )
         batch = np.asarray(_apply(decode, x), np.float32)[: stop - start]
         if out is None:  # filled in place: no second copy of all the samples
@@ -351,6 +374,7 @@ def sample_to_files(
     mask: str | None = None,
     schedule: GuidanceSchedule = CONSTANT,
     prompts: list[str] | None = None,
+    grid: str = "uniform",
 ) -> tuple[epath.Path, epath.Path]:
     """Sample, write `out` (.npz) and a PNG picture beside it (.png); return both paths.
 
@@ -395,6 +419,7 @@ def sample_to_files(
         mask=mask_array,
         schedule=schedule,
         progress=True,
+        grid=grid,
     )
     out = epath.Path(out)
     if out.suffix != ".npz":

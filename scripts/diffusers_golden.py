@@ -5,7 +5,8 @@ what it wrote into tests/data/diffusers/:
 - dit_tiny/: a tiny random DiT pipeline folder in the current layout (DiTTransformer2DModel,
   learned variance, linear betas, epsilon, DDIMScheduler), and dit_tiny_legacy/: the older
   Transformer2DModel layout (no learned variance, no attention biases, scaled_linear betas,
-  v_prediction). Weights are diffusers' random initialisation (biases made random too), so
+  v_prediction), and dit_tiny_imagenet/ (1000 classes, learned variance, 8x8x3: the smoke
+  teacher of configs/dit_xl2_imagenet256.py). Weights are diffusers' random initialisation (biases made random too), so
   every block's embedders differ, as in a model trained with diffusers;
 - forward.npz: each folder's transformer output (all channels) on fixed inputs;
 - ddim.npz: a guided DDIM trajectory of dit_tiny: diffusers' DDIMScheduler driven by
@@ -104,6 +105,20 @@ def write_models(out: str) -> dict:
         clip_sample=False,
     )
     _save_pipeline(out, "dit_tiny_legacy", legacy, legacy_scheduler)
+    # DiT-XL/2's shape of things in miniature, for configs/dit_xl2_imagenet256.py:smoke:
+    # ImageNet's 1000 classes, learned variance, an 8x8x3 input.
+    imagenet = DiTTransformer2DModel(
+        in_channels=3,
+        out_channels=6,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        sample_size=8,
+        patch_size=4,
+        num_embeds_ada_norm=1000,
+    ).eval()
+    _randomise(imagenet, 3)
+    _save_pipeline(out, "dit_tiny_imagenet", imagenet, DDIMScheduler(clip_sample=False))
     rng = np.random.default_rng(0)
     arrays = {}
     for name, model, channels in (("dit_tiny", current, 4), ("dit_tiny_legacy", legacy, 1)):

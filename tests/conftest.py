@@ -103,7 +103,7 @@ def classifier_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("distill_jax_cache")
 
 
-def _smoke_run(tmp_path_factory, classifier_cache, config: str, name: str):
+def _smoke_run(tmp_path_factory, classifier_cache, config: str, name: str, *extra: str):
     workdir = tmp_path_factory.mktemp(name) / "run"
     env = dict(os.environ, DISTILL_JAX_CACHE=str(classifier_cache))
     result = subprocess.run(
@@ -114,6 +114,7 @@ def _smoke_run(tmp_path_factory, classifier_cache, config: str, name: str):
             "run",
             f"--config={config}",
             f"--workdir={workdir}",
+            *extra,
         ],
         cwd=ROOT,
         env=env,
@@ -139,3 +140,15 @@ def text_workdir(tmp_path_factory, classifier_cache):
     the text path and its conditions cached beside the latents; read-only for tests. (The pixel
     text config's U-Net and losses are tested in tests/test_text.py without a whole run.)"""
     return _smoke_run(tmp_path_factory, classifier_cache, TEXT_SMOKE_CONFIG, "text")
+
+
+@pytest.fixture(scope="session")
+def dit_workdir(tmp_path_factory, classifier_cache):
+    """`distill-jax run --config=configs/digits_dit.py:smoke --teacher=diffusers:...`: a tiny
+    DiT that diffusers made (tests/data/diffusers/dit_tiny_legacy) imported and distilled down
+    to one step, then evaluated; read-only for tests."""
+    teacher = ROOT / "tests" / "data" / "diffusers" / "dit_tiny_legacy"
+    config = str(ROOT / "configs" / "digits_dit.py") + ":smoke"
+    return _smoke_run(
+        tmp_path_factory, classifier_cache, config, "dit", f"--teacher=diffusers:{teacher}"
+    )

@@ -362,7 +362,12 @@ def read_dit_folder(folder: str) -> ImportedTeacher:
         weights_sha256=weights_checksum(transformer),
         transformer_class=cfg["_class_name"],
         scheduler_class=scheduler["_class_name"],
-        schedule=dict(schedule, prediction_type=scheduler.get("prediction_type", "epsilon")),
+        schedule=dict(
+            schedule,
+            prediction_type=scheduler.get("prediction_type", "epsilon"),
+            timestep_spacing=scheduler.get("timestep_spacing", "leading"),
+            steps_offset=int(scheduler.get("steps_offset", 0)),
+        ),
         logsnr_range=list(discrete.trained_logsnr_range(table)),
         conventions=dict(
             guidance="diffusers guidance_scale s = 1 + w",

@@ -1,0 +1,160 @@
+"""Teachers trained elsewhere: import a diffusers folder once into a run's `teacher/` stage.
+
+`import_teacher(config, workdir, "diffusers:DIR")` reads the folder (`interop.diffusers`), takes
+the network's config keys from it (the student architecture is the teacher's DiT plus the
+guidance branch), clips the run's log-SNR range to the teacher's trained range, checks the
+config's data against the network, and writes `workdir/teacher` as a finished stage: one Orbax
+checkpoint (params = EMA params = the imported weights) and a FINISHED.json whose `imported`
+entry records the source folder, the weights' sha256, the converted schedule, the conventions
+and the config keys. Everything is checked before anything is written. Later commands on the
+workdir apply the recorded keys again (`with_recorded_import`), so `distill`, `run`, `sample`,
+`evaluate` and `export` work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+from distill_jax import checkpoints
+from distill_jax.diffusion import discrete
+from distill_jax.interop import diffusers
+from distill_jax.models import denoiser
+from distill_jax.run.run import Run
+
+PREFIX = "diffusers:"
+
+
+def with_import(
+    config: ml_collections.ConfigDict, model_keys: dict, logsnr_range: tuple[float, float]
+) -> ml_collections.ConfigDict:
+    """A copy of `config` that builds the imported network.
+
+    Its log-SNR range is clipped to the teacher's trained range [lambda_{K-1}, lambda_0].
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model = diffusers.model_config(model_keys)
+    lo, hi = logsnr_range
+    config.diffusion.logsnr_min = max(float(config.diffusion.logsnr_min), float(lo))
+    config.diffusion.logsnr_max = min(float(config.diffusion.logsnr_max), float(hi))
+    return config
+
+
+def with_recorded_import(
+    config: ml_collections.ConfigDict, workdir: epath.PathLike
+) -> ml_collections.ConfigDict:
+    """`config` with the model keys of the teacher imported into `workdir` (if one was)."""
+    record = (checkpoints.stage_finished(epath.Path(workdir).absolute() / "teacher") or {}).get(
+        "imported"
+    )
+    if not record:
+        return config
+    return with_import(config, record["model"], tuple(record["logsnr_range"]))
+
+
+def teacher_times(run: Run, steps: int) -> np.ndarray:
+    """The DDIM time grid [steps + 1] on which an imported teacher's own diffusers DDIM steps.
+
+    diffusers' DDIMScheduler.set_timesteps(steps) with the teacher's timestep spacing and
+    offset (`discrete.scheduler_timesteps`), mapped to this run's times.
+
+    Raises:
+      ValueError: the run's teacher was not imported (its time is continuous).
+    """
+    record = (run.finished(run.stage("teacher")) or {}).get("imported")
+    if not record:
+        raise ValueError(
+            f"{run.workdir} has no teacher imported from diffusers, so it has no timestep grid "
+            "of its own: accepted grid='uniform' (t = i / N)."
+        )
+    schedule = record["schedule"]
+    timesteps = discrete.scheduler_timesteps(
+        steps,
+        num_timesteps=int(schedule["num_train_timesteps"]),
+        spacing=schedule.get("timestep_spacing", "leading"),
+        steps_offset=int(schedule.get("steps_offset", 0)),
+    )
+    table = np.asarray(denoiser.discrete_logsnrs(run.config.model))
+    return discrete.times_of_timesteps(timesteps, table, **run.bounds)
+
+
+def _check_fits(run: Run, imported: diffusers.ImportedTeacher, source: str) -> None:
+    """Refuse a config whose data the imported network cannot take."""
+    if run.latent:
+        raise ValueError(
+            f"{source} is a pixel-space teacher but the config enables config.autoencoder "
+            "(a latent run of distill_jax's own autoencoder): accepted autoencoder.enabled=False."
+        )
+    if tuple(run.info.shape) != tuple(imported.data_shape):
+        raise ValueError(
+            f"{source} takes examples of shape {imported.data_shape} but the config's data "
+            f"{run.info.name!r} has {tuple(run.info.shape)}: accepted a dataset (and "
+            "data.image_size) of the teacher's shape."
+        )
+    if run.info.num_classes != imported.num_classes:
+        raise ValueError(
+            f"{source} has {imported.num_classes} classes (null class {imported.num_classes}) "
+            f"but the config's data {run.info.name!r} has {run.info.num_classes}: accepted a "
+            "dataset with the teacher's classes."
+        )
+
+
+def _existing_teacher(workdir: epath.Path, imported: diffusers.ImportedTeacher) -> bool:
+    """True when this very teacher was imported already; refuses any other teacher."""
+    directory = workdir / "teacher"
+    record = checkpoints.stage_finished(directory)
+    if record is None:
+        if directory.exists():
+            raise ValueError(
+                f"{directory} holds an unfinished teacher; --teacher=diffusers:DIR imports into "
+                "a workdir without one (delete that directory to import, or use a new workdir)."
+            )
+        return False
+    theirs = (record.get("imported") or {}).get("weights_sha256")
+    if theirs != imported.record["weights_sha256"]:
+        shown = (record.get("imported") or {}).get("source") or "a teacher trained by distill_jax"
+        raise ValueError(
+            f"{workdir} already has another teacher ({shown}); --teacher=diffusers:DIR "
+            "needs a new workdir, or this workdir's own teacher (omit --teacher)."
+        )
+    return True
+
+
+def import_teacher(
+    config: ml_collections.ConfigDict, workdir: epath.PathLike, teacher: str
+) -> ml_collections.ConfigDict:
+    """Import `teacher` ('diffusers:DIR') into workdir/teacher once; the run's config.
+
+    Returns `config` with the imported network's keys. Importing the same weights again
+    writes nothing.
+
+    Raises:
+      ValueError: an unsupported folder (`interop.diffusers.ImportError_`), a config that does
+        not fit the network, or a workdir that has another teacher; nothing is written then.
+    """
+    if not teacher.startswith(PREFIX) or len(teacher) == len(PREFIX):
+        raise ValueError(
+            f"--teacher={teacher!r} is not an import: accepted diffusers:DIR (a diffusers "
+            "pipeline folder), or a finished teacher stage directory for `distill`."
+        )
+    folder = teacher[len(PREFIX) :]
+    imported = diffusers.read_dit_folder(folder)
+    if _existing_teacher(epath.Path(workdir).absolute(), imported):
+        return with_import(config, imported.model, imported.logsnr_range)
+    config = with_import(config, imported.model, imported.logsnr_range)
+    run = Run.create(config, workdir)
+    _check_fits(run, imported, folder)
+    spec = run.stage("teacher")
+    record = dict(imported.record, model=imported.model)
+    with run.locked():
+        checkpointer = run.checkpointer(spec)
+        try:
+            state = {"params": imported.params, "ema_params": imported.params}
+            checkpointer.save(0, state, force=True)
+            checkpointer.mark_finished(0, {"stage": spec.name, "imported": record})
+        finally:
+            checkpointer.close()
+        run.record_config()
+    run.load_params(spec)  # the round trip through Orbax: what every later reader does
+    return config
