@@ -10,7 +10,8 @@ norm_type 'ada_norm_zero'), so its weights load by name (`distill_jax.interop.di
   layer uses block 0's (`per_block_embedders=True`); the original DiT has one shared copy;
 - blocks: LayerNorm (no affine) modulated by shift / scale / gate from Dense(SiLU(c)),
   self-attention, a tanh-GELU MLP (mlp_ratio 4);
-- final layer: modulated LayerNorm, Dense to p * p * out channels, unpatchify. With
+- final layer: modulated LayerNorm, Dense to p * p * out channels, unpatchify. As in DiT, the
+  modulation layers and the output layer start at zero (adaLN-Zero: a fresh DiT outputs 0). With
   `learned_sigma` the output has twice the data channels: the prediction, then the variance
   interpolation that DiT learns. The variance channels are carried (they load and train as
   weights) but `__call__` returns the prediction only; our samplers ignore the variance.
@@ -44,6 +45,8 @@ from distill_jax.models.embeddings import (
 
 Dtype = Any
 TIMESTEP_FEATURES = 256  # diffusers' CombinedTimestepLabelEmbeddings: Timesteps(256)
+# DiT's initialisation of the modulation and output layers (biases start at zero anyway).
+_ZERO = nn.initializers.zeros
 
 
 def timestep_features(timestep: jax.Array) -> jax.Array:
@@ -125,7 +128,10 @@ class DiTBlock(nn.Module):
     def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
         """x [B, T, hidden], cond [B, hidden] -> [B, T, hidden]."""
         dense = dict(dtype=self.dtype)
-        modulation = nn.Dense(6 * self.hidden, name="ada_linear", **dense)(nn.silu(cond))
+        # adaLN-Zero: the modulation starts at zero, so every block starts as the identity.
+        modulation = nn.Dense(6 * self.hidden, kernel_init=_ZERO, name="ada_linear", **dense)(
+            nn.silu(cond)
+        )
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
             modulation, 6, axis=-1
         )
@@ -281,13 +287,15 @@ class DiT(nn.Module):
                 name=f"block_{i}",
             )(x, conds[i], train)
         shift, scale = jnp.split(
-            nn.Dense(2 * self.hidden, dtype=self.dtype, name="final_ada")(nn.silu(conds[0])),
+            nn.Dense(2 * self.hidden, kernel_init=_ZERO, dtype=self.dtype, name="final_ada")(
+                nn.silu(conds[0])
+            ),
             2,
             axis=-1,
         )
         x = _modulate(_layer_norm(1e-6, "norm_out")(x), shift, scale)
         channels = self.out_channels * (2 if self.learned_sigma else 1)
-        x = nn.Dense(p * p * channels, dtype=self.dtype, name="final_proj")(x)
+        x = nn.Dense(p * p * channels, kernel_init=_ZERO, dtype=self.dtype, name="final_proj")(x)
         x = x.reshape(batch, grid_h, grid_w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
         out = x.reshape(batch, height, width, channels).astype(jnp.float32)
         return out if with_variance else out[..., : self.out_channels]
