@@ -140,7 +140,7 @@ def test_runnable_blocks_are_few_and_cheap():
     assert not slow, f"runnable blocks that train or run a whole pipeline: {slow}"
 
 
-@pytest.mark.parametrize("name, block", _runnable_blocks(), ids=lambda v: str(v)[:40])
+@pytest.mark.parametrize("name, block", _runnable_blocks(), ids=[n for n, _ in _runnable_blocks()])
 def test_runnable_block_runs(name, block, smoke_workdir, tmp_path):
     """The block, smoke-substituted, exits 0 in a scratch directory (see the module doc)."""
     for link in ("configs", "scripts", "launch", "distill_jax"):
