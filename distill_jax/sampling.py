@@ -236,13 +236,24 @@ def sample(
     if stochastic:
         sampler = "ancestral" if model == "teacher" else "stochastic"
     times = _time_grid(run, grid, model, sampler, init, steps)
-    key = jax.random.PRNGKey(seed)
     batch_size = min(batch_size, num)
-    encode, decode = run.codec()
     if init is not None:
+        encode = run.codec()[0]
         init = apply_in_batches(encode, np.asarray(init, np.float32), batch_size)
-    out = None
     bar = tqdm(total=num, unit="sample", desc=f"{model} N={steps}", disable=not progress)
+    chunk_args = dict(steps=steps, t_start=t_start, times=times)
+    out = _sample_batches(
+        run, (fn, sampler, weights[:, None]), labels, init, mask, seed, batch_size, bar, chunk_args
+    )
+    bar.close()
+    return out
+
+
+def _sample_batches(run, call, labels, init, mask, seed, batch_size, bar, chunk_args):
+    """`sample`'s loop: padded batches of `batch_size`, decoded, into one float32 array."""
+    fn, sampler, weights = call
+    key, num, decode = jax.random.PRNGKey(seed), len(labels), run.codec()[1]
+    out = None
     for start in range(0, num, batch_size):
         stop = min(start + batch_size, num)
         chunk = functools.partial(_padded, start=start, stop=stop, size=batch_size)
@@ -251,20 +262,17 @@ def sample(
             fn,
             sampler,
             chunk(labels),
-            weights[:, None],
+            weights,
             jax.random.fold_in(key, start // batch_size),
-            steps=steps,
             init=None if init is None else chunk(init),
-            t_start=t_start,
             mask=None if mask is None else chunk(mask),
-            times=times,
+            **chunk_args,
         )
         batch = np.asarray(_apply(decode, x), np.float32)[: stop - start]
         if out is None:  # filled in place: no second copy of all the samples
             out = np.empty((num, *batch.shape[1:]), np.float32)
         out[start:stop] = batch
         bar.update(stop - start)
-    bar.close()
     return out
 
 
