@@ -22,8 +22,8 @@ def get_config(variant: str = ""):
     c.model.kind = "dit"  # replaced by the imported teacher's keys
     c.guidance.w_min, c.guidance.w_max = 0.0, 4.0  # pixel-space range of Meng et al.
     # Shorter than configs/digits.py (whose stage one and rounds are tuned for its U-Net): the
-    # whole run fits about half an hour on the 2-core CPU. Stage one at 1e-3, a transformer's
-    # learning rate; rounds 8 -> 1 from a 16-step start.
+    # import, distillation and evaluation take 7.5 minutes on the 2-core CPU (docs/teachers.md).
+    # Stage one at 1e-3, a transformer's learning rate; rounds 8 -> 1 from a 16-step start.
     c.stage1.batch_size = 128
     c.stage1.num_steps = 800
     c.stage1.optimizer.learning_rate = 1e-3
