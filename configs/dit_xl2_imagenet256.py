@@ -25,7 +25,7 @@ Settings and their sources:
 - n_start 256: the DiT paper samples with 250 DDPM steps; 256 is the nearest power of two;
 - stage one and the rounds use the DiT paper's AdamW learning rate 1e-4 (our choice for
   distillation), linearly annealed per round (diffusion_distillation), no EMA.
-Pod launch: see launch/README.md.
+Pod launch: docs/multihost.md.
 
 ':smoke' runs on mock data (tfds.testing.mock_data) at 8x8 pixels with a tiny random DiT in
 diffusers layout with 1000 classes and learned variance (tests/data/diffusers/dit_tiny_imagenet).
