@@ -152,3 +152,21 @@ def dit_workdir(tmp_path_factory, classifier_cache):
     return _smoke_run(
         tmp_path_factory, classifier_cache, config, "dit", f"--teacher=diffusers:{teacher}"
     )
+
+
+def imported_dit(folder):
+    """(reader.ImportedTeacher, our DiT) of a diffusers DiT folder, on its trained range."""
+    from distill_jax.interop import diffusers as reader
+    from distill_jax.models import denoiser
+
+    imported = reader.read_dit_folder(folder)
+    lo, hi = imported.logsnr_range
+    model = denoiser.build_model(
+        reader.model_config(imported.model),
+        data_shape=imported.data_shape,
+        num_classes=imported.num_classes,
+        use_guidance=False,
+        logsnr_min=lo,
+        logsnr_max=hi,
+    )
+    return imported, model

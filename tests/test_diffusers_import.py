@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import imported_dit
 
 from distill_jax.diffusion import discrete, guidance, samplers
 from distill_jax.interop import diffusers as reader
@@ -20,17 +21,7 @@ FOLDERS = ("dit_tiny", "dit_tiny_legacy")
 
 
 def _imported(name: str):
-    imported = reader.read_dit_folder(os.path.join(DATA, name))
-    lo, hi = imported.logsnr_range
-    model = denoiser.build_model(
-        reader.model_config(imported.model),
-        data_shape=imported.data_shape,
-        num_classes=imported.num_classes,
-        use_guidance=False,
-        logsnr_min=lo,
-        logsnr_max=hi,
-    )
-    return imported, model
+    return imported_dit(os.path.join(DATA, name))
 
 
 @pytest.mark.parametrize("name", FOLDERS)

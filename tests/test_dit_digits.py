@@ -6,9 +6,9 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import imported_dit
 
 from distill_jax.diffusion import discrete, guidance, samplers
-from distill_jax.interop import diffusers as reader
 from distill_jax.models import denoiser
 
 FOLDER = os.path.join(os.path.dirname(__file__), "data", "diffusers", "dit_digits")
@@ -17,16 +17,8 @@ FOLDER = os.path.join(os.path.dirname(__file__), "data", "diffusers", "dit_digit
 @pytest.mark.parametrize("w", [0.0, 1.0, 4.0])
 def test_same_images_as_diffusers_ddim(w):
     golden = np.load(os.path.join(FOLDER, "ddim_golden.npz"))
-    imported = reader.read_dit_folder(FOLDER)
+    imported, model = imported_dit(FOLDER)
     lo, hi = imported.logsnr_range
-    model = denoiser.build_model(
-        reader.model_config(imported.model),
-        data_shape=imported.data_shape,
-        num_classes=imported.num_classes,
-        use_guidance=False,
-        logsnr_min=lo,
-        logsnr_max=hi,
-    )
     guided = guidance.make_guided_denoise_fn(
         denoiser.make_denoise_fn(model, imported.params), null_label=imported.num_classes
     )

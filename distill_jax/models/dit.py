@@ -219,15 +219,9 @@ class DiT(nn.Module):
             for i in range(copies)
         ]
         if self.use_guidance:
-            if w is None:
-                raise ValueError(
-                    "this model has a guidance branch (use_guidance=True): pass the guidance "
-                    "weight w [B]."
-                )
-            w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
             guidance = GuidanceEmbedding(
                 self.hidden, self.guidance_fourier_dim, dtype=self.dtype, name=GUIDANCE_BRANCH
-            )(w)
+            )(w, batch)
             conds = [c + guidance for c in conds]
         return conds * (self.depth // copies)
 

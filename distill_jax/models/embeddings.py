@@ -109,8 +109,18 @@ class GuidanceEmbedding(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, w: jax.Array) -> jax.Array:
-        """Embed w [B] -> [B, emb_dim]."""
+    def __call__(self, w: jax.Array | None, batch: int) -> jax.Array:
+        """Embed w [B] (or a scalar, broadcast to `batch`) -> [B, emb_dim].
+
+        Raises:
+          ValueError: w is None (a student must be given its guidance weight).
+        """
+        if w is None:
+            raise ValueError(
+                "this model has a guidance branch (use_guidance=True): pass the guidance "
+                "weight w [B]."
+            )
+        w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
         h = guidance_fourier_features(w, self.fourier_dim)
         h = nn.Dense(self.emb_dim, dtype=self.dtype, name="dense_0")(h)
         h = nn.swish(h)
@@ -187,13 +197,7 @@ class ConditioningEmbedding(nn.Module):
                 self.num_classes + 1, self.emb_dim, dtype=self.dtype, name="class_embed"
             )(jnp.asarray(labels, jnp.int32))
         if self.use_guidance:
-            if w is None:
-                raise ValueError(
-                    "this model has a guidance branch (use_guidance=True): pass the guidance "
-                    "weight w [B]."
-                )
-            w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
             emb = emb + GuidanceEmbedding(
                 self.emb_dim, self.guidance_fourier_dim, dtype=self.dtype, name=GUIDANCE_BRANCH
-            )(w)
+            )(w, batch)
         return emb
