@@ -159,3 +159,21 @@ def test_dit_xl2_config_smoke_on_mock_data(tmp_path):
     with pytest.raises(ValueError, match="vae/"):
         imported.import_teacher(config, tmp_path / "other", f"diffusers:{with_vae}")
     assert not (tmp_path / "other").exists()
+
+
+def test_class_count_mismatch_refused(tmp_path):
+    """A config whose classes differ from the network's label table is refused, naming both."""
+    import tensorflow_datasets as tfds
+
+    from distill_jax.config import load_config
+    from distill_jax.run import imported
+
+    config = load_config(CONFIG)
+    config.data.name, config.data.image_size = "cifar10", 8  # 8x8x3 as the teacher, 10 classes
+    config.data.data_dir = str(tmp_path / "tfds")
+    with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+        with pytest.raises(ValueError, match="has 1000 classes .* 'cifar10' has 10"):
+            imported.import_teacher(
+                config, tmp_path / "run", f"diffusers:{DATA / 'dit_tiny_imagenet'}"
+            )
+    assert not (tmp_path / "run").exists()
