@@ -201,6 +201,6 @@ def _edit_tensors(folder, edit):
 def test_bad_folders_refused_in_one_line(tmp_path, break_folder, message):
     folder = _copy(tmp_path)
     break_folder(folder)
-    with pytest.raises(reader.ImportError_, match=message) as error:
+    with pytest.raises(reader.FolderError, match=message) as error:
         reader.read_dit_folder(folder)
     assert "\n" not in str(error.value)

@@ -62,7 +62,7 @@ VAE_REFUSAL = (
 )
 
 
-class ImportError_(ValueError):
+class FolderError(ValueError):
     """A diffusers folder that cannot be imported; the message is one line for the user."""
 
 
@@ -89,20 +89,20 @@ class ImportedTeacher:
 
 def _read_json(path: str, what: str) -> dict:
     if not os.path.isfile(path):
-        raise ImportError_(f"{what}: {path} does not exist")
+        raise FolderError(f"{what}: {path} does not exist")
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
-        raise ImportError_(f"{what}: {path} is not readable JSON ({error})") from None
+        raise FolderError(f"{what}: {path} is not readable JSON ({error})") from None
     if not isinstance(value, dict):
-        raise ImportError_(f"{what}: {path} holds no JSON object")
+        raise FolderError(f"{what}: {path} holds no JSON object")
     return value
 
 
 def _require(cfg: dict, key: str, accepted: tuple, where: str) -> None:
     if cfg.get(key) not in accepted:
-        raise ImportError_(
+        raise FolderError(
             f"{where} has {key}={cfg.get(key)!r}: accepted {', '.join(map(repr, accepted))}"
         )
 
@@ -111,23 +111,23 @@ def dit_model_config(cfg: dict, where: str = "transformer/config.json") -> dict:
     """config.model keys of a diffusers DiT config (either layout).
 
     Raises:
-      ImportError_: a class, norm or activation this DiT does not implement.
+      FolderError: a class, norm or activation this DiT does not implement.
     """
     _require(cfg, "_class_name", DIT_CLASSES, where)
     _require(cfg, "norm_type", ("ada_norm_zero",), where)
     _require(cfg, "activation_fn", ("gelu-approximate",), where)
     if cfg.get("norm_elementwise_affine", False):
-        raise ImportError_(f"{where} has norm_elementwise_affine=true: accepted false")
+        raise FolderError(f"{where} has norm_elementwise_affine=true: accepted false")
     for key in ("cross_attention_dim", "num_vector_embeds", "caption_channels"):
         if cfg.get(key) is not None:
-            raise ImportError_(f"{where} has {key}={cfg[key]!r}: a DiT has none (accepted null)")
+            raise FolderError(f"{where} has {key}={cfg[key]!r}: a DiT has none (accepted null)")
     for key in ("patch_size", "num_embeds_ada_norm", "sample_size", "in_channels"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
-            raise ImportError_(f"{where} has {key}={cfg.get(key)!r}: accepted a positive integer")
+            raise FolderError(f"{where} has {key}={cfg.get(key)!r}: accepted a positive integer")
     in_channels = cfg["in_channels"]
     out_channels = cfg.get("out_channels") or in_channels
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ImportError_(
+        raise FolderError(
             f"{where} has out_channels={out_channels} for in_channels={in_channels}: accepted "
             f"{in_channels} (no learned variance) or {2 * in_channels} (learned variance)"
         )
@@ -162,20 +162,20 @@ def schedule_config(cfg: dict, where: str = "scheduler/scheduler_config.json") -
     """(config.model.discrete_schedule keys, parameterisation) of a diffusers scheduler config.
 
     Raises:
-      ImportError_: a scheduler, beta schedule or prediction type that is not supported.
+      FolderError: a scheduler, beta schedule or prediction type that is not supported.
     """
     _require(cfg, "_class_name", SCHEDULERS, where)
     if cfg.get("trained_betas") is not None:
-        raise ImportError_(f"{where} has trained_betas: accepted null (a named beta_schedule)")
+        raise FolderError(f"{where} has trained_betas: accepted null (a named beta_schedule)")
     if cfg.get("rescale_betas_zero_snr"):
-        raise ImportError_(
+        raise FolderError(
             f"{where} has rescale_betas_zero_snr=true: accepted false (a zero terminal SNR has "
             "no finite log-SNR)"
         )
     _require(cfg, "beta_schedule", discrete.BETA_SCHEDULES, where)
     prediction = cfg.get("prediction_type", "epsilon")
     if prediction not in discrete.PREDICTION_TYPES:
-        raise ImportError_(
+        raise FolderError(
             f"{where} has prediction_type={prediction!r}: accepted "
             f"{', '.join(map(repr, discrete.PREDICTION_TYPES))}"
         )
@@ -195,7 +195,7 @@ def _weight_files(folder: str) -> list[str]:
         return [os.path.join(folder, name) for name in shards]
     single = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(single):
-        raise ImportError_(f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE})")
+        raise FolderError(f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE})")
     return [single]
 
 
@@ -211,7 +211,7 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
                 for name in f.keys():
                     tensors[name] = np.asarray(f.get_tensor(name), np.float32)
         except (OSError, ValueError) as error:
-            raise ImportError_(f"{path} is not a readable safetensors file ({error})") from None
+            raise FolderError(f"{path} is not a readable safetensors file ({error})") from None
     return tensors
 
 
@@ -274,7 +274,7 @@ def convert_params(tensors: dict[str, np.ndarray], abstract: PyTree, where: str)
     """Our params (the structure of `abstract`) from diffusers tensors, all of them used.
 
     Raises:
-      ImportError_: tensors missing, left over, or of another shape, naming them.
+      FolderError: tensors missing, left over, or of another shape, naming them.
     """
     named = trees.named_leaves(abstract)
     wanted = {diffusers_name(name): name for name in named}
@@ -282,14 +282,14 @@ def convert_params(tensors: dict[str, np.ndarray], abstract: PyTree, where: str)
     if missing or extra:
         parts = [f"missing {len(missing)} ({', '.join(missing[:3])})"] if missing else []
         parts += [f"{len(extra)} not mapped ({', '.join(extra[:3])})"] if extra else []
-        raise ImportError_(
+        raise FolderError(
             f"{where} does not hold a DiT of its config.json's size: {'; '.join(parts)}"
         )
     leaves = {}
     for torch_name, name in wanted.items():
         leaf = to_flax_layout(tensors[torch_name], name)
         if tuple(leaf.shape) != tuple(named[name].shape):
-            raise ImportError_(
+            raise FolderError(
                 f"{where}: tensor {torch_name} has shape {tuple(tensors[torch_name].shape)}, "
                 f"which does not fit this config.json (expected {tuple(named[name].shape)} "
                 "in our layout)"
@@ -326,20 +326,20 @@ def read_dit_folder(folder: str) -> ImportedTeacher:
     """Read a diffusers DiT pipeline folder (transformer/ and scheduler/) into our DiT.
 
     Raises:
-      ImportError_: the first thing that is missing or not supported, in one line.
+      FolderError: the first thing that is missing or not supported, in one line.
     """
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
-        raise ImportError_(f"{folder} is not a directory")
+        raise FolderError(f"{folder} is not a directory")
     transformer = os.path.join(folder, "transformer")
     if not os.path.isdir(transformer):
-        raise ImportError_(
+        raise FolderError(
             f"{folder} is not a diffusers DiT pipeline folder: it has no transformer/ "
             "(accepted: a folder with transformer/ and scheduler/, as DiTPipeline.save_pretrained "
             "writes)"
         )
     if os.path.isdir(os.path.join(folder, "vae")):
-        raise ImportError_(f"{folder} cannot be imported: {VAE_REFUSAL}")
+        raise FolderError(f"{folder} cannot be imported: {VAE_REFUSAL}")
     cfg = _read_json(os.path.join(transformer, "config.json"), "the transformer config")
     model = dit_model_config(cfg)
     scheduler = _read_json(

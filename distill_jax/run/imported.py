@@ -130,7 +130,7 @@ def import_teacher(
     writes nothing.
 
     Raises:
-      ValueError: an unsupported folder (`interop.diffusers.ImportError_`), a config that does
+      ValueError: an unsupported folder (`interop.diffusers.FolderError`), a config that does
         not fit the network, or a workdir that has another teacher; nothing is written then.
     """
     if not teacher.startswith(PREFIX) or len(teacher) == len(PREFIX):
