@@ -1,5 +1,6 @@
-"""Train a small pixel-space DiT on the bundled digits with diffusers and PyTorch: a teacher
-that distill_jax did not train, for `configs/digits_dit.py`.
+"""Train a small pixel-space DiT on the bundled digits with diffusers and PyTorch.
+
+A teacher that distill_jax did not train, for `configs/digits_dit.py`.
 
 Needs the `diffusers` extra (`pip install -e .[diffusers]`: PyTorch, diffusers). Writes a
 diffusers pipeline folder (transformer/ with the EMA weights, scheduler/) and, with
@@ -19,8 +20,9 @@ Training follows the paper's teacher recipe where diffusers leaves a choice open
   a few-step student of an epsilon teacher must recover x from eps, which is ill-conditioned
   at high noise), uniform integer timesteps, plain MSE on the prediction; AdamW and an EMA.
 
-Command that made the committed folder (tests/data/diffusers/dit_digits, 8 min here on 2 CPU
-cores): python scripts/train_diffusers_dit.py --out tests/data/diffusers/dit_digits --samples
+Command that made the committed folder (tests/data/diffusers/dit_digits: 949 s of training and
+114 s of sampling here, on 2 CPU cores shared with other jobs):
+python scripts/train_diffusers_dit.py --out tests/data/diffusers/dit_digits --samples
 """
 
 from __future__ import annotations

@@ -204,3 +204,31 @@ def test_bad_folders_refused_in_one_line(tmp_path, break_folder, message):
     with pytest.raises(reader.FolderError, match=message) as error:
         reader.read_dit_folder(folder)
     assert "\n" not in str(error.value)
+
+
+def test_half_precision_and_sharded_weights_read_as_float32(tmp_path):
+    """bfloat16 and float16 files read within their rounding; shards listed by an index read
+    exactly as the single file."""
+    from safetensors.flax import save_file as save_jax
+    from safetensors.numpy import load_file, save_file
+
+    folder = _copy(tmp_path)
+    path = folder / "transformer" / reader.WEIGHTS_FILE
+    tensors = load_file(str(path))
+    full = named_leaves(reader.read_dit_folder(folder).params)
+    for dtype, rtol in ((jnp.bfloat16, 2**-8), (jnp.float16, 2**-11)):
+        save_jax({k: jnp.asarray(v, dtype) for k, v in tensors.items()}, str(path))
+        got = named_leaves(reader.read_dit_folder(folder).params)
+        for name, leaf in full.items():
+            assert got[name].dtype == np.float32
+            np.testing.assert_allclose(got[name], leaf, rtol=rtol, atol=1e-7, err_msg=name)
+    path.unlink()
+    names = sorted(tensors)
+    shards = {"part-1.safetensors": names[::2], "part-2.safetensors": names[1::2]}
+    for shard, members in shards.items():
+        save_file({n: tensors[n] for n in members}, str(folder / "transformer" / shard))
+    weight_map = {n: shard for shard, members in shards.items() for n in members}
+    (folder / "transformer" / reader.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    got = named_leaves(reader.read_dit_folder(folder).params)
+    for name, leaf in full.items():
+        np.testing.assert_array_equal(got[name], leaf)

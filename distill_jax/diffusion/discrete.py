@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.diffusion.schedule import t_from_logsnr
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # diffusers' prediction_type -> this library's parameterisation.
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}
@@ -197,7 +199,5 @@ def times_of_timesteps(
     """
     logsnrs = np.asarray(table, np.float64)[np.asarray(timesteps)[::-1]]
     logsnrs = np.clip(logsnrs, logsnr_min, logsnr_max)
-    b = np.arctan(np.exp(-0.5 * logsnr_max))
-    a = np.arctan(np.exp(-0.5 * logsnr_min)) - b
-    times = (np.arctan(np.exp(-0.5 * logsnrs)) - b) / a
-    return np.concatenate([[0.0], np.clip(times, 0.0, 1.0)]).astype(np.float32)
+    times = t_from_logsnr(logsnrs, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+    return np.concatenate([[0.0], np.clip(np.asarray(times), 0.0, 1.0)]).astype(np.float32)

@@ -75,7 +75,8 @@ class ImportedTeacher:
       logsnr_range: (lambda_{K-1}, lambda_0) of its discrete schedule, the trained range.
       data_shape: one example (H, W, C) the network takes.
       num_classes: its real classes (the null class is label num_classes).
-      params: the weights as this library's DiT params (numpy float32).
+      params: the weights as this library's DiT params (numpy float32); None when read with
+        weights=False.
       record: source folder, checksum, schedule and conventions, for FINISHED.json.
     """
 
@@ -322,8 +323,22 @@ def abstract_dit_params(model_keys: dict, data_shape: tuple, num_classes: int) -
     )
 
 
-def read_dit_folder(folder: str) -> ImportedTeacher:
+def read_dit_weights(imported: ImportedTeacher) -> PyTree:
+    """The imported folder's transformer weights as our DiT's params (numpy float32).
+
+    Raises:
+      FolderError: tensors missing, left over or misshapen (`convert_params`).
+    """
+    transformer = os.path.join(imported.record["source"], "transformer")
+    abstract = abstract_dit_params(imported.model, imported.data_shape, imported.num_classes)
+    return convert_params(read_safetensors(transformer), abstract, transformer)
+
+
+def read_dit_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
     """Read a diffusers DiT pipeline folder (transformer/ and scheduler/) into our DiT.
+
+    With weights=False the configs and the weights' checksum are read but not the tensors
+    (params is None; `read_dit_weights` reads them later).
 
     Raises:
       FolderError: the first thing that is missing or not supported, in one line.
@@ -355,8 +370,6 @@ def read_dit_folder(folder: str) -> ImportedTeacher:
     )
     size, channels = int(cfg["sample_size"]), int(cfg["in_channels"])
     num_classes = int(cfg["num_embeds_ada_norm"])
-    abstract = abstract_dit_params(model, (size, size, channels), num_classes)
-    params = convert_params(read_safetensors(transformer), abstract, transformer)
     record = dict(
         source=folder,
         weights_sha256=weights_checksum(transformer),
@@ -377,11 +390,14 @@ def read_dit_folder(folder: str) -> ImportedTeacher:
             clip_sample=bool(scheduler.get("clip_sample", False)),
         ),
     )
-    return ImportedTeacher(
+    imported = ImportedTeacher(
         model=model,
         logsnr_range=discrete.trained_logsnr_range(table),
         data_shape=(size, size, channels),
         num_classes=num_classes,
-        params=params,
+        params=None,
         record=record,
     )
+    if not weights:
+        return imported
+    return dataclasses.replace(imported, params=read_dit_weights(imported))

@@ -13,6 +13,8 @@ workdir apply the recorded keys again (`with_recorded_import`), so `distill`, `r
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 import numpy as np
 from etils import epath
@@ -139,12 +141,14 @@ def import_teacher(
             "pipeline folder), or a finished teacher stage directory for `distill`."
         )
     folder = teacher[len(PREFIX) :]
-    imported = diffusers.read_dit_folder(folder)
-    if _existing_teacher(epath.Path(workdir).absolute(), imported):
-        return with_import(config, imported.model, imported.logsnr_range)
+    # Configs and checksum first: a teacher imported already needs its tensors not read again.
+    imported = diffusers.read_dit_folder(folder, weights=False)
     config = with_import(config, imported.model, imported.logsnr_range)
+    if _existing_teacher(epath.Path(workdir).absolute(), imported):
+        return config
     run = Run.create(config, workdir)
     _check_fits(run, imported, folder)
+    imported = dataclasses.replace(imported, params=diffusers.read_dit_weights(imported))
     spec = run.stage("teacher")
     record = dict(imported.record, model=imported.model)
     with run.locked():
