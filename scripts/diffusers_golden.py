@@ -6,8 +6,9 @@ what it wrote into tests/data/diffusers/:
   learned variance, linear betas, epsilon, DDIMScheduler), and dit_tiny_legacy/: the older
   Transformer2DModel layout (no learned variance, no attention biases, scaled_linear betas,
   v_prediction), and dit_tiny_imagenet/ (1000 classes, learned variance, 8x8x3: the smoke
-  teacher of configs/dit_xl2_imagenet256.py). Weights are diffusers' random initialisation (biases made random too), so
-  every block's embedders differ, as in a model trained with diffusers;
+  teacher of configs/dit_xl2_imagenet256.py). Weights are diffusers' random initialisation
+  (biases made random too), so every block's embedders differ, as in a model trained with
+  diffusers;
 - forward.npz: each folder's transformer output (all channels) on fixed inputs;
 - ddim.npz: a guided DDIM trajectory of dit_tiny: diffusers' DDIMScheduler driven by
   DiTPipeline's own loop body (guidance on the prediction channels, variance channels passed
@@ -206,6 +207,7 @@ def write_manifest(out: str) -> None:
 
 
 def main() -> None:
+    """Write every golden file into --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tests/data/diffusers")
     out = parser.parse_args().out
