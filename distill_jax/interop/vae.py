@@ -1,0 +1,311 @@
+"""Read a diffusers AutoencoderKL (a pipeline's vae/ folder) into `models.kl_vae`, no PyTorch.
+
+A vae/ folder holds `config.json` and `diffusion_pytorch_model.safetensors` (or shards listed
+by its `.index.json`), as `AutoencoderKL.save_pretrained` writes them (Stable Diffusion 1.x
+and 2.x ship one). Only the layout Stable Diffusion uses is accepted: DownEncoderBlock2D and
+UpDecoderBlock2D levels, SiLU, no per-channel latents_mean/latents_std.
+
+Every tensor is mapped by name and shape and nothing may be left over on either side: Conv2d
+OIHW -> HWIO, Linear [out, in] -> [in, out]. Older checkpoints name the mid-block attention's
+projections query/key/value/proj_attn (diffusers renames them to to_q/to_k/to_v/to_out.0 on
+load, and so does this reader), and some store them 1x1-conv shaped [C, C, 1, 1]: both read.
+
+The latents a diffusion model of such a pipeline learnt on are
+(mean(q(z | x)) - shift_factor) * scaling_factor (shift 0 when null); `read_vae_folder`'s
+record carries both, and `kl_vae.make_codec` applies them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from distill_jax import trees
+from distill_jax.interop.diffusers import (
+    FolderError,
+    _read_json,
+    read_safetensors,
+    weights_checksum,
+)
+from distill_jax.models import kl_vae
+
+PyTree = Any
+VAE_CLASS = "AutoencoderKL"
+DOWN_BLOCK = "DownEncoderBlock2D"
+UP_BLOCK = "UpDecoderBlock2D"
+# diffusers' AutoencoderKL defaults for keys a config.json may omit.
+DEFAULTS = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=[64],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=32,
+    scaling_factor=0.18215,
+)
+# The attention projections' names before diffusers 0.14 (AttentionBlock), and now.
+_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_OLD_NAME = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_INDEXED = re.compile(r"^(.+)_(\d+)$")
+_PARAMS = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+
+
+def _positive_int(cfg: dict, key: str, where: str) -> int:
+    value = cfg.get(key, DEFAULTS[key])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FolderError(f"{where} has {key}={value!r}: accepted a positive integer")
+    return value
+
+
+def _flag(cfg: dict, key: str, where: str) -> bool:
+    value = cfg.get(key, True)
+    if not isinstance(value, bool):
+        raise FolderError(f"{where} has {key}={value!r}: accepted true or false")
+    return value
+
+
+def _block_channels(cfg: dict, where: str) -> tuple[int, ...]:
+    """block_out_channels, with the block types and group count checked against it."""
+    channels = cfg.get("block_out_channels", DEFAULTS["block_out_channels"])
+    if (
+        not isinstance(channels, list | tuple)
+        or not channels
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
+    ):
+        raise FolderError(
+            f"{where} has block_out_channels={channels!r}: accepted a list of positive integers"
+        )
+    for key, accepted in (("down_block_types", DOWN_BLOCK), ("up_block_types", UP_BLOCK)):
+        types = list(cfg.get(key, [accepted]))
+        if any(kind != accepted for kind in types):
+            raise FolderError(
+                f"{where} has {key}={types!r}: accepted only {accepted!r} blocks (Stable "
+                "Diffusion's AutoencoderKL layout)"
+            )
+        if len(types) != len(channels):
+            raise FolderError(
+                f"{where} has {len(types)} {key} for {len(channels)} block_out_channels: "
+                "accepted one block per level"
+            )
+    groups = _positive_int(cfg, "norm_num_groups", where)
+    if any(c % groups for c in channels):
+        raise FolderError(
+            f"{where} has norm_num_groups={groups}, which does not divide every one of "
+            f"block_out_channels={list(channels)}"
+        )
+    return tuple(channels)
+
+
+def _check_latent_convention(cfg: dict, where: str) -> None:
+    """Refuse latent conventions `make_codec` does not apply."""
+    scale = cfg.get("scaling_factor", DEFAULTS["scaling_factor"])
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0:
+        raise FolderError(f"{where} has scaling_factor={scale!r}: accepted a positive number")
+    shift = cfg.get("shift_factor")
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, int | float)):
+        raise FolderError(f"{where} has shift_factor={shift!r}: accepted null or a number")
+    for key in ("latents_mean", "latents_std"):
+        if cfg.get(key) is not None:
+            raise FolderError(
+                f"{where} has {key} set: accepted null (per-channel latent statistics are a "
+                "pipeline convention this reader does not apply)"
+            )
+
+
+def vae_model(cfg: dict, where: str = "vae/config.json") -> kl_vae.AutoencoderKL:
+    """The `kl_vae.AutoencoderKL` a diffusers vae/config.json describes (diffusers' defaults).
+
+    Raises:
+      FolderError: a class, activation, block type or latent convention not supported, or a
+        malformed value, in one line naming what was found and what is accepted.
+    """
+    if cfg.get("_class_name") != VAE_CLASS:
+        raise FolderError(
+            f"{where} has _class_name={cfg.get('_class_name')!r}: accepted {VAE_CLASS!r}"
+        )
+    if cfg.get("act_fn", "silu") != "silu":
+        raise FolderError(f"{where} has act_fn={cfg['act_fn']!r}: accepted 'silu'")
+    channels = _block_channels(cfg, where)
+    _check_latent_convention(cfg, where)
+    return kl_vae.AutoencoderKL(
+        in_channels=_positive_int(cfg, "in_channels", where),
+        out_channels=_positive_int(cfg, "out_channels", where),
+        block_out_channels=channels,
+        layers_per_block=_positive_int(cfg, "layers_per_block", where),
+        latent_channels=_positive_int(cfg, "latent_channels", where),
+        norm_num_groups=_positive_int(cfg, "norm_num_groups", where),
+        mid_block_add_attention=_flag(cfg, "mid_block_add_attention", where),
+        use_quant_conv=_flag(cfg, "use_quant_conv", where),
+        use_post_quant_conv=_flag(cfg, "use_post_quant_conv", where),
+    )
+
+
+def vae_record(cfg: dict, source: str, weights_sha256: str | None = None) -> dict:
+    """What a run records of a diffusers VAE: where from, its weights and its latents."""
+    shift = cfg.get("shift_factor")
+    channels = cfg.get("block_out_channels", DEFAULTS["block_out_channels"])
+    return dict(
+        source=source,
+        weights_sha256=weights_sha256,
+        vae_class=VAE_CLASS,
+        scaling_factor=float(cfg.get("scaling_factor", DEFAULTS["scaling_factor"])),
+        shift_factor=None if shift is None else float(shift),
+        in_channels=int(cfg.get("in_channels", DEFAULTS["in_channels"])),
+        latent_channels=int(cfg.get("latent_channels", DEFAULTS["latent_channels"])),
+        downsampling_factor=kl_vae.downsampling_factor(channels),
+        block_out_channels=list(channels),
+        sample_size=cfg.get("sample_size", DEFAULTS["sample_size"]),
+    )
+
+
+def vae_latent_shape(info: dict, image_shape: Sequence[int]) -> tuple[int, int, int]:
+    """(H / f, W / f, latent_channels) of images (H, W[, C]), from a record or a config.json.
+
+    Raises:
+      ValueError: H or W not divisible by f, or C not the VAE's input channels.
+    """
+    if "downsampling_factor" in info:
+        factor = int(info["downsampling_factor"])
+    else:
+        factor = kl_vae.downsampling_factor(
+            info.get("block_out_channels", DEFAULTS["block_out_channels"])
+        )
+    height, width = int(image_shape[0]), int(image_shape[1])
+    if height % factor or width % factor:
+        raise ValueError(
+            f"image size {height}x{width} is not divisible by the VAE's downsampling factor "
+            f"{factor}: use images whose sides are multiples of {factor}"
+        )
+    channels = int(info.get("in_channels", DEFAULTS["in_channels"]))
+    if len(image_shape) > 2 and int(image_shape[2]) != channels:
+        raise ValueError(f"images have {image_shape[2]} channels, the VAE takes {channels}")
+    latent = int(info.get("latent_channels", DEFAULTS["latent_channels"]))
+    return height // factor, width // factor, latent
+
+
+def diffusers_name(flax_name: str) -> str:
+    """The diffusers tensor name of one of `kl_vae.AutoencoderKL`'s parameters.
+
+    'encoder/mid_block/attentions_0/to_out_0/kernel' ->
+    'encoder.mid_block.attentions.0.to_out.0.weight'.
+    """
+    *modules, param = flax_name.split("/")
+    return ".".join([_INDEXED.sub(r"\1.\2", m) for m in modules] + [_PARAMS[param]])
+
+
+def current_names(tensors: dict[str, Any]) -> dict[str, Any]:
+    """The tensors with pre-0.14 attention names (query, key, ...) renamed as diffusers does.
+
+    A name whose current form is also present is kept as it is (and so reported left over).
+    """
+    renamed = {}
+    for name, tensor in tensors.items():
+        match = _OLD_NAME.match(name)
+        new = f"{match[1]}.{_OLD_ATTENTION[match[2]]}.{match[3]}" if match else name
+        renamed[name if new in tensors else new] = tensor
+    return renamed
+
+
+def _our_shape(shape: Sequence[int], ndim: int) -> tuple[int, ...]:
+    """A PyTorch tensor's shape in our layout, for a parameter of `ndim` dimensions."""
+    shape = tuple(int(d) for d in shape)
+    if ndim == 4 and len(shape) == 4:  # Conv2d OIHW -> HWIO
+        return shape[2], shape[3], shape[1], shape[0]
+    if ndim == 2 and (len(shape) == 2 or shape[2:] == (1, 1)):  # Linear (or 1x1 conv) -> [in, out]
+        return shape[1], shape[0]
+    return shape
+
+
+def _to_our_layout(tensor: np.ndarray, ndim: int) -> np.ndarray:
+    if ndim == 4:
+        return tensor.transpose(2, 3, 1, 0)
+    if ndim == 2:
+        return tensor.reshape(tensor.shape[:2]).T
+    return tensor
+
+
+def match_tensors(shapes: dict[str, Sequence[int]], abstract: PyTree, where: str) -> dict:
+    """{diffusers name: our parameter name}, every tensor and every parameter used once.
+
+    `shapes` maps (current) diffusers names to PyTorch shapes; `abstract` is our params or
+    their shapes.
+
+    Raises:
+      FolderError: tensors missing, left over, or of another shape, naming them.
+    """
+    named = trees.named_leaves(abstract)
+    wanted = {diffusers_name(name): name for name in named}
+    missing, extra = sorted(set(wanted) - set(shapes)), sorted(set(shapes) - set(wanted))
+    if missing or extra:
+        parts = [f"missing {len(missing)} ({', '.join(missing[:3])})"] if missing else []
+        parts += [f"{len(extra)} not mapped ({', '.join(extra[:3])})"] if extra else []
+        if any(name.startswith(("encoder.down.", "first_stage_model.")) for name in extra):
+            parts.append(
+                "the names are the original LDM checkpoint's: convert it to diffusers' format "
+                "first (AutoencoderKL.from_single_file(...).save_pretrained(...))"
+            )
+        raise FolderError(
+            f"{where} does not hold an AutoencoderKL of its config.json's size: {'; '.join(parts)}"
+        )
+    for torch_name, name in wanted.items():
+        want = tuple(named[name].shape)
+        if _our_shape(shapes[torch_name], len(want)) != want:
+            raise FolderError(
+                f"{where}: tensor {torch_name} has shape {tuple(shapes[torch_name])}, which "
+                f"does not fit its config.json (expected {want} in our layout)"
+            )
+    return wanted
+
+
+def convert_vae_params(tensors: dict[str, np.ndarray], abstract: PyTree, where: str) -> PyTree:
+    """Our params (the structure of `abstract`) from a VAE's tensors, float32 numpy.
+
+    Raises:
+      FolderError: tensors missing, left over or misshapen (`match_tensors`).
+    """
+    tensors = current_names(tensors)
+    wanted = match_tensors({k: v.shape for k, v in tensors.items()}, abstract, where)
+    named = trees.named_leaves(abstract)
+    leaves = {
+        name: _to_our_layout(tensors[torch_name], len(named[name].shape)).astype(np.float32)
+        for torch_name, name in wanted.items()
+    }
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    return jax.tree_util.tree_unflatten(
+        treedef, [leaves[trees.leaf_name(path)] for path, _ in with_path]
+    )
+
+
+def abstract_vae_params(model: kl_vae.AutoencoderKL) -> PyTree:
+    """Shapes of the model's parameters (jax.eval_shape: no weights are made)."""
+    return jax.eval_shape(lambda: kl_vae.init_params(model, jax.random.PRNGKey(0)))
+
+
+def read_vae_folder(vae_dir: str) -> tuple[kl_vae.AutoencoderKL, PyTree, dict]:
+    """(model, params, record) of a diffusers AutoencoderKL folder (a pipeline's vae/).
+
+    params are numpy float32 in our layout; record holds source, weights_sha256,
+    scaling_factor, shift_factor (None or a number), latent_channels, downsampling_factor,
+    sample_size and the rest of `vae_record`.
+
+    Raises:
+      FolderError: the first thing that is missing or not supported, in one line.
+    """
+    folder = os.path.abspath(os.fspath(vae_dir))
+    if not os.path.isdir(folder):
+        raise FolderError(f"{folder} is not a directory")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path) and os.path.isdir(os.path.join(folder, "vae")):
+        raise FolderError(
+            f"{folder} has no config.json but a vae/: pass the pipeline's vae/ folder itself"
+        )
+    cfg = _read_json(config_path, "the VAE config")
+    model = vae_model(cfg, config_path)
+    params = convert_vae_params(read_safetensors(folder), abstract_vae_params(model), folder)
+    return model, params, vae_record(cfg, folder, weights_checksum(folder))
