@@ -95,6 +95,25 @@ def _model_config() -> ml_collections.ConfigDict:
     model.discrete_schedule = ml_collections.ConfigDict(
         dict(beta_schedule="", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
     )
+    # model.kind == 'sd_unet' (distill_jax/models/sd_unet.py): diffusers' UNet2DConditionModel
+    # of SD 1.x / 2.x, set from an imported folder's unet/config.json
+    # (distill_jax/interop/unet.py). Defaults: SD 1.5's. Per level: channels, whether it has
+    # spatial transformers, attention heads and transformer blocks.
+    model.sd_unet = ml_collections.ConfigDict(
+        dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention=(True, True, True, False),
+            heads=(8, 8, 8, 8),
+            transformer_layers=(1, 1, 1, 1),
+            layers_per_block=2,
+            norm_groups=32,
+            norm_eps=1e-5,
+            linear_projection=False,
+            flip_sin_to_cos=True,
+            freq_shift=0.0,
+            cross_attention_dim=768,
+        )
+    )
     return model
 
 

@@ -264,38 +264,50 @@ def diffusers_name(flax_name: str) -> str:
     raise KeyError(f"{flax_name} has no diffusers counterpart")
 
 
-def to_flax_layout(tensor: np.ndarray, flax_name: str) -> np.ndarray:
+def to_flax_layout(tensor: np.ndarray, flax_name: str, shape: tuple = ()) -> np.ndarray:
     """A PyTorch tensor in our layout: Linear [out, in] -> [in, out], Conv2d OIHW -> HWIO."""
+    del shape  # the DiT's kernels are all 2-D or 4-D
     if flax_name.endswith("/kernel"):
         return tensor.T if tensor.ndim == 2 else tensor.transpose(2, 3, 1, 0)
     return tensor
 
 
-def convert_params(tensors: dict[str, np.ndarray], abstract: PyTree, where: str) -> PyTree:
+def convert_params(
+    tensors: dict[str, np.ndarray],
+    abstract: PyTree,
+    where: str,
+    *,
+    name_of=diffusers_name,
+    layout=to_flax_layout,
+    what: str = "a DiT",
+) -> PyTree:
     """Our params (the structure of `abstract`) from diffusers tensors, all of them used.
+
+    `name_of(our name)` is the diffusers name of a parameter, `layout(tensor, our name, shape)`
+    puts a tensor in our layout.
 
     Raises:
       FolderError: tensors missing, left over, or of another shape, naming them.
     """
     named = trees.named_leaves(abstract)
-    wanted = {diffusers_name(name): name for name in named}
+    wanted = {name_of(name): name for name in named}
     missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
     if missing or extra:
         parts = [f"missing {len(missing)} ({', '.join(missing[:3])})"] if missing else []
         parts += [f"{len(extra)} not mapped ({', '.join(extra[:3])})"] if extra else []
         raise FolderError(
-            f"{where} does not hold a DiT of its config.json's size: {'; '.join(parts)}"
+            f"{where} does not hold {what} of its config.json's size: {'; '.join(parts)}"
         )
     leaves = {}
     for torch_name, name in wanted.items():
-        leaf = to_flax_layout(tensors[torch_name], name)
-        if tuple(leaf.shape) != tuple(named[name].shape):
+        shape = tuple(named[name].shape)
+        leaf = layout(tensors[torch_name], name, shape)
+        if tuple(leaf.shape) != shape:
             raise FolderError(
                 f"{where}: tensor {torch_name} has shape {tuple(tensors[torch_name].shape)}, "
-                f"which does not fit this config.json (expected {tuple(named[name].shape)} "
-                "in our layout)"
+                f"which does not fit this config.json (expected {shape} in our layout)"
             )
-        leaves[name] = leaf.astype(np.float32)
+        leaves[name] = leaf.astype(np.float32, copy=False)
     with_path, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     return jax.tree_util.tree_unflatten(
         treedef, [leaves[trees.leaf_name(path)] for path, _ in with_path]

@@ -32,12 +32,14 @@ from distill_jax.models.embeddings import (
     STUDENT_EXTRA,
 )
 from distill_jax.models.mlp import MLPDenoiser
+from distill_jax.models.sd_unet import SDUNet
+from distill_jax.models.sd_unet import check_image_size as check_sd_image_size
 from distill_jax.models.unet import UNet, check_image_size
 
 Params = Any
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-MODEL_KINDS = ("unet", "mlp", "dit")
+MODEL_KINDS = ("unet", "mlp", "dit", "sd_unet")
 
 
 def build_model(
@@ -50,7 +52,7 @@ def build_model(
     logsnr_min: float = LOGSNR_MIN,
     logsnr_max: float = LOGSNR_MAX,
 ) -> nn.Module:
-    """Build the network named by `model_config.kind` ('unet', 'mlp' or 'dit').
+    """Build the network named by `model_config.kind` ('unet', 'mlp', 'dit' or 'sd_unet').
 
     Args:
       model_config: `config.model` (see distill_jax.config.base_config).
@@ -101,6 +103,8 @@ def build_model(
         )
     if m.kind == "dit":
         return _build_dit(m, data_shape, text_dim, common)
+    if m.kind == "sd_unet":
+        return _build_sd_unet(m, data_shape, text_dim, common)
     # Tuples, not lists: the module is hashed when it rides as static data under jit.
     channel_mult = tuple(int(c) for c in m.channel_mult)
     check_image_size(data_shape[0], data_shape[1], channel_mult)
@@ -160,6 +164,52 @@ def _build_dit(
         attention_bias=bool(m.dit_attention_bias),
         norm_eps=float(m.dit_norm_eps),
         pos_interpolation_scale=float(m.dit_pos_interpolation_scale),
+        **common,
+    )
+
+
+def _build_sd_unet(
+    m: ml_collections.ConfigDict, data_shape: tuple[int, ...], text_dim: int, common: dict
+) -> SDUNet:
+    sd = m.sd_unet
+    if text_dim != int(sd.cross_attention_dim):
+        raise ValueError(
+            f"config.model.kind='sd_unet' cross-attends to text states of width "
+            f"{sd.cross_attention_dim} (model.sd_unet.cross_attention_dim), but the run's text "
+            f"condition is {text_dim} wide" + ("" if text_dim else " (a class-label run)") + "."
+        )
+    if m.guidance_head != "none":
+        raise ValueError(
+            f"config.model.guidance_head={m.guidance_head!r} is not available for "
+            "model.kind='sd_unet': accepted 'none'."
+        )
+    levels = len(sd.block_out_channels)
+    per_level = ("cross_attention", "heads", "transformer_layers")
+    if any(len(sd[key]) != levels for key in per_level):
+        raise ValueError(
+            f"config.model.sd_unet's {', '.join(per_level)} must have one entry per level "
+            f"({levels}, as block_out_channels)."
+        )
+    check_sd_image_size(data_shape[0], data_shape[1], levels)
+    common = {
+        k: v
+        for k, v in common.items()
+        if k not in ("emb_dim", "guidance_head", "dropout", "num_classes")
+    }
+    return SDUNet(
+        block_out_channels=tuple(int(c) for c in sd.block_out_channels),
+        cross_attention=tuple(bool(a) for a in sd.cross_attention),
+        heads=tuple(int(h) for h in sd.heads),
+        transformer_layers=tuple(int(n) for n in sd.transformer_layers),
+        layers_per_block=int(sd.layers_per_block),
+        out_channels=data_shape[2],
+        norm_groups=int(sd.norm_groups),
+        norm_eps=float(sd.norm_eps),
+        linear_projection=bool(sd.linear_projection),
+        flip_sin_to_cos=bool(sd.flip_sin_to_cos),
+        freq_shift=float(sd.freq_shift),
+        text_dim=int(text_dim),
+        timestep_logsnrs=discrete_logsnrs(m),
         **common,
     )
 
