@@ -17,10 +17,17 @@ What diffusion models condition on (`TextEncoder.condition`): the last layer's t
 states and the mask (`text_mask`: a position is real where its state is not all zero; a real
 BERT state never is). The pooled vector the U-Net adds to its time embedding is the masked
 mean of these states (`pooled_text`), the reference model's pooling before normalisation.
+
+The BERT takes its sizes from `EncoderSizes` (MiniLM's by default), and the pieces a
+transformers checkpoint needs are shared with `distill_jax.pipeline_text` (a diffusers
+pipeline's CLIP or BERT text encoder): `SelfAttention`, `ACTIVATIONS`, the PyTorch-name tables
+(`torch_names`, `bert_tensor_names`, `params_from_tensors`), `read_safetensors_file` and
+`tokenize` (pad and truncate like transformers' padding="max_length", truncation=True).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -53,83 +60,188 @@ def default_encoder_dir() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderSizes:
+    """A text transformer's sizes (transformers' config names); defaults: all-MiniLM-L6-v2.
+
+    token_types is 0 for CLIP, which has no token type embeddings.
+    """
+
+    width: int = WIDTH  # hidden_size
+    heads: int = HEADS  # num_attention_heads
+    layers: int = LAYERS  # num_hidden_layers
+    ffn: int = FFN  # intermediate_size
+    vocab: int = VOCAB  # vocab_size
+    positions: int = POSITIONS  # max_position_embeddings
+    token_types: int = 2  # type_vocab_size
+    eps: float = LAYER_NORM_EPS  # layer_norm_eps
+    activation: str = "gelu"  # hidden_act, a key of ACTIVATIONS
+
+
+# transformers' hidden_act names: "gelu" is the exact (erf) GELU, "quick_gelu" is CLIP's
+# x * sigmoid(1.702 x).
+ACTIVATIONS = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def padding_bias(mask: jax.Array) -> jax.Array:
+    """Attention logit bias [B, 1, 1, L] of a mask [B, L]: 0 where 1, float32 min where 0."""
+    return jnp.where(mask.astype(bool)[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with biases (BERT's, CLIP's): [B, L, D] -> [B, L, D]."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
+        """Attention over h [B, L, D] with bias [B|1, 1|H, L, L] added to the logits.
+
+        The bias is 0 where a query may attend a key and float32 min where not.
+        """
+        width = h.shape[-1]
+        head = width // self.heads
+        q, k, v = (
+            nn.Dense(width, name=name)(h).reshape(*h.shape[:-1], self.heads, head)
+            for name in ("query", "key", "value")
+        )
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(float(head)) + bias
+        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        return nn.Dense(width, name="output")(attn.reshape(h.shape))
+
+
 class _Layer(nn.Module):
     """One post-LayerNorm BERT layer."""
 
+    sizes: EncoderSizes
+
     @nn.compact
-    def __call__(self, h: jax.Array, mask: jax.Array) -> jax.Array:
-        head = WIDTH // HEADS
-        q, k, v = (
-            nn.DenseGeneral((HEADS, head), name=name)(h) for name in ("query", "key", "value")
+    def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
+        sizes = self.sizes
+        h = nn.LayerNorm(sizes.eps, name="attention_norm")(
+            h + SelfAttention(sizes.heads, name="attention")(h, bias)
         )
-        bias = jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(float(head)) + bias
-        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-        attn = nn.DenseGeneral(WIDTH, axis=(-2, -1), name="attention_output")(attn)
-        h = nn.LayerNorm(LAYER_NORM_EPS, name="attention_norm")(h + attn)
-        ffn = nn.gelu(nn.Dense(FFN, name="intermediate")(h), approximate=False)
-        ffn = nn.Dense(WIDTH, name="output")(ffn)
-        return nn.LayerNorm(LAYER_NORM_EPS, name="output_norm")(h + ffn)
+        ffn = ACTIVATIONS[sizes.activation](nn.Dense(sizes.ffn, name="intermediate")(h))
+        ffn = nn.Dense(sizes.width, name="output")(ffn)
+        return nn.LayerNorm(sizes.eps, name="output_norm")(h + ffn)
 
 
 class MiniLM(nn.Module):
-    """all-MiniLM-L6-v2's BERT: token ids [B, L] and mask [B, L] -> token states [B, L, 384]."""
+    """A BERT encoder (all-MiniLM-L6-v2's by default): ids [B, L], mask [B, L] -> [B, L, width]."""
+
+    sizes: EncoderSizes = EncoderSizes()
 
     @nn.compact
     def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        """Token states [B, L, 384] of ids [B, L] int, attending only where mask [B, L] is 1."""
+        """Token states [B, L, width] of ids [B, L] int, attending only where mask [B, L] is 1."""
+        sizes = self.sizes
         positions = jnp.arange(ids.shape[1])[None, :]
-        h = nn.Embed(VOCAB, WIDTH, name="word_embeddings")(ids)
-        h = h + nn.Embed(POSITIONS, WIDTH, name="position_embeddings")(positions)
-        h = h + nn.Embed(2, WIDTH, name="token_type_embeddings")(jnp.zeros_like(ids))
-        h = nn.LayerNorm(LAYER_NORM_EPS, name="embeddings_norm")(h)
-        for i in range(LAYERS):
-            h = _Layer(name=f"layer_{i}")(h, mask.astype(bool))
+        h = nn.Embed(sizes.vocab, sizes.width, name="word_embeddings")(ids)
+        h = h + nn.Embed(sizes.positions, sizes.width, name="position_embeddings")(positions)
+        types = nn.Embed(sizes.token_types, sizes.width, name="token_type_embeddings")
+        h = nn.LayerNorm(sizes.eps, name="embeddings_norm")(h + types(jnp.zeros_like(ids)))
+        bias = padding_bias(mask)
+        for i in range(sizes.layers):
+            h = _Layer(sizes, name=f"layer_{i}")(h, bias)
         return h
 
 
-def _dense(tensors: dict, name: str, shape: tuple[int, ...] | None = None) -> dict:
-    kernel = tensors[f"{name}.weight"].T  # torch Linear stores [out, in]
-    bias = tensors[f"{name}.bias"]
-    if shape is not None:
-        kernel, bias = kernel.reshape(shape), bias.reshape(shape[1:] if len(shape) == 3 else -1)
-    return {"kernel": kernel, "bias": bias}
+_LEAVES = {
+    "linear": {"weight": "kernel", "bias": "bias"},  # weight [out, in] -> kernel [in, out]
+    "norm": {"weight": "scale", "bias": "bias"},
+    "embed": {"weight": "embedding"},
+}
 
 
-def _norm(tensors: dict, name: str) -> dict:
-    return {"scale": tensors[f"{name}.weight"], "bias": tensors[f"{name}.bias"]}
+def torch_names(kind: str, torch_name: str, flax_path: str) -> dict[str, str]:
+    """{PyTorch tensor name: Flax param path ('/'-joined)} of one torch module.
+
+    kind: 'linear' (nn.Linear -> nn.Dense), 'norm' (nn.LayerNorm) or 'embed' (nn.Embedding).
+    """
+    return {f"{torch_name}.{t}": f"{flax_path}/{leaf}" for t, leaf in _LEAVES[kind].items()}
 
 
-def params_from_safetensors(path: str) -> dict:
-    """The Flax params of `MiniLM` from the reference model's `model.safetensors`."""
-    from safetensors.numpy import load_file
+def bert_tensor_names(sizes: EncoderSizes) -> dict[str, str]:
+    """{transformers BertModel tensor name: `MiniLM(sizes)` param path} for every parameter."""
+    names = torch_names("embed", "embeddings.word_embeddings", "word_embeddings")
+    names |= torch_names("embed", "embeddings.position_embeddings", "position_embeddings")
+    names |= torch_names("embed", "embeddings.token_type_embeddings", "token_type_embeddings")
+    names |= torch_names("norm", "embeddings.LayerNorm", "embeddings_norm")
+    layer_modules = [
+        ("linear", "attention.self.query", "attention/query"),
+        ("linear", "attention.self.key", "attention/key"),
+        ("linear", "attention.self.value", "attention/value"),
+        ("linear", "attention.output.dense", "attention/output"),
+        ("norm", "attention.output.LayerNorm", "attention_norm"),
+        ("linear", "intermediate.dense", "intermediate"),
+        ("linear", "output.dense", "output"),
+        ("norm", "output.LayerNorm", "output_norm"),
+    ]
+    for i in range(sizes.layers):
+        for kind, torch_name, flax_path in layer_modules:
+            names |= torch_names(kind, f"encoder.layer.{i}.{torch_name}", f"layer_{i}/{flax_path}")
+    return names
 
-    raw = load_file(path)
+
+def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as float32 numpy (float16 and bfloat16 too)."""
+    from safetensors import safe_open
+
+    # framework 'flax' reads bfloat16, which numpy cannot represent.
+    with safe_open(path, framework="flax") as f:
+        return {name: np.asarray(f.get_tensor(name), np.float32) for name in f.keys()}
+
+
+def params_from_tensors(tensors: dict[str, np.ndarray], names: dict[str, str]) -> dict:
+    """Flax params from PyTorch tensors, by a {torch name: Flax path} table (`torch_names`)."""
+    params: dict = {}
+    for torch_name, flax_path in names.items():
+        *scopes, leaf = flax_path.split("/")
+        node = params
+        for scope in scopes:
+            node = node.setdefault(scope, {})
+        value = tensors[torch_name]
+        node[leaf] = np.asarray(value.T if leaf == "kernel" else value, np.float32)
+    return params
+
+
+def params_from_safetensors(path: str, sizes: EncoderSizes = EncoderSizes()) -> dict:
+    """The Flax params of `MiniLM(sizes)` from a BERT's `model.safetensors`.
+
+    Names as transformers' BertModel's, optionally under 'bert.' or '0.auto_model.'
+    (sentence-transformers). Tensors it does not need are not read.
+    """
+    raw = read_safetensors_file(path)
     t = {k.removeprefix("bert.").removeprefix("0.auto_model."): v for k, v in raw.items()}
-    head = WIDTH // HEADS
-    params = {
-        "word_embeddings": {"embedding": t["embeddings.word_embeddings.weight"]},
-        "position_embeddings": {"embedding": t["embeddings.position_embeddings.weight"]},
-        "token_type_embeddings": {"embedding": t["embeddings.token_type_embeddings.weight"]},
-        "embeddings_norm": _norm(t, "embeddings.LayerNorm"),
-    }
-    for i in range(LAYERS):
-        p = f"encoder.layer.{i}."
-        layer = {
-            name: _dense(t, p + f"attention.self.{name}", (WIDTH, HEADS, head))
-            for name in ("query", "key", "value")
-        }
-        out = _dense(t, p + "attention.output.dense")
-        layer["attention_output"] = {
-            "kernel": out["kernel"].reshape(HEADS, head, WIDTH),
-            "bias": out["bias"],
-        }
-        layer["attention_norm"] = _norm(t, p + "attention.output.LayerNorm")
-        layer["intermediate"] = _dense(t, p + "intermediate.dense")
-        layer["output"] = _dense(t, p + "output.dense")
-        layer["output_norm"] = _norm(t, p + "output.LayerNorm")
-        params[f"layer_{i}"] = layer
-    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+    return params_from_tensors(t, bert_tensor_names(sizes))
+
+
+def tokenize(
+    tokenizer, prompts: Sequence[str], length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    """(ids int32 [B, length], mask int32 [B, length], truncated [B]) of prompts.
+
+    `tokenizer`: a `tokenizers.Tokenizer` that adds special tokens, its own truncation and padding
+    off.
+
+    Like transformers' `tokenizer(prompts, padding="max_length", max_length=length,
+    truncation=True)`: a longer prompt keeps its first length - 1 tokens and its last (end)
+    token; shorter ones are padded with pad_id, mask 0 there.
+    """
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    truncated = []
+    for row, encoding in enumerate(tokenizer.encode_batch(list(prompts))):
+        tokens = list(encoding.ids)
+        truncated.append(len(tokens) > length)
+        if len(tokens) > length:
+            tokens = tokens[: length - 1] + tokens[-1:]
+        ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+    return ids, mask, truncated
 
 
 def text_mask(condition: jax.Array) -> jax.Array:
@@ -174,15 +286,7 @@ class TextEncoder:
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
         """(ids int32 [B, max_tokens], mask int32 [B, max_tokens], truncated [B])."""
-        ids = np.zeros((len(prompts), self.max_tokens), np.int32)
-        truncated = []
-        for row, encoding in enumerate(self.tokenizer.encode_batch(list(prompts))):
-            tokens = list(encoding.ids)
-            truncated.append(len(tokens) > self.max_tokens)
-            if len(tokens) > self.max_tokens:
-                tokens = tokens[: self.max_tokens - 1] + tokens[-1:]  # keep [SEP] last
-            ids[row, : len(tokens)] = tokens
-        return ids, (ids != 0).astype(np.int32), truncated
+        return tokenize(self.tokenizer, prompts, self.max_tokens, pad_id=0)
 
     def token_states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The last layer's token states [B, L, 384] float32 (padding positions too)."""
