@@ -62,7 +62,12 @@ setup(
         "bench": ["torch==2.13.0"],
         # scripts/diffusers_golden.py and scripts/train_diffusers_dit.py: golden files and a
         # teacher made by diffusers itself (CI never installs these; tests read their files).
-        "diffusers": ["torch==2.13.0", "diffusers==0.42.1", "safetensors>=0.4,<0.9"],
+        "diffusers": [
+            "torch==2.13.0",
+            "diffusers==0.42.1",
+            "transformers==5.25.0",
+            "safetensors>=0.4,<0.9",
+        ],
     },
     entry_points={"console_scripts": ["distill-jax=distill_jax.cli:run_main"]},
 )
