@@ -10,9 +10,10 @@ yourself: nothing here downloads weights):
   vae/                  AutoencoderKL (sd-vae-ft-ema; latents 32x32x4, scaling factor 0.18215)
   scheduler/            discrete DDPM betas, linear 1e-4 .. 0.02, 1000 steps, epsilon
 
-The VAE: distill_jax cannot read diffusers' AutoencoderKL yet (its port is the next issue), so
-`--teacher=diffusers:DiT-XL-2-256` is refused in one line naming vae/ before anything is
-written; this config fixes the rest of the run for when it can. Until then a pixel-space
+The VAE: distill_jax reads diffusers' AutoencoderKL (distill_jax/interop/vae.py) but a run on
+an imported VAE's latents is not wired yet, so `--teacher=diffusers:DiT-XL-2-256` is refused
+in one line naming vae/ before anything is written; this config fixes the rest of the run for
+when it can. Until then a pixel-space
 DiT (a folder without vae/) is distilled by this config at its own image size.
 
 Settings and their sources:

@@ -164,6 +164,10 @@ def _text_config() -> ml_collections.ConfigDict:
     # distill_jax/text_encoder.py); else a directory with model.safetensors and tokenizer.json.
     text.encoder_dir = ""
     text.max_tokens = 16  # tokens per prompt, [CLS] and [SEP] included; longer ones are cut
+    # A diffusers text-to-image pipeline folder whose text_encoder/ + tokenizer/ encode prompts
+    # and captions (set by --teacher=diffusers:DIR, distill_jax/interop/pipeline.py); '' is
+    # the bundled MiniLM above, whose caption conditions the dataset stores.
+    text.pipeline = ""
     return text
 
 

@@ -188,8 +188,12 @@ def _check_text(config: ml_collections.ConfigDict) -> None:
         return
     if config.data.name not in TEXT_DATASETS:
         _fail("text.enabled", True, f"True only with config.data.name in {tuple(TEXT_DATASETS)}")
-    if config.model.kind != "unet":
-        _fail("model.kind", config.model.kind, "'unet' for a text-conditioned run")
+    if config.model.kind not in ("unet", "sd_unet"):
+        _fail("model.kind", config.model.kind, "'unet' or 'sd_unet' for a text-conditioned run")
+    if not isinstance(text.pipeline, str):
+        _fail("text.pipeline", text.pipeline, "'' or a diffusers pipeline folder")
+    if text.pipeline:  # captions are encoded again by the pipeline, at its length
+        return
     tokens = TEXT_DATASETS[config.data.name]
     if config.text.max_tokens != tokens:
         _fail(

@@ -37,11 +37,11 @@ from etils import epath
 from jax.tree_util import Partial
 from tqdm import tqdm
 
-from distill_jax import export_loader, files, text_encoder, trees
+from distill_jax import export_loader, files, trees
 from distill_jax.diffusion import samplers
 from distill_jax.diffusion.guidance_schedule import CONSTANT, GuidanceSchedule
 from distill_jax.models import denoiser
-from distill_jax.run import Run
+from distill_jax.run import Run, stages
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 FUNCTION_FILE = "sampler.jaxexport"
@@ -101,7 +101,25 @@ def _specs(
     return specs
 
 
-def _io_metadata(shape, noise_shape, batch: int | None, stochastic: bool, condition) -> dict:
+MINILM_MEANING = (
+    "the prompt's all-MiniLM-L6-v2 last-layer token states, zero at padding "
+    "(distill_jax.text_encoder.TextEncoder.encode); the empty prompt's is unconditional"
+)
+PIPELINE_MEANING = (
+    "the prompt's encoding by the teacher pipeline's text_encoder/ and tokenizer/ ({}), as "
+    "StableDiffusionPipeline.encode_prompt computes it (distill_jax.interop.pipeline."
+    "text_encoder); the empty prompt's is unconditional"
+)
+
+
+def _condition_meaning(run: Run) -> str:
+    pipeline = str(run.config.text.pipeline)
+    return PIPELINE_MEANING.format(pipeline) if pipeline else MINILM_MEANING
+
+
+def _io_metadata(
+    shape, noise_shape, batch: int | None, stochastic: bool, condition, meaning: str = ""
+) -> dict:
     b = "B" if batch is None else batch
     labels = {"name": "labels", "shape": [b], "dtype": "int32", "meaning": "class in [0, classes)"}
     if condition:
@@ -109,8 +127,7 @@ def _io_metadata(shape, noise_shape, batch: int | None, stochastic: bool, condit
             "name": "conditions",
             "shape": [b, *condition],
             "dtype": "float32",
-            "meaning": "the prompt's all-MiniLM-L6-v2 last-layer token states, zero at padding "
-            "(distill_jax.text_encoder.TextEncoder.encode); the empty prompt's is unconditional",
+            "meaning": meaning,
         }
     inputs = [
         {
@@ -137,10 +154,10 @@ def _io_metadata(shape, noise_shape, batch: int | None, stochastic: bool, condit
 
 
 def _condition_shape(run: Run) -> tuple[int, ...]:
-    """() for a class-label run, (max_tokens, 384) for a text run."""
+    """() for a class-label run, (max_tokens, width) for a text run."""
     if not run.text:
         return ()
-    return (int(run.config.text.max_tokens), text_encoder.WIDTH)
+    return (int(run.config.text.max_tokens), stages.text_width(run.config))
 
 
 def _sha256(path: epath.Path) -> str:
@@ -201,7 +218,14 @@ def _metadata(
         "schedule": {"kind": "cosine_logsnr", **run.bounds},
         "data_range": [-1.0, 1.0],
         "condition_shape": list(_condition_shape(run)),
-        **_io_metadata(shape, noise_shape, batch_size, stochastic, _condition_shape(run)),
+        **_io_metadata(
+            shape,
+            noise_shape,
+            batch_size,
+            stochastic,
+            _condition_shape(run),
+            _condition_meaning(run),
+        ),
         "platforms": list(exported.platforms),
         "function": {
             "file": FUNCTION_FILE,

@@ -162,7 +162,7 @@ def _edit_tensors(folder, edit):
     "break_folder, message",
     [
         (lambda f: shutil.rmtree(f / "transformer"), "has no transformer/"),
-        (lambda f: (f / "vae").mkdir(), "cannot read diffusers' AutoencoderKL yet"),
+        (lambda f: (f / "vae").mkdir(), "cannot yet run a distillation on its latents"),
         (
             lambda f: _edit_json(
                 f / "scheduler" / "scheduler_config.json",

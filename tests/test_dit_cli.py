@@ -92,7 +92,7 @@ def test_refusals_write_nothing(dit_workdir, tmp_path):
     fresh = tmp_path / "fresh"
     _refused(
         _cli("distill", f"--config={CONFIG}", f"--workdir={fresh}", f"--teacher=diffusers:{DATA}"),
-        "is not a diffusers DiT pipeline folder",
+        "is not a diffusers pipeline folder distill_jax reads",
     )
     # dit_tiny takes 8x8x4 latents; the digits are 8x8x1.
     _refused(

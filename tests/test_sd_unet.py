@@ -79,7 +79,9 @@ def test_student_starts_as_teacher_and_its_branch_is_live():
     keys, cfg = reader.read_unet_config(os.path.join(DATA, FOLDERS["v2"]))
     teacher, _ = _build(keys, (8, 8, 1))
     student, abstract = _build(keys, (8, 8, 1), use_guidance=True)
-    fresh = denoiser.init_params(student, jax.random.PRNGKey(3), data_shape=(8, 8, 1))
+    # The shared GuidanceEmbedding's real initialisation (last layer zero) is checked by
+    # tests/test_models.py; zeros stand in for it here (no init compile of the U-Net).
+    fresh = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
     params = denoiser.student_params_from_teacher(teacher_params, fresh)
     z = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
     context = jax.random.normal(jax.random.PRNGKey(1), (2, 5, cfg["cross_attention_dim"]))

@@ -9,7 +9,8 @@ No PyTorch: `config.json` files and safetensors only. A pipeline folder (what
 - `scheduler/scheduler_config.json`: a discrete DDPM-family scheduler (beta schedule,
   num_train_timesteps, prediction_type);
 - optionally `vae/`: a latent model's AutoencoderKL. Not read yet: such a folder is refused
-  (see `VAE_REFUSAL`), so a latent DiT cannot be distilled until the AutoencoderKL port lands.
+  (see `VAE_REFUSAL`): the AutoencoderKL reads (`interop.vae`), but a run on its latents is not
+  wired yet.
 
 Every tensor is mapped by name and shape onto `models.dit.DiT` with per-block embedders (each
 diffusers block has its own timestep and class embedders; the final layer uses block 0's), and
@@ -57,8 +58,9 @@ SCHEDULERS = (
     "UniPCMultistepScheduler",
 )
 VAE_REFUSAL = (
-    "it has a vae/ (a latent model): distill_jax cannot read diffusers' AutoencoderKL yet, so "
-    "only pixel-space DiT folders (transformer/ and scheduler/, no vae/) are accepted"
+    "it has a vae/ (a latent model): distill_jax reads diffusers' AutoencoderKL "
+    "(distill_jax.interop.vae) but cannot yet run a distillation on its latents, so only "
+    "pixel-space DiT folders (transformer/ and scheduler/, no vae/) are accepted"
 )
 
 

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from distill_jax import parallel, text_encoder
+from distill_jax import parallel
 from distill_jax.data import loader
 from distill_jax.diffusion import samplers
 from distill_jax.models import autoencoder
-from distill_jax.run import Run, StageSpec
+from distill_jax.run import Run, StageSpec, stages
 from distill_jax.training import loop, pipeline
 
 PyTree = Any
@@ -88,7 +88,7 @@ def per_device_bytes(tree: PyTree) -> float:
 def _conditions(run: Run, batch: int) -> jax.ShapeDtypeStruct:
     """The batch's conditions: class labels [B], or a text run's token states [B, L, D]."""
     if run.text:
-        shape = (batch, int(run.config.text.max_tokens), text_encoder.WIDTH)
+        shape = (batch, int(run.config.text.max_tokens), stages.text_width(run.config))
         return jax.ShapeDtypeStruct(shape, jnp.float32)
     return jax.ShapeDtypeStruct((batch,), jnp.int32)
 

@@ -19,9 +19,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from distill_jax import checkpoints
+from distill_jax import checkpoints, config_checks
 from distill_jax.diffusion import discrete
-from distill_jax.interop import diffusers
+from distill_jax.interop import diffusers, pipeline
 from distill_jax.models import denoiser
 from distill_jax.run.run import Run
 
@@ -29,14 +29,24 @@ PREFIX = "diffusers:"
 
 
 def with_import(
-    config: ml_collections.ConfigDict, model_keys: dict, logsnr_range: tuple[float, float]
+    config: ml_collections.ConfigDict,
+    model_keys: dict,
+    logsnr_range: tuple[float, float],
+    record: dict | None = None,
 ) -> ml_collections.ConfigDict:
     """A copy of `config` that builds the imported network.
 
-    Its log-SNR range is clipped to the teacher's trained range [lambda_{K-1}, lambda_0].
+    Its log-SNR range is clipped to the teacher's trained range [lambda_{K-1}, lambda_0]. A
+    text-to-image teacher (`record` with a 'text' entry) also makes the run a text run whose
+    prompts and captions its own pipeline encodes (config.text.pipeline), at its length.
     """
     config = ml_collections.ConfigDict(config.to_dict())
     config.model = diffusers.model_config(model_keys)
+    text = (record or {}).get("text")
+    if text:
+        config.text.enabled = True
+        config.text.pipeline = str(record["source"])
+        config.text.max_tokens = int(text["max_tokens"])
     lo, hi = logsnr_range
     config.diffusion.logsnr_min = max(float(config.diffusion.logsnr_min), float(lo))
     config.diffusion.logsnr_max = min(float(config.diffusion.logsnr_max), float(hi))
@@ -52,7 +62,7 @@ def with_recorded_import(
     )
     if not record:
         return config
-    return with_import(config, record["model"], tuple(record["logsnr_range"]))
+    return with_import(config, record["model"], tuple(record["logsnr_range"]), record)
 
 
 def teacher_times(run: Run, steps: int) -> np.ndarray:
@@ -88,6 +98,9 @@ def _check_fits(run: Run, imported: diffusers.ImportedTeacher, source: str) -> N
             f"{source} is a pixel-space teacher but the config enables config.autoencoder "
             "(a latent run of distill_jax's own autoencoder): accepted autoencoder.enabled=False."
         )
+    if imported.record.get("kind") == "text_to_image":
+        _check_text_fits(run, imported, source)
+        return
     if tuple(run.info.shape) != tuple(imported.data_shape):
         raise ValueError(
             f"{source} takes examples of shape {imported.data_shape} but the config's data "
@@ -99,6 +112,23 @@ def _check_fits(run: Run, imported: diffusers.ImportedTeacher, source: str) -> N
             f"{source} has {imported.num_classes} classes (null class {imported.num_classes}) "
             f"but the config's data {run.info.name!r} has {run.info.num_classes}: accepted a "
             "dataset with the teacher's classes."
+        )
+
+
+def _check_text_fits(run: Run, imported: diffusers.ImportedTeacher, source: str) -> None:
+    """A text-to-image teacher needs captioned pixel data of its shape (no VAE run yet)."""
+    if imported.record.get("vae"):
+        raise ValueError(
+            f"{source} is a latent pipeline (it has vae/): its parts are read and sampled by "
+            "distill_jax.interop.pipeline, but a distillation run on its latents is not wired "
+            "yet: accepted a pixel-space pipeline (unet/, text_encoder/, tokenizer/, "
+            "scheduler/, no vae/)."
+        )
+    if tuple(run.info.shape) != tuple(imported.data_shape):
+        raise ValueError(
+            f"{source} takes images of shape {imported.data_shape} but the config's data "
+            f"{run.info.name!r} has {tuple(run.info.shape)}: accepted a dataset (and "
+            "data.image_size) of the teacher's shape."
         )
 
 
@@ -142,13 +172,19 @@ def import_teacher(
         )
     folder = teacher[len(PREFIX) :]
     # Configs and checksum first: a teacher imported already needs its tensors not read again.
-    imported = diffusers.read_dit_folder(folder, weights=False)
-    config = with_import(config, imported.model, imported.logsnr_range)
+    imported = pipeline.read_teacher_folder(folder, weights=False)
+    text_to_image = imported.record.get("kind") == "text_to_image"
+    if text_to_image and config.data.name not in config_checks.TEXT_DATASETS:
+        raise ValueError(
+            f"{folder} is a text-to-image teacher but the config's data {config.data.name!r} "
+            f"has no captions: accepted data.name in {tuple(config_checks.TEXT_DATASETS)}."
+        )
+    config = with_import(config, imported.model, imported.logsnr_range, imported.record)
     if _existing_teacher(epath.Path(workdir).absolute(), imported):
         return config
     run = Run.create(config, workdir)
     _check_fits(run, imported, folder)
-    imported = dataclasses.replace(imported, params=diffusers.read_dit_weights(imported))
+    imported = dataclasses.replace(imported, params=pipeline.read_teacher_weights(imported))
     spec = run.stage("teacher")
     record = dict(imported.record, model=imported.model)
     with run.locked():

@@ -2,8 +2,9 @@
 
 Prompts go through the run's frozen text encoder (`Run.text_encoder`) at sampling time. A
 prompt longer than config.text.max_tokens tokens is cut to that length (its last token kept
-as [SEP]) with a warning naming it; the empty prompt is the null condition of guidance, so its
-samples are unconditional whatever w is, which is said too.
+as the end token, [SEP] or CLIP's end of text) with a warning naming it; the empty prompt is
+the null condition of guidance, so its samples are unconditional whatever w is, which is said
+too.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ def encode_prompts(run: Run, prompts: Sequence[str]) -> np.ndarray:
     conditions, truncated = encoder.encode(list(prompts))
     for text, cut in zip(prompts, truncated, strict=True):
         if cut:
-            ids, _, _ = encoder.tokenize([text])
-            kept = encoder.tokenizer.decode([int(i) for i in ids[0] if i])
+            ids, mask, _ = encoder.tokenize([text])
+            kept = encoder.tokenizer.decode(
+                [int(i) for i, m in zip(ids[0], mask[0], strict=True) if m]
+            )
             logging.warning(
                 "prompt %r is longer than the %d tokens the model reads (config.text.max_tokens"
-                ", [CLS] and [SEP] included): it was cut to %r.",
+                ", its start and end tokens included): it was cut to %r, as diffusers does.",
                 text,
                 encoder.max_tokens,
                 kept,

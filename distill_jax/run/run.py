@@ -8,6 +8,7 @@ export, the notebook and the CLI only read through it (`open`, `students`, `load
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -21,6 +22,7 @@ from jax.tree_util import Partial
 from distill_jax import checkpoints, config_checks, text_encoder
 from distill_jax.data import sources
 from distill_jax.diffusion import gmm, guidance
+from distill_jax.interop import pipeline as pipeline_lib
 from distill_jax.models import autoencoder, denoiser
 from distill_jax.run import stages as stages_lib
 from distill_jax.run import workdir as workdir_lib
@@ -58,6 +60,12 @@ class _ScaledLatents(sources.ArraySource):
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         examples = super().take(indices)
         return {"x": np.asarray(examples["x"], np.float32) * self.scale, "label": examples["label"]}
+
+
+@functools.lru_cache(maxsize=2)
+def _pipeline_encoder(folder: str):
+    """A pipeline's text encoder, loaded once per process."""
+    return pipeline_lib.text_encoder(folder)
 
 
 def _identity(x: jax.Array) -> jax.Array:
@@ -133,8 +141,14 @@ class Run:
         return bool(self.config.text.enabled)
 
     def text_encoder(self) -> text_encoder.TextEncoder:
-        """The frozen text encoder of a text run (loaded once per process)."""
+        """The frozen text encoder of a text run (loaded once per process).
+
+        An imported text-to-image teacher's own (config.text.pipeline), else the bundled MiniLM.
+        Both take `encode(prompts) -> (conditions [P, L, D], truncated [P])`.
+        """
         text = self.config.text
+        if text.pipeline:
+            return _pipeline_encoder(str(text.pipeline))
         return text_encoder.load_text_encoder(text.encoder_dir, int(text.max_tokens))
 
     @property
@@ -367,13 +381,32 @@ class Run:
 
         For a diffusion stage of a latent run: the scaled, cached latents of the train split.
         """
-        if spec.stage_kind.on_images or not self.latent:
+        if spec.stage_kind.on_images:
+            return None
+        if self.text and self.config.text.pipeline and not self.latent:
+            return self.pipeline_captions(self.config.data.train_split)
+        if not self.latent:
             return None
         scale = self.latents().scale
         directory = self.directory(self.stage("autoencoder"))
         latents = np.load(os.fspath(directory / workdir_lib.LATENTS_FILE), mmap_mode="r")
         labels = np.load(os.fspath(directory / workdir_lib.LABELS_FILE), mmap_mode="r")
         return _ScaledLatents(latents, labels, scale)
+
+    def pipeline_captions(self, split: str) -> sources.ArraySource:
+        """`split` of the captioned data, captions encoded by the teacher pipeline's encoder.
+
+        The pipeline's text encoder (config.text.pipeline) replaces the conditions stored with
+        the dataset (MiniLM's, zero at padding) by what the pipeline conditions on.
+        """
+        source, _ = sources.load_source(self.config.data, split=split, seed=self.config.seed)
+        captions = np.asarray(source.arrays["caption"]).astype(str)
+        distinct, inverse = np.unique(captions, return_inverse=True)
+        encoder = self.text_encoder()
+        encoded = np.concatenate(
+            [encoder.encode(list(distinct[i : i + 256]))[0] for i in range(0, len(distinct), 256)]
+        )
+        return sources.ArraySource(dict(source.arrays, condition=encoded[inverse]))
 
     def denoise_fn(self, spec: stages_lib.StageSpec, params: PyTree = None) -> Partial:
         """The stage's x-hat denoiser(z, t, labels, w) as a Partial (weights loaded if None).

@@ -24,6 +24,19 @@ from distill_jax.models import autoencoder, denoiser
 ModelFactory = Callable[[ml_collections.ConfigDict, sources.DatasetInfo, float], nn.Module]
 
 
+def text_width(config: ml_collections.ConfigDict) -> int:
+    """The width D of a text run's conditions [L, D] (0 for a class-label run).
+
+    An imported text-to-image U-Net's cross_attention_dim (its pipeline's text encoder), else
+    the bundled MiniLM's.
+    """
+    if not config.text.enabled:
+        return 0
+    if config.model.kind == "sd_unet":
+        return int(config.model.sd_unet.cross_attention_dim)
+    return text_encoder.WIDTH
+
+
 def _denoiser_factory(use_guidance: bool) -> ModelFactory:
     def build(config: ml_collections.ConfigDict, info: sources.DatasetInfo, dropout: float):
         model_config = ml_collections.ConfigDict(config.model.to_dict())
@@ -33,7 +46,7 @@ def _denoiser_factory(use_guidance: bool) -> ModelFactory:
             data_shape=tuple(info.shape),
             num_classes=info.num_classes,
             use_guidance=use_guidance,
-            text_dim=text_encoder.WIDTH if config.text.enabled else 0,
+            text_dim=text_width(config),
             logsnr_min=config.diffusion.logsnr_min,
             logsnr_max=config.diffusion.logsnr_max,
         )

@@ -1,0 +1,234 @@
+"""Read a Stable-Diffusion-family pipeline folder: U-Net, text encoder, tokenizer, VAE, schedule.
+
+A folder as `StableDiffusionPipeline.save_pretrained` writes it (SD 1.x, SD 2.x and their
+fine-tunes):
+- `unet/`: UNet2DConditionModel (`interop.unet`);
+- `text_encoder/` + `tokenizer/`: CLIPTextModel with its BPE tokenizer, or a BERT-family
+  encoder (`pipeline_text`);
+- `vae/`: AutoencoderKL (`interop.vae`); a folder without one (and without a 'vae' entry in
+  model_index.json) is a pixel-space pipeline;
+- `scheduler/`: a discrete DDPM-family schedule (`interop.diffusers.schedule_config`).
+A part model_index.json names, or any of unet/scheduler/text_encoder/tokenizer, that is
+missing is refused in one line. So are parts that do not fit each other: a VAE whose latent
+channels are not the U-Net's input channels, a text encoder whose width is not the U-Net's
+cross_attention_dim, a tokenizer with more tokens than the encoder's vocabulary. Safety
+checkers and feature extractors are not needed for distillation and are not read.
+
+Conventions recorded (`ImportedTeacher.record`): guidance_scale s = 1 + w; the unconditional
+input is the empty prompt's encoding (a negative prompt's, where one is given); the prompt's
+encoding is encode_prompt's (padded to the tokenizer's model_max_length, all positions
+attended by the U-Net).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+
+from distill_jax import pipeline_text
+from distill_jax.diffusion import discrete
+from distill_jax.interop import unet as unet_reader
+from distill_jax.interop import vae as vae_reader
+from distill_jax.interop.diffusers import (
+    FolderError,
+    ImportedTeacher,
+    _read_json,
+    model_config,
+    read_dit_folder,
+    read_dit_weights,
+    schedule_config,
+    weights_checksum,
+)
+from distill_jax.models import denoiser
+
+REQUIRED = ("unet", "scheduler", "text_encoder", "tokenizer")
+NOT_READ = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def _parts(folder: str) -> tuple[str, ...]:
+    """The parts the pipeline has; refuses one that is named or required but missing."""
+    index_path = os.path.join(folder, "model_index.json")
+    named = ()
+    if os.path.isfile(index_path):
+        index = _read_json(index_path, "the pipeline index")
+        named = tuple(
+            k
+            for k, v in index.items()
+            if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None
+        )
+    wanted = tuple(dict.fromkeys(REQUIRED + tuple(p for p in named if p not in NOT_READ)))
+    missing = [p for p in wanted if not os.path.isdir(os.path.join(folder, p))]
+    if missing:
+        raise FolderError(
+            f"{folder} is not a complete text-to-image pipeline folder: {', '.join(missing)}/ "
+            f"missing (accepted: unet/, scheduler/, text_encoder/, tokenizer/ and, for a latent "
+            "model, vae/, as StableDiffusionPipeline.save_pretrained writes them)"
+        )
+    unknown = [p for p in wanted if p not in REQUIRED + ("vae",)]
+    if unknown:
+        raise FolderError(
+            f"{folder} has parts distill_jax cannot read: {', '.join(unknown)} (accepted a "
+            "StableDiffusionPipeline's unet, text_encoder, tokenizer, vae and scheduler)"
+        )
+    has_vae = os.path.isdir(os.path.join(folder, "vae"))
+    return wanted + (("vae",) if has_vae and "vae" not in wanted else ())
+
+
+def text_encoder(folder: str, clip_skip: int | None = None) -> pipeline_text.PipelineTextEncoder:
+    """The pipeline's prompt encoder (tokenizer + text encoder), refusals as FolderError."""
+    try:
+        return pipeline_text.PipelineTextEncoder(
+            os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"), clip_skip
+        )
+    except pipeline_text.TextFolderError as error:
+        raise FolderError(str(error)) from None
+
+
+def _check_text(folder: str, text: dict, cross_attention_dim: int) -> None:
+    if text["width"] != cross_attention_dim:
+        raise FolderError(
+            f"{folder}: the text encoder's states are {text['width']} wide but the U-Net's "
+            f"cross_attention_dim is {cross_attention_dim}: the parts are not from one pipeline"
+        )
+
+
+def _text_record(folder: str) -> dict:
+    """Width, length and kind of the text encoder, from its configs (no weights read)."""
+    cfg = _read_json(os.path.join(folder, "text_encoder", "config.json"), "the text encoder config")
+    try:
+        kind, sizes = pipeline_text.encoder_sizes(cfg)
+        _, max_tokens, _ = pipeline_text.load_tokenizer(os.path.join(folder, "tokenizer"))
+    except pipeline_text.TextFolderError as error:
+        raise FolderError(str(error)) from None
+    return dict(kind=kind, width=int(sizes.width), max_tokens=int(max_tokens), vocab=sizes.vocab)
+
+
+def _vae(folder: str, unet_cfg: dict) -> dict | None:
+    """The VAE's record (None for a pixel-space pipeline); its latents must fit the U-Net."""
+    vae_dir = os.path.join(folder, "vae")
+    if not os.path.isdir(vae_dir):
+        return None
+    cfg = _read_json(os.path.join(vae_dir, "config.json"), "the VAE config")
+    vae_reader.vae_model(cfg, os.path.join(vae_dir, "config.json"))
+    record = vae_reader.vae_record(cfg, vae_dir, weights_checksum(vae_dir))
+    if record["latent_channels"] != int(unet_cfg["in_channels"]):
+        raise FolderError(
+            f"{folder}: the VAE's latents have {record['latent_channels']} channels but the "
+            f"U-Net takes {unet_cfg['in_channels']}: the parts are not from one pipeline"
+        )
+    return record
+
+
+def read_sd_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
+    """Read a text-to-image pipeline folder into an SDUNet teacher (see the module docstring).
+
+    With weights=False only configs and checksums are read (params None; `read_sd_weights`).
+    `data_shape` is what the U-Net takes: latents for a pipeline with a VAE.
+
+    Raises:
+      FolderError: the first thing that is missing, unsupported or mismatched, in one line.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        raise FolderError(f"{folder} is not a directory")
+    parts = _parts(folder)
+    model, unet_cfg = unet_reader.read_unet_config(os.path.join(folder, "unet"))
+    scheduler = _read_json(
+        os.path.join(folder, "scheduler", "scheduler_config.json"), "the scheduler config"
+    )
+    schedule, parameterisation = schedule_config(scheduler)
+    model.update(discrete_schedule=schedule, parameterisation=parameterisation)
+    text = _text_record(folder)
+    _check_text(folder, text, model["sd_unet"]["cross_attention_dim"])
+    vae = _vae(folder, unet_cfg)
+    table = discrete.logsnr_table(
+        schedule["beta_schedule"],
+        num_timesteps=schedule["num_train_timesteps"],
+        beta_start=schedule["beta_start"],
+        beta_end=schedule["beta_end"],
+    )
+    size, channels = int(unet_cfg["sample_size"]), int(unet_cfg["in_channels"])
+    record = dict(
+        source=folder,
+        kind="text_to_image",
+        parts=list(parts),
+        weights_sha256=weights_checksum(os.path.join(folder, "unet")),
+        unet_class=unet_reader.UNET_CLASS,
+        scheduler_class=scheduler["_class_name"],
+        schedule=dict(
+            schedule,
+            prediction_type=scheduler.get("prediction_type", "epsilon"),
+            timestep_spacing=scheduler.get("timestep_spacing", "leading"),
+            steps_offset=int(scheduler.get("steps_offset", 0)),
+            set_alpha_to_one=bool(scheduler.get("set_alpha_to_one", True)),
+        ),
+        logsnr_range=list(discrete.trained_logsnr_range(table)),
+        text=text,
+        vae=vae,
+        conventions=dict(
+            guidance="diffusers guidance_scale s = 1 + w",
+            unconditional="the empty prompt's encoding (a negative prompt's where given)",
+            prompt_encoding=(
+                f"padded to {text['max_tokens']} tokens, last hidden state, every position attended"
+            ),
+            clip_sample=bool(scheduler.get("clip_sample", False)),
+        ),
+    )
+    imported = ImportedTeacher(
+        model=model,
+        logsnr_range=discrete.trained_logsnr_range(table),
+        data_shape=(size, size, channels),
+        num_classes=0,
+        params=None,
+        record=record,
+    )
+    if not weights:
+        return imported
+    return dataclasses.replace(imported, params=read_sd_weights(imported))
+
+
+def abstract_sd_params(imported: ImportedTeacher):
+    """Shapes of the SDUNet's parameters for an import (jax.eval_shape, no weights)."""
+    model = denoiser.build_model(
+        model_config(imported.model),
+        data_shape=imported.data_shape,
+        num_classes=0,
+        use_guidance=False,
+        text_dim=imported.record["text"]["width"],
+    )
+    return jax.eval_shape(
+        lambda: denoiser.init_params(model, jax.random.PRNGKey(0), data_shape=imported.data_shape)
+    )
+
+
+def read_sd_weights(imported: ImportedTeacher):
+    """The imported pipeline's U-Net weights as SDUNet params (numpy float32)."""
+    unet_dir = os.path.join(imported.record["source"], "unet")
+    return unet_reader.read_unet(unet_dir, abstract_sd_params(imported))
+
+
+def is_pipeline_folder(folder: str) -> bool:
+    """Whether `folder` is a text-to-image pipeline (it has unet/), not a DiT one."""
+    return os.path.isdir(os.path.join(os.fspath(folder), "unet"))
+
+
+def read_teacher_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
+    """Any teacher folder distill_jax reads: a text-to-image pipeline or a DiT pipeline."""
+    if is_pipeline_folder(folder):
+        return read_sd_folder(folder, weights=weights)
+    if os.path.isdir(folder) and not os.path.isdir(os.path.join(folder, "transformer")):
+        raise FolderError(
+            f"{os.path.abspath(folder)} is not a diffusers pipeline folder distill_jax reads: "
+            "it has neither unet/ (a text-to-image pipeline: unet/, text_encoder/, tokenizer/, "
+            "scheduler/, vae/) nor transformer/ (a DiT pipeline: transformer/, scheduler/)"
+        )
+    return read_dit_folder(folder, weights=weights)
+
+
+def read_teacher_weights(imported: ImportedTeacher):
+    """The network weights of a folder read with weights=False."""
+    if imported.record.get("kind") == "text_to_image":
+        return read_sd_weights(imported)
+    return read_dit_weights(imported)

@@ -1,0 +1,96 @@
+"""`--teacher=diffusers:DIR` with a text-to-image pipeline: import, captions encoded by the
+pipeline's own text encoder, sampling from prompts on diffusers' grid, refusals.
+
+The teacher is tests/data/diffusers/sd_digits_tiny (scripts/golden_pipeline.py): a tiny random
+pixel-space UNet2DConditionModel on 8x8x1 with a tiny BERT text encoder, v-prediction.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import ROOT, snapshot
+from test_dit_cli import _cli, _refused
+
+from distill_jax.interop import pipeline
+from distill_jax.run import Run
+
+DATA = ROOT / "tests" / "data" / "diffusers"
+TEACHER = DATA / "sd_digits_tiny"
+CONFIG = str(ROOT / "configs" / "sd_digits.py") + ":smoke"
+
+
+@pytest.fixture(scope="module")
+def sd_workdir(tmp_path_factory):
+    """`train --teacher=diffusers:sd_digits_tiny`: the import (the teacher stage is done)."""
+    workdir = tmp_path_factory.mktemp("sd") / "w"
+    result = _cli(
+        "train", f"--config={CONFIG}", f"--workdir={workdir}", f"--teacher=diffusers:{TEACHER}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_import_makes_a_run_of_the_pipelines_text(sd_workdir):
+    record = json.loads((sd_workdir / "teacher" / "FINISHED.json").read_text())["imported"]
+    assert record["kind"] == "text_to_image" and record["source"] == str(TEACHER)
+    assert record["text"] == dict(kind="bert", width=32, max_tokens=16, vocab=111)
+    run = Run.open(sd_workdir)
+    assert run.config.model.kind == "sd_unet" and run.config.model.parameterisation == "v"
+    assert run.config.text.pipeline == str(TEACHER) and run.config.text.max_tokens == 16
+    # The captions are encoded again by the pipeline's encoder, not MiniLM's stored states.
+    source = run.train_source(run.stage("stage1"))
+    rows = np.array([0, 7, 500])
+    encoder = pipeline.text_encoder(str(TEACHER))
+    captions = list(np.asarray(source.arrays["caption"])[rows].astype(str))
+    want, _ = encoder.encode(captions)
+    np.testing.assert_array_equal(source.take(rows)["condition"], want)
+    assert source.arrays["condition"].shape[1:] == (16, 32)
+    assert run.null_condition.shape == (16, 32)
+
+
+def test_sample_from_prompts_on_diffusers_grid(sd_workdir, tmp_path):
+    out = tmp_path / "t.npz"
+    long = "a thick right-leaning handwritten seven " * 4
+    result = _cli(
+        "sample",
+        f"--workdir={sd_workdir}",
+        "--model=teacher",
+        "--grid=teacher",
+        "--steps=2",
+        "--guidance=2",
+        "--num=2",
+        "--prompt=the digit three",
+        f"--prompt={long}",
+        f"--out={out}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.load(out)["images"].shape == (2, 8, 8, 1)
+    assert "longer than the 16 tokens" in result.stderr and "as diffusers does" in result.stderr
+
+
+def test_pipelines_that_do_not_fit_the_run_refused(tmp_path):
+    fresh = tmp_path / "fresh"
+    _refused(
+        _cli("train", f"--config={CONFIG}", f"--workdir={fresh}", f"--teacher=diffusers:{DATA}"),
+        "is not a diffusers pipeline folder distill_jax reads",
+    )
+    _refused(
+        _cli(
+            "train",
+            f"--config={ROOT / 'configs' / 'digits_dit.py'}:smoke",
+            f"--workdir={fresh}",
+            f"--teacher=diffusers:{TEACHER}",
+        ),
+        "has no captions",
+    )
+    _refused(
+        _cli(
+            "train",
+            f"--config={CONFIG}",
+            f"--workdir={fresh}",
+            f"--teacher=diffusers:{DATA / 'sd_tiny'}",
+        ),
+        "is a latent pipeline (it has vae/)",
+    )
+    assert snapshot(fresh) is None
