@@ -15,51 +15,23 @@ is a tiny end-to-end run for CI with any 8x8x1 pixel-space pipeline folder (the 
 tests/data/diffusers/sd_digits_tiny).
 """
 
-from distill_jax.config import base_config
+import pathlib
+import runpy
 
 
 def get_config(variant: str = ""):
     """The SD-digits config; `variant` is '' (default) or 'smoke'."""
-    c = base_config()
-    c.data.name = "digits_text"
-    c.text.enabled = True
-    c.model.kind = "sd_unet"  # replaced by the imported teacher's keys
-    c.guidance.w_min, c.guidance.w_max = 0.0, 4.0  # pixel-space range of Meng et al.
-    c.stage1.batch_size = 128
-    c.stage1.num_steps = 800
-    c.stage1.optimizer.learning_rate = 3e-4
-    c.stage1.w_beta = 0.5
-    c.stage2.batch_size = 64
-    c.stage2.n_start = 16
-    c.stage2.n_end = 1
-    c.stage2.steps_per_round = 400
-    c.stage2.final_rounds = 2
-    c.stage2.final_steps_per_round = 400
-    c.stage2.final_learning_rate = 3e-4
-    c.eval.num_samples = 300  # a multiple of 30: balanced held-out prompts
-    c.eval.seeds = 2
-    c.eval.guidance_weights = (0.0, 1.0, 4.0)
-    # 32: the students' start and diffusers' samples; 8 and 2: the teacher at twice the
-    # 4- and 1-step students' evaluations.
-    c.eval.teacher_steps = (32, 8, 2)
-    c.eval.student_steps = (4, 1)
-    if variant == "smoke":
-        c.stage1.batch_size = 32
-        c.stage1.num_steps = 10
-        c.stage2.batch_size = 32
-        c.stage2.n_start = 4
-        c.stage2.steps_per_round = 5
-        c.stage2.final_rounds = 1
-        c.stage2.final_steps_per_round = 5
-        c.train.log_every = 5
-        c.train.checkpoint_every = 10
-        c.eval.num_samples = 30
-        c.eval.seeds = 1
-        c.eval.guidance_weights = (0.0, 2.0)
-        c.eval.teacher_steps = (4,)
-        c.eval.student_steps = (1,)
-    elif variant:
+    if variant not in ("", "smoke"):
         raise ValueError(
             f"configs/sd_digits.py variant {variant!r} is unknown: accepted '' or 'smoke'."
         )
+    # configs/digits_dit.py's schedule of stages and evaluation (w = 0, 1, 4; teacher at 32,
+    # 8 and 2 steps: diffusers' samples and twice the 4- and 1-step students'), on captions.
+    dit = runpy.run_path(str(pathlib.Path(__file__).with_name("digits_dit.py")))
+    c = dit["get_config"](variant)
+    c.data.name = "digits_text"
+    c.text.enabled = True
+    c.model.kind = "sd_unet"  # replaced by the imported teacher's keys
+    if variant == "smoke":
+        c.eval.num_samples = 30  # a multiple of 30: balanced held-out prompts
     return c
