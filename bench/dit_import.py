@@ -1,9 +1,11 @@
 """A teacher that diffusers trained, sampled by diffusers and by distill_jax after import.
 
 Prints, for each w, the FD to the real data (the evaluation's classifier features, the train
-split as reference) and the classifier's accuracy of:
+split as reference) and the classifier's accuracy (for a text teacher: prompt accuracy, the
+digit its held-out prompt names) of:
 - diffusers' own guided DDIM (`ddim_samples.npz` written by scripts/train_diffusers_dit.py:
-  DiTPipeline's loop with diffusers' DDIMScheduler, its leading timesteps);
+  DiTPipeline's loop, or scripts/train_diffusers_sd.py: StableDiffusionPipeline's loop, with
+  diffusers' DDIMScheduler and its timesteps);
 - the imported teacher sampled by distill_jax on diffusers' timestep grid (--grid=teacher);
 - the imported teacher on distill_jax's default grid t = i / N of the run's clipped cosine
   schedule;
@@ -15,6 +17,8 @@ Usage:
 
     python bench/dit_import.py --workdir runs/dit \
         --samples tests/data/diffusers/dit_digits/ddim_samples.npz
+    python bench/dit_import.py --workdir runs/sd \
+        --samples runs/sd_digits_teacher/ddim_samples.npz
 """
 
 import argparse
@@ -27,6 +31,7 @@ from distill_jax.data import loader
 from distill_jax.evaluation import classifier as classifier_lib
 from distill_jax.evaluation import metrics
 from distill_jax.run import Run
+from distill_jax.run import prompts as run_prompts
 
 
 def main() -> None:
@@ -48,23 +53,28 @@ def main() -> None:
         fd = metrics.frechet_distance(metrics.feature_statistics(feats), reference)
         return fd, metrics.conditional_accuracy(probs, labels)
 
+    if "prompts" in theirs.files:  # a text teacher: the held-out prompts, in order
+        texts = [str(p) for p in theirs["prompts"]]
+        prompts, digits, _ = run_prompts.evaluation_prompts(len(texts))
+        assert prompts == texts, "the samples' prompts are not the evaluation's"
+        labels, conditions = digits, run_prompts.encode_prompts(run, texts)
+    else:
+        labels = conditions = np.asarray(theirs["labels"], np.int32)
     print(
-        f"{steps}-step guided DDIM, {len(theirs['labels'])} samples per row; FD to the train "
-        "split / accuracy"
+        f"{steps}-step guided DDIM, {len(labels)} samples per row; FD to the train split / accuracy"
     )
     print(
         "| w | diffusers DDIM | distill_jax, diffusers' grid | distill_jax, default grid | "
         "FD ratio (default grid / diffusers) |"
     )
     print("|---|---|---|---|---|")
-    labels = np.asarray(theirs["labels"], np.int32)
     for key in (k for k in theirs.files if k.startswith("w=")):
         w = float(key[2:])
         cells = [score(theirs[key], labels)]
         for grid in ("teacher", "uniform"):
             start = time.perf_counter()
             x = sampling.sample(
-                run, model="teacher", steps=steps, w=w, labels=labels, seed=args.seed, grid=grid
+                run, model="teacher", steps=steps, w=w, labels=conditions, seed=args.seed, grid=grid
             )
             cells.append(score(x, labels))
             print(f"  (w={w:g}, grid={grid}: {time.perf_counter() - start:.1f}s)", flush=True)

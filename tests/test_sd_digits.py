@@ -1,0 +1,80 @@
+"""The text-to-image U-Net that diffusers trained on the captioned digits
+(scripts/train_diffusers_sd.py): after import, our guided DDIM on diffusers' own timesteps gives
+the images StableDiffusionPipeline's loop gave from that noise, for prompts the pipeline's
+MiniLM text encoder (run through our reader) encodes.
+
+The committed folder (tests/data/diffusers/sd_digits) holds unet/, scheduler/ and the
+tokenizer's config; its text_encoder/ and tokenizer.json are the pinned MiniLM package's files,
+which the script copied, so the test assembles the folder from them.
+"""
+
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+
+from distill_jax import text_encoder
+from distill_jax.diffusion import discrete, guidance, samplers
+from distill_jax.interop import diffusers
+from distill_jax.interop import pipeline as reader
+from distill_jax.models import denoiser
+
+FOLDER = os.path.join(os.path.dirname(__file__), "data", "diffusers", "sd_digits")
+
+
+def assemble(tmp_path) -> str:
+    """The pipeline folder: the committed parts plus MiniLM's files from the pinned package."""
+    folder = tmp_path / "sd_digits"
+    shutil.copytree(FOLDER, folder)
+    minilm = text_encoder.default_encoder_dir()
+    (folder / "text_encoder").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(minilm, name), folder / "text_encoder" / name)
+    os.symlink(os.path.join(minilm, "tokenizer.json"), folder / "tokenizer" / "tokenizer.json")
+    return str(folder)
+
+
+def test_same_images_as_diffusers_pipeline_loop(tmp_path):
+    folder = assemble(tmp_path)
+    golden = np.load(os.path.join(FOLDER, "ddim_golden.npz"))
+    imported = reader.read_sd_folder(folder)
+    lo, hi = imported.logsnr_range
+    model = denoiser.build_model(
+        diffusers.model_config(imported.model),
+        data_shape=imported.data_shape,
+        num_classes=0,
+        use_guidance=False,
+        text_dim=imported.record["text"]["width"],
+        logsnr_min=lo,
+        logsnr_max=hi,
+    )
+    encoder = reader.text_encoder(folder)
+    prompts = [str(p) for p in golden["prompts"]]
+    conditions, _ = encoder.encode(prompts)
+    null, _ = encoder.encode([""])
+    guided = guidance.make_guided_denoise_fn(
+        denoiser.make_denoise_fn(model, imported.params), null_label=jnp.asarray(null[0])
+    )
+    steps = int(golden["steps"])
+    table = np.asarray(denoiser.discrete_logsnrs(diffusers.model_config(imported.model)))
+    times = discrete.times_of_timesteps(
+        discrete.scheduler_timesteps(steps, num_timesteps=1000), table, logsnr_min=lo, logsnr_max=hi
+    )
+    weights = (0.0, 1.0, 4.0)
+    n = len(prompts)
+    ours = samplers.run_sampler(
+        "ddim",
+        guided,
+        jnp.tile(jnp.asarray(golden["noise"]), (3, 1, 1, 1)),
+        jnp.tile(jnp.asarray(conditions), (3, 1, 1)),
+        jnp.repeat(jnp.asarray(weights), n),
+        steps=steps,
+        times=times,
+        logsnr_min=lo,
+        logsnr_max=hi,
+    )
+    for i, w in enumerate(weights):
+        theirs = golden[f"w={w:g}"]
+        assert theirs.shape == (n, 8, 8, 1)
+        assert float(np.max(np.abs(np.asarray(ours[i * n : (i + 1) * n]) - theirs))) <= 1e-4, w
