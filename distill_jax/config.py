@@ -168,6 +168,9 @@ def _text_config() -> ml_collections.ConfigDict:
     # and captions (set by --teacher=diffusers:DIR, distill_jax/interop/pipeline.py); '' is
     # the bundled MiniLM above, whose caption conditions the dataset stores.
     text.pipeline = ""
+    # With a CLIP pipeline: condition on the layer this many before the last, through the final
+    # LayerNorm (diffusers' clip_skip; some fine-tunes are trained so); 0 is the last layer.
+    text.clip_skip = 0
     return text
 
 

@@ -192,6 +192,9 @@ def _check_text(config: ml_collections.ConfigDict) -> None:
         _fail("model.kind", config.model.kind, "'unet' or 'sd_unet' for a text-conditioned run")
     if not isinstance(text.pipeline, str):
         _fail("text.pipeline", text.pipeline, "'' or a diffusers pipeline folder")
+    _check_number(config, "text.clip_skip", low=0, integer=True)
+    if text.clip_skip and not text.pipeline:
+        _fail("text.clip_skip", text.clip_skip, "0 without a CLIP pipeline (text.pipeline)")
     if text.pipeline:  # captions are encoded again by the pipeline, at its length
         return
     tokens = TEXT_DATASETS[config.data.name]

@@ -63,9 +63,9 @@ class _ScaledLatents(sources.ArraySource):
 
 
 @functools.lru_cache(maxsize=2)
-def _pipeline_encoder(folder: str):
+def _pipeline_encoder(folder: str, clip_skip: int):
     """A pipeline's text encoder, loaded once per process."""
-    return pipeline_lib.text_encoder(folder)
+    return pipeline_lib.text_encoder(folder, clip_skip or None)
 
 
 def _identity(x: jax.Array) -> jax.Array:
@@ -148,7 +148,7 @@ class Run:
         """
         text = self.config.text
         if text.pipeline:
-            return _pipeline_encoder(str(text.pipeline))
+            return _pipeline_encoder(str(text.pipeline), int(text.clip_skip))
         return text_encoder.load_text_encoder(text.encoder_dir, int(text.max_tokens))
 
     @property
