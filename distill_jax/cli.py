@@ -39,7 +39,7 @@ _TEACHER = flags.DEFINE_string(
     "teacher",
     None,
     "train, distill, run: diffusers:DIR imports a teacher trained elsewhere (a diffusers DiT "
-    "pipeline folder) into WORKDIR/teacher once; distill also takes a finished teacher stage "
+    "or text-to-image pipeline folder) into WORKDIR/teacher once; distill also takes a finished teacher stage "
     "directory (default WORKDIR/teacher).",
 )
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
