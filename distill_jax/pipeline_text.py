@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.tensor_map import match_named_tensors
 from distill_jax.text_encoder import (
     ACTIVATIONS,
     EncoderSizes,
@@ -204,12 +205,6 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     return {t: flat[f][::-1] if f.endswith("/kernel") else flat[f] for t, f in names.items()}
 
 
-def _listed(names: Sequence[str], limit: int = 4) -> str:
-    names = sorted(names)
-    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def match_tensors(
     config: dict, found: dict[str, tuple[int, ...]], where: str = "the text encoder"
 ) -> dict[str, str]:
@@ -221,25 +216,16 @@ def match_tensors(
     renamed = {name.removeprefix(CLIP_PREFIX): name for name in found}
     if len(renamed) < len(found):
         raise TextFolderError(f"{where} holds tensors both with and without {CLIP_PREFIX!r}")
-    problems = []
-    if missing := set(expected) - set(renamed):
-        problems.append(f"missing {_listed(missing)}")
-    if unexpected := set(renamed) - set(expected) - set(IGNORED_TENSORS):
-        problems.append(f"unexpected {_listed(unexpected)}")
-    wrong = [
-        f"{renamed[n]} is {list(found[renamed[n]])}, expected {list(expected[n])}"
-        for n in sorted(set(expected) & set(renamed))
-        if tuple(found[renamed[n]]) != tuple(expected[n])
-    ]
-    if wrong:
-        problems.append(f"wrong shape: {_listed(wrong, 2)}")
-    if problems:
-        width, layers = config.get("hidden_size"), config.get("num_hidden_layers")
-        raise TextFolderError(
-            f"{where} does not match its config.json ({config.get('model_type')}, hidden_size "
-            f"{width}, {layers} layers): " + "; ".join(problems)
-        )
-    return {file_name: name for name, file_name in renamed.items() if name in expected}
+    used = {name: file_name for name, file_name in renamed.items() if name not in IGNORED_TENSORS}
+    match_named_tensors(
+        {name: found[file_name] for name, file_name in used.items()},
+        expected,
+        where,
+        what=f"a {config.get('model_type')} text encoder (hidden_size "
+        f"{config.get('hidden_size')}, {config.get('num_hidden_layers')} layers)",
+        error=TextFolderError,
+    )
+    return {file_name: name for name, file_name in used.items()}
 
 
 def _read_json(path: str) -> dict:

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -37,6 +38,8 @@ from distill_jax import config as config_lib
 from distill_jax import trees
 from distill_jax.diffusion import discrete
 from distill_jax.models import denoiser
+from distill_jax.tensor_map import match_named_tensors
+from distill_jax.text_encoder import read_safetensors_file
 
 PyTree = Any
 DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -204,15 +207,10 @@ def _weight_files(folder: str) -> list[str]:
 
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:
     """Every tensor of a diffusers model folder, as float32 numpy arrays (no PyTorch)."""
-    from safetensors import safe_open
-
     tensors = {}
     for path in _weight_files(folder):
         try:
-            # 'flax' reads bfloat16 too, which numpy cannot represent.
-            with safe_open(path, framework="flax") as f:
-                for name in f.keys():
-                    tensors[name] = np.asarray(f.get_tensor(name), np.float32)
+            tensors.update(read_safetensors_file(path))
         except (OSError, ValueError) as error:
             raise FolderError(f"{path} is not a readable safetensors file ({error})") from None
     return tensors
@@ -274,42 +272,67 @@ def to_flax_layout(tensor: np.ndarray, flax_name: str, shape: tuple = ()) -> np.
     return tensor
 
 
-def convert_params(
-    tensors: dict[str, np.ndarray],
+def match_params(
+    shapes: dict[str, Sequence[int]],
     abstract: PyTree,
     where: str,
     *,
     name_of=diffusers_name,
     layout=to_flax_layout,
     what: str = "a DiT",
-) -> PyTree:
-    """Our params (the structure of `abstract`) from diffusers tensors, all of them used.
+    hint: str | None = None,
+) -> dict[str, str]:
+    """{diffusers name: our parameter name} of tensors' {name: PyTorch shape}, all of them used.
 
     `name_of(our name)` is the diffusers name of a parameter, `layout(tensor, our name, shape)`
-    puts a tensor in our layout.
+    puts a tensor in our layout (checked here on a stand-in of no memory). `hint` is added when
+    names are missing or left over.
 
     Raises:
       FolderError: tensors missing, left over, or of another shape, naming them.
     """
     named = trees.named_leaves(abstract)
     wanted = {name_of(name): name for name in named}
-    missing, extra = sorted(set(wanted) - set(tensors)), sorted(set(tensors) - set(wanted))
-    if missing or extra:
-        parts = [f"missing {len(missing)} ({', '.join(missing[:3])})"] if missing else []
-        parts += [f"{len(extra)} not mapped ({', '.join(extra[:3])})"] if extra else []
-        raise FolderError(
-            f"{where} does not hold {what} of its config.json's size: {'; '.join(parts)}"
-        )
-    leaves = {}
-    for torch_name, name in wanted.items():
-        shape = tuple(named[name].shape)
-        leaf = layout(tensors[torch_name], name, shape)
-        if tuple(leaf.shape) != shape:
-            raise FolderError(
-                f"{where}: tensor {torch_name} has shape {tuple(tensors[torch_name].shape)}, "
-                f"which does not fit this config.json (expected {shape} in our layout)"
-            )
-        leaves[name] = leaf.astype(np.float32, copy=False)
+
+    def our_shape(torch_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        name = wanted[torch_name]
+        stand_in = np.broadcast_to(np.zeros((), np.float32), shape)
+        return layout(stand_in, name, tuple(named[name].shape)).shape
+
+    match_named_tensors(
+        shapes,
+        {torch_name: tuple(named[name].shape) for torch_name, name in wanted.items()},
+        where,
+        what=what,
+        our_shape=our_shape,
+        hint=hint,
+        error=FolderError,
+    )
+    return wanted
+
+
+def convert_params(
+    tensors: dict[str, np.ndarray],
+    abstract: PyTree,
+    where: str,
+    *,
+    layout=to_flax_layout,
+    **mapping,
+) -> PyTree:
+    """Our params (the structure of `abstract`) from diffusers tensors, all of them used.
+
+    `layout` and `mapping` (name_of, what, hint) as `match_params` takes them.
+
+    Raises:
+      FolderError: tensors missing, left over, or of another shape (`match_params`).
+    """
+    shapes = {name: tensor.shape for name, tensor in tensors.items()}
+    wanted = match_params(shapes, abstract, where, layout=layout, **mapping)
+    named = trees.named_leaves(abstract)
+    leaves = {
+        name: np.asarray(layout(tensors[torch_name], name, tuple(named[name].shape)), np.float32)
+        for torch_name, name in wanted.items()
+    }
     with_path, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     return jax.tree_util.tree_unflatten(
         treedef, [leaves[trees.leaf_name(path)] for path, _ in with_path]

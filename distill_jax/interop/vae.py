@@ -25,10 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from distill_jax import trees
 from distill_jax.interop.diffusers import (
     FolderError,
     _read_json,
+    convert_params,
+    match_params,
     read_safetensors,
     weights_checksum,
 )
@@ -212,22 +213,27 @@ def current_names(tensors: dict[str, Any]) -> dict[str, Any]:
     return renamed
 
 
-def _our_shape(shape: Sequence[int], ndim: int) -> tuple[int, ...]:
-    """A PyTorch tensor's shape in our layout, for a parameter of `ndim` dimensions."""
-    shape = tuple(int(d) for d in shape)
-    if ndim == 4 and len(shape) == 4:  # Conv2d OIHW -> HWIO
-        return shape[2], shape[3], shape[1], shape[0]
-    if ndim == 2 and (len(shape) == 2 or shape[2:] == (1, 1)):  # Linear (or 1x1 conv) -> [in, out]
-        return shape[1], shape[0]
-    return shape
+def to_vae_layout(tensor: np.ndarray, flax_name: str, shape: tuple) -> np.ndarray:
+    """A PyTorch tensor in our layout: Conv2d OIHW -> HWIO, Linear [out, in] -> [in, out].
 
-
-def _to_our_layout(tensor: np.ndarray, ndim: int) -> np.ndarray:
-    if ndim == 4:
+    A Linear stored 1x1-conv shaped [out, in, 1, 1] reads too; any other tensor is left as it is.
+    """
+    del flax_name
+    if len(shape) == 4 and tensor.ndim == 4:
         return tensor.transpose(2, 3, 1, 0)
-    if ndim == 2:
+    if len(shape) == 2 and (tensor.ndim == 2 or tensor.shape[2:] == (1, 1)):
         return tensor.reshape(tensor.shape[:2]).T
     return tensor
+
+
+def _ldm_hint(names) -> str | None:
+    """A hint when the names are the original LDM checkpoint's, not diffusers'."""
+    if any(name.startswith(("encoder.down.", "first_stage_model.")) for name in names):
+        return (
+            "the names are the original LDM checkpoint's: convert it to diffusers' format "
+            "first (AutoencoderKL.from_single_file(...).save_pretrained(...))"
+        )
+    return None
 
 
 def match_tensors(shapes: dict[str, Sequence[int]], abstract: PyTree, where: str) -> dict:
@@ -239,28 +245,7 @@ def match_tensors(shapes: dict[str, Sequence[int]], abstract: PyTree, where: str
     Raises:
       FolderError: tensors missing, left over, or of another shape, naming them.
     """
-    named = trees.named_leaves(abstract)
-    wanted = {diffusers_name(name): name for name in named}
-    missing, extra = sorted(set(wanted) - set(shapes)), sorted(set(shapes) - set(wanted))
-    if missing or extra:
-        parts = [f"missing {len(missing)} ({', '.join(missing[:3])})"] if missing else []
-        parts += [f"{len(extra)} not mapped ({', '.join(extra[:3])})"] if extra else []
-        if any(name.startswith(("encoder.down.", "first_stage_model.")) for name in extra):
-            parts.append(
-                "the names are the original LDM checkpoint's: convert it to diffusers' format "
-                "first (AutoencoderKL.from_single_file(...).save_pretrained(...))"
-            )
-        raise FolderError(
-            f"{where} does not hold an AutoencoderKL of its config.json's size: {'; '.join(parts)}"
-        )
-    for torch_name, name in wanted.items():
-        want = tuple(named[name].shape)
-        if _our_shape(shapes[torch_name], len(want)) != want:
-            raise FolderError(
-                f"{where}: tensor {torch_name} has shape {tuple(shapes[torch_name])}, which "
-                f"does not fit its config.json (expected {want} in our layout)"
-            )
-    return wanted
+    return match_params(shapes, abstract, where, **_vae_mapping(shapes))
 
 
 def convert_vae_params(tensors: dict[str, np.ndarray], abstract: PyTree, where: str) -> PyTree:
@@ -270,15 +255,12 @@ def convert_vae_params(tensors: dict[str, np.ndarray], abstract: PyTree, where: 
       FolderError: tensors missing, left over or misshapen (`match_tensors`).
     """
     tensors = current_names(tensors)
-    wanted = match_tensors({k: v.shape for k, v in tensors.items()}, abstract, where)
-    named = trees.named_leaves(abstract)
-    leaves = {
-        name: _to_our_layout(tensors[torch_name], len(named[name].shape)).astype(np.float32)
-        for torch_name, name in wanted.items()
-    }
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    return jax.tree_util.tree_unflatten(
-        treedef, [leaves[trees.leaf_name(path)] for path, _ in with_path]
+    return convert_params(tensors, abstract, where, **_vae_mapping(tensors))
+
+
+def _vae_mapping(found) -> dict:
+    return dict(
+        name_of=diffusers_name, layout=to_vae_layout, what="an AutoencoderKL", hint=_ldm_hint(found)
     )
 
 
