@@ -20,6 +20,11 @@ what it wrote into tests/data/diffusers/:
   transformer config, the Transformer2DModel layout it ships with, and the same config in
   DiTTransformer2DModel), built on the meta device: no weights.
 
+Then it runs, with the same --out, the scripts that write the Stable-Diffusion-family golden
+files (`SD_SCRIPTS`): a tiny random SD pipeline (U-Net in both layouts, CLIP text encoder and
+tokenizer, a tiny BERT, VAE, scheduler), each part's outputs, StableDiffusionPipeline's guided
+samples, and the SD 1.5 / 2.1 manifests; each script's docstring says what it writes.
+
 Run: python scripts/diffusers_golden.py [--out tests/data/diffusers]
 """
 
@@ -28,11 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel, Transformer2DModel
 
+SD_SCRIPTS = ("golden_unet.py", "golden_text.py", "golden_vae.py", "golden_pipeline.py")
 # facebook/DiT-XL-2-256 transformer/config.json (diffusers-format release of DiT-XL/2).
 DIT_XL2_CONFIG = dict(
     activation_fn="gelu-approximate",
@@ -216,6 +223,10 @@ def main() -> None:
     write_ddim(out, models["dit_tiny"])
     write_schedules(out)
     write_manifest(out)
+    # The Stable-Diffusion-family pipeline's parts, then the pipeline (which needs them all).
+    here = os.path.dirname(os.path.abspath(__file__))
+    for script in SD_SCRIPTS:
+        runpy.run_path(os.path.join(here, script), run_name="__main__")
     print(f"wrote golden files to {out}")
 
 
