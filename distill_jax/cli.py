@@ -39,8 +39,8 @@ _TEACHER = flags.DEFINE_string(
     "teacher",
     None,
     "train, distill, run: diffusers:DIR imports a teacher trained elsewhere (a diffusers DiT "
-    "or text-to-image pipeline folder) into WORKDIR/teacher once; distill also takes a finished teacher stage "
-    "directory (default WORKDIR/teacher).",
+    "or text-to-image pipeline folder) into WORKDIR/teacher once; distill also takes a "
+    "finished teacher stage directory (default WORKDIR/teacher).",
 )
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change",

@@ -194,6 +194,42 @@ def schedule_config(cfg: dict, where: str = "scheduler/scheduler_config.json") -
     return schedule, discrete.parameterisation_of(prediction)
 
 
+def read_schedule(folder: str) -> tuple[dict, dict]:
+    """(config.model keys, record entries) of a pipeline folder's scheduler/.
+
+    The keys are the discrete schedule and the parameterisation; the record holds the
+    scheduler's class, the schedule with the sampling settings diffusers' DDIM reads
+    (prediction type, timestep spacing, steps offset, set_alpha_to_one, clip_sample) and the
+    trained log-SNR range [lambda_{K-1}, lambda_0].
+
+    Raises:
+      FolderError: a missing or unsupported scheduler config.
+    """
+    scheduler = _read_json(
+        os.path.join(folder, "scheduler", "scheduler_config.json"), "the scheduler config"
+    )
+    schedule, parameterisation = schedule_config(scheduler)
+    table = discrete.logsnr_table(
+        schedule["beta_schedule"],
+        num_timesteps=schedule["num_train_timesteps"],
+        beta_start=schedule["beta_start"],
+        beta_end=schedule["beta_end"],
+    )
+    record = dict(
+        scheduler_class=scheduler["_class_name"],
+        schedule=dict(
+            schedule,
+            prediction_type=scheduler.get("prediction_type", "epsilon"),
+            timestep_spacing=scheduler.get("timestep_spacing", "leading"),
+            steps_offset=int(scheduler.get("steps_offset", 0)),
+            set_alpha_to_one=bool(scheduler.get("set_alpha_to_one", True)),
+            clip_sample=bool(scheduler.get("clip_sample", False)),
+        ),
+        logsnr_range=list(discrete.trained_logsnr_range(table)),
+    )
+    return dict(discrete_schedule=schedule, parameterisation=parameterisation), record
+
+
 def _weight_files(folder: str) -> list[str]:
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
@@ -394,42 +430,25 @@ def read_dit_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
         raise FolderError(f"{folder} cannot be imported: {VAE_REFUSAL}")
     cfg = _read_json(os.path.join(transformer, "config.json"), "the transformer config")
     model = dit_model_config(cfg)
-    scheduler = _read_json(
-        os.path.join(folder, "scheduler", "scheduler_config.json"), "the scheduler config"
-    )
-    schedule, parameterisation = schedule_config(scheduler)
-    model.update(discrete_schedule=schedule, parameterisation=parameterisation)
-    table = discrete.logsnr_table(
-        schedule["beta_schedule"],
-        num_timesteps=schedule["num_train_timesteps"],
-        beta_start=schedule["beta_start"],
-        beta_end=schedule["beta_end"],
-    )
+    schedule_keys, schedule_record = read_schedule(folder)
+    model.update(schedule_keys)
     size, channels = int(cfg["sample_size"]), int(cfg["in_channels"])
     num_classes = int(cfg["num_embeds_ada_norm"])
     record = dict(
         source=folder,
         weights_sha256=weights_checksum(transformer),
         transformer_class=cfg["_class_name"],
-        scheduler_class=scheduler["_class_name"],
-        schedule=dict(
-            schedule,
-            prediction_type=scheduler.get("prediction_type", "epsilon"),
-            timestep_spacing=scheduler.get("timestep_spacing", "leading"),
-            steps_offset=int(scheduler.get("steps_offset", 0)),
-        ),
-        logsnr_range=list(discrete.trained_logsnr_range(table)),
+        **schedule_record,
         conventions=dict(
             guidance="diffusers guidance_scale s = 1 + w",
             null_class=num_classes,
             guided_channels=f"the {channels} prediction channels",
             learned_variance=bool(model["dit_learned_sigma"]),
-            clip_sample=bool(scheduler.get("clip_sample", False)),
         ),
     )
     imported = ImportedTeacher(
         model=model,
-        logsnr_range=discrete.trained_logsnr_range(table),
+        logsnr_range=tuple(schedule_record["logsnr_range"]),
         data_shape=(size, size, channels),
         num_classes=num_classes,
         params=None,

@@ -28,7 +28,6 @@ import os
 import jax
 
 from distill_jax import pipeline_text
-from distill_jax.diffusion import discrete
 from distill_jax.interop import unet as unet_reader
 from distill_jax.interop import vae as vae_reader
 from distill_jax.interop.diffusers import (
@@ -38,7 +37,7 @@ from distill_jax.interop.diffusers import (
     model_config,
     read_dit_folder,
     read_dit_weights,
-    schedule_config,
+    read_schedule,
     weights_checksum,
 )
 from distill_jax.models import denoiser
@@ -135,20 +134,11 @@ def read_sd_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
         raise FolderError(f"{folder} is not a directory")
     parts = _parts(folder)
     model, unet_cfg = unet_reader.read_unet_config(os.path.join(folder, "unet"))
-    scheduler = _read_json(
-        os.path.join(folder, "scheduler", "scheduler_config.json"), "the scheduler config"
-    )
-    schedule, parameterisation = schedule_config(scheduler)
-    model.update(discrete_schedule=schedule, parameterisation=parameterisation)
+    schedule_keys, schedule_record = read_schedule(folder)
+    model.update(schedule_keys)
     text = _text_record(folder)
     _check_text(folder, text, model["sd_unet"]["cross_attention_dim"])
     vae = _vae(folder, unet_cfg)
-    table = discrete.logsnr_table(
-        schedule["beta_schedule"],
-        num_timesteps=schedule["num_train_timesteps"],
-        beta_start=schedule["beta_start"],
-        beta_end=schedule["beta_end"],
-    )
     size, channels = int(unet_cfg["sample_size"]), int(unet_cfg["in_channels"])
     record = dict(
         source=folder,
@@ -156,15 +146,7 @@ def read_sd_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
         parts=list(parts),
         weights_sha256=weights_checksum(os.path.join(folder, "unet")),
         unet_class=unet_reader.UNET_CLASS,
-        scheduler_class=scheduler["_class_name"],
-        schedule=dict(
-            schedule,
-            prediction_type=scheduler.get("prediction_type", "epsilon"),
-            timestep_spacing=scheduler.get("timestep_spacing", "leading"),
-            steps_offset=int(scheduler.get("steps_offset", 0)),
-            set_alpha_to_one=bool(scheduler.get("set_alpha_to_one", True)),
-        ),
-        logsnr_range=list(discrete.trained_logsnr_range(table)),
+        **schedule_record,
         text=text,
         vae=vae,
         conventions=dict(
@@ -173,12 +155,11 @@ def read_sd_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
             prompt_encoding=(
                 f"padded to {text['max_tokens']} tokens, last hidden state, every position attended"
             ),
-            clip_sample=bool(scheduler.get("clip_sample", False)),
         ),
     )
     imported = ImportedTeacher(
         model=model,
-        logsnr_range=discrete.trained_logsnr_range(table),
+        logsnr_range=tuple(schedule_record["logsnr_range"]),
         data_shape=(size, size, channels),
         num_classes=0,
         params=None,
