@@ -40,15 +40,7 @@ def test_same_images_as_diffusers_pipeline_loop(tmp_path):
     golden = np.load(os.path.join(FOLDER, "ddim_golden.npz"))
     imported = reader.read_sd_folder(folder)
     lo, hi = imported.logsnr_range
-    model = denoiser.build_model(
-        diffusers.model_config(imported.model),
-        data_shape=imported.data_shape,
-        num_classes=0,
-        use_guidance=False,
-        text_dim=imported.record["text"]["width"],
-        logsnr_min=lo,
-        logsnr_max=hi,
-    )
+    model = reader.sd_model(imported)
     encoder = reader.text_encoder(folder)
     prompts = [str(p) for p in golden["prompts"]]
     conditions, _ = encoder.encode(prompts)

@@ -31,17 +31,7 @@ NEGATIVE = ["blurry", "", "a dog"]
 @pytest.fixture(scope="module")
 def tiny():
     imported = reader.read_sd_folder(TINY)
-    lo, hi = imported.logsnr_range
-    model = denoiser.build_model(
-        diffusers.model_config(imported.model),
-        data_shape=imported.data_shape,
-        num_classes=0,
-        use_guidance=False,
-        text_dim=imported.record["text"]["width"],
-        logsnr_min=lo,
-        logsnr_max=hi,
-    )
-    return imported, model, reader.text_encoder(TINY)
+    return imported, reader.sd_model(imported), reader.text_encoder(TINY)
 
 
 def test_record_of_the_tiny_pipeline(tiny):

@@ -170,15 +170,23 @@ def read_sd_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
     return dataclasses.replace(imported, params=read_sd_weights(imported))
 
 
-def abstract_sd_params(imported: ImportedTeacher):
-    """Shapes of the SDUNet's parameters for an import (jax.eval_shape, no weights)."""
-    model = denoiser.build_model(
+def sd_model(imported: ImportedTeacher, *, use_guidance: bool = False):
+    """The imported U-Net as a module (a student's with use_guidance), on its trained range."""
+    lo, hi = imported.logsnr_range
+    return denoiser.build_model(
         model_config(imported.model),
         data_shape=imported.data_shape,
         num_classes=0,
-        use_guidance=False,
+        use_guidance=use_guidance,
         text_dim=imported.record["text"]["width"],
+        logsnr_min=lo,
+        logsnr_max=hi,
     )
+
+
+def abstract_sd_params(imported: ImportedTeacher):
+    """Shapes of the SDUNet's parameters for an import (jax.eval_shape, no weights)."""
+    model = sd_model(imported)
     return jax.eval_shape(
         lambda: denoiser.init_params(model, jax.random.PRNGKey(0), data_shape=imported.data_shape)
     )
