@@ -18,6 +18,7 @@ state with jax.eval_shape, restore 'state' into it with the target shardings, th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -249,6 +250,18 @@ def _with_sharding(abstract: PyTree) -> PyTree:
     return jax.tree.map(leaf, abstract)
 
 
+def _read(read: Callable[[], Any], what: str, directory: epath.Path, step: int) -> Any:
+    """read(), with any failure of a damaged file (metadata or arrays) as one ValueError."""
+    try:
+        return read()
+    except Exception as error:  # noqa: BLE001 - damaged files fail in many layers
+        raise ValueError(
+            f"The {what} in {directory} (step {step}) cannot be read "
+            f"({type(error).__name__}: {_first_line(error)}): its files are damaged; "
+            "restore them from a copy, or delete the stage directory and train it again."
+        ) from error
+
+
 def restore_params(
     directory: epath.PathLike,
     abstract_params: PyTree,
@@ -284,7 +297,8 @@ def restore_params(
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{directory} holds no checkpoint.")
-        saved = manager.item_metadata(step)["state"].tree.get(which)
+        metadata = _read(lambda: manager.item_metadata(step), what, directory, step)
+        saved = metadata["state"].tree.get(which)
         mismatch = trees.shape_mismatch(saved, abstract_params) if saved else f"no {which}"
         if mismatch:
             raise ValueError(
@@ -296,14 +310,12 @@ def restore_params(
             restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True,
         )
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(state=state))
-        except Exception as error:  # noqa: BLE001 - damaged files fail in many layers
-            raise ValueError(
-                f"The {what} in {directory} (step {step}) cannot be read "
-                f"({type(error).__name__}: {_first_line(error)}): its files are damaged; "
-                "restore them from a copy, or delete the stage directory and train it again."
-            ) from error
+        restored = _read(
+            lambda: manager.restore(step, args=ocp.args.Composite(state=state)),
+            what,
+            directory,
+            step,
+        )
     finally:
         manager.close()
     return restored["state"][which]

@@ -64,9 +64,12 @@ def _files(root: pathlib.Path, run: pathlib.Path) -> dict[str, pathlib.Path]:
     shutil.copytree(run, paths["corrupt_finished_run"], dirs_exist_ok=True)
     (paths["corrupt_finished_run"] / "stage2" / "steps_0004" / "FINISHED.json").write_text("{")
     shutil.copytree(run, paths["damaged_checkpoint_run"], dirs_exist_ok=True)
-    # Every array file of the 4-step student cut in half.
+    # Every data file of the 4-step student cut in half: the per-process ones and the merged
+    # root's, which Orbax writes on some saves and not others.
     student = paths["damaged_checkpoint_run"] / "stage2" / "steps_0004"
-    for data_file in student.glob("*/state/ocdbt.process_*/d/*"):
+    data_files = list(student.glob("*/state/**/d/*"))
+    assert data_files, f"no Orbax data files under {student}"
+    for data_file in data_files:
         data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 2])
     return paths
 
