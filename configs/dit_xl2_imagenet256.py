@@ -10,10 +10,9 @@ yourself: nothing here downloads weights):
   vae/                  AutoencoderKL (sd-vae-ft-ema; latents 32x32x4, scaling factor 0.18215)
   scheduler/            discrete DDPM betas, linear 1e-4 .. 0.02, 1000 steps, epsilon
 
-The VAE: distill_jax reads diffusers' AutoencoderKL (distill_jax/interop/vae.py) but a run on
-an imported VAE's latents is not wired yet, so `--teacher=diffusers:DiT-XL-2-256` is refused
-in one line naming vae/ before anything is written; this config fixes the rest of the run for
-when it can. Until then a pixel-space
+The VAE becomes the run's autoencoder stage on import (distill_jax/interop/vae.py, checked
+against diffusers): the train split is encoded once into its latents, cached in
+WORKDIR/autoencoder, at its scaling_factor 0.18215; samples are decoded by it. A pixel-space
 DiT (a folder without vae/) is distilled by this config at its own image size.
 
 Settings and their sources:
@@ -28,8 +27,9 @@ Settings and their sources:
   distillation), linearly annealed per round (diffusion_distillation), no EMA.
 Pod launch: docs/multihost.md.
 
-':smoke' runs on mock data (tfds.testing.mock_data) at 8x8 pixels with a tiny random DiT in
-diffusers layout with 1000 classes and learned variance (tests/data/diffusers/dit_tiny_imagenet).
+':smoke' runs on mock data (tfds.testing.mock_data) at 8x8 pixels with a tiny random latent
+DiT in diffusers layout with 1000 classes, learned variance and a vae/ giving 4x4x4 latents
+(tests/data/diffusers/dit_tiny_imagenet).
 """
 
 from distill_jax.config import base_config, optimizer_config

@@ -76,6 +76,12 @@ _PROMPT = flags.DEFINE_multi_string(
 _PROMPTS_FILE = flags.DEFINE_string(
     "prompts_file", None, "sample (text runs): a text file with one prompt per line."
 )
+_NEGATIVE_PROMPT = flags.DEFINE_string(
+    "negative_prompt",
+    None,
+    "sample (text runs, --model=teacher): guidance's unconditional prompt instead of the empty "
+    "one, as diffusers' negative_prompt.",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "sample: random seed.")
 _OUT = flags.DEFINE_string(
     "out",
@@ -371,6 +377,11 @@ def _run() -> None:
     config = _run_config()
     _train(config)
     _distill(config)
+    if config.data.name == "image_captions":  # no class labels: nothing to evaluate with
+        from distill_jax.evaluation import evaluate
+
+        logging.warning("[run] not evaluated: %s", evaluate.unlabelled_message(config.data.name))
+        return
     _evaluate()
 
 
@@ -454,6 +465,7 @@ def _sample() -> None:
         schedule=_schedule(),
         prompts=prompts or None,
         grid=_GRID.value,
+        negative_prompt=_NEGATIVE_PROMPT.value,
     )
     logging.info("[sample] wrote %s and %s", npz, png)
 

@@ -40,8 +40,11 @@ def optimizer_config(
 def _data_config() -> ml_collections.ConfigDict:
     """The dataset and its input pipeline."""
     data = ml_collections.ConfigDict()
-    data.name = "digits"  # 'digits' (bundled), 'gmm' (toy), or any TFDS image dataset name
-    data.data_dir = ""  # TFDS data_dir; '' means the library default (~/tensorflow_datasets)
+    # 'digits' (bundled), 'gmm' (toy), 'image_captions' (files on disk), or a TFDS image dataset
+    data.name = "digits"
+    # TFDS data_dir ('': the library default ~/tensorflow_datasets); for image_captions, the
+    # folder of image-caption pairs (distill_jax/data/image_captions.py).
+    data.data_dir = ""
     data.train_split = "train"
     data.eval_split = "test"
     data.image_size = 0  # 0 keeps the dataset's own size; otherwise resize to this square
@@ -139,6 +142,10 @@ def _autoencoder_config() -> ml_collections.ConfigDict:
     """The KL autoencoder of a latent run (enabled=False: diffusion runs on the data itself)."""
     ae = ml_collections.ConfigDict()
     ae.enabled = False
+    # A diffusers pipeline folder whose vae/ (an AutoencoderKL) is the run's autoencoder,
+    # imported with its weights and scaling_factor instead of trained (set by
+    # --teacher=diffusers:DIR with a latent pipeline); the keys below are then unused.
+    ae.pipeline = ""
     ae.channels = 32  # width of the first level; level k has channels * channel_mult[k]
     ae.channel_mult = (1, 2, 2)  # downsampling factor 2 ** (len(channel_mult) - 1)
     ae.num_res_blocks = 1

@@ -21,7 +21,10 @@ TEACHER_KINDS = ("trained", "exact_gmm")
 DECAYS = ("cosine", "linear", "constant")
 AUTOENCODER_LOSSES = ("l1", "l2")
 # Datasets whose examples carry text conditions, and the prompt length they were encoded with.
-TEXT_DATASETS = {"digits_text": 16}
+# Captioned datasets and the token length of their stored text conditions (0: none stored, the
+# captions are encoded by an imported pipeline's text encoder: config.text.pipeline).
+TEXT_DATASETS = {"digits_text": 16, "image_captions": 0}
+LATENT_MODELS = ("unet", "sd_unet", "dit")  # the networks that take latents [h, w, c]
 
 
 def _fail(key: str, value, accepted: str) -> None:
@@ -160,12 +163,15 @@ def _check_autoencoder(config: ml_collections.ConfigDict) -> None:
         _fail("autoencoder.enabled", ae.enabled, "True or False")
     if not ae.enabled:
         return
-    if config.data.name == "gmm" or config.model.kind != "unet":
+    if config.data.name == "gmm" or config.model.kind not in LATENT_MODELS:
         _fail(
             "autoencoder.enabled",
             True,
-            "True only for image data with model.kind='unet' (latents are images [h, w, c])",
+            f"True only for image data with model.kind in {LATENT_MODELS} (latents are "
+            "images [h, w, c])",
         )
+    if not isinstance(ae.pipeline, str):
+        _fail("autoencoder.pipeline", ae.pipeline, "'' or a diffusers pipeline folder with vae/")
     for key in ("channels", "num_res_blocks", "latent_channels", "batch_size", "num_steps"):
         _check_number(config, f"autoencoder.{key}", low=1, integer=True)
     mult = tuple(ae.channel_mult)
@@ -198,6 +204,13 @@ def _check_text(config: ml_collections.ConfigDict) -> None:
     if text.pipeline:  # captions are encoded again by the pipeline, at its length
         return
     tokens = TEXT_DATASETS[config.data.name]
+    if not tokens:
+        _fail(
+            "text.pipeline",
+            text.pipeline,
+            f"a text-to-image pipeline for data.name={config.data.name!r}, whose captions have "
+            "no stored encoding: import one with --teacher=diffusers:DIR",
+        )
     if config.text.max_tokens != tokens:
         _fail(
             "text.max_tokens",

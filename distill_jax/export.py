@@ -190,6 +190,17 @@ def _is_artifact(directory: epath.Path) -> bool:
     return isinstance(metadata, dict) and metadata.get("format") == export_loader.FORMAT
 
 
+def _latent_entry(run: Run) -> dict | None:
+    """metadata.json's 'latent': the scale (and an imported VAE's shift) of a latent run."""
+    if not run.latent:
+        return None
+    latents = run.latents()
+    entry = {"scale": latents.scale}
+    if latents.shift:
+        entry["shift"] = latents.shift
+    return entry
+
+
 def _metadata(
     run: Run, spec, exported, *, batch_size, stochastic, schedule, arrays, names, staging
 ):
@@ -201,7 +212,7 @@ def _metadata(
         "format_version": export_loader.FORMAT_VERSION,
         "image_shape": list(shape),
         "noise_shape": list(noise_shape),
-        "latent": {"scale": run.latents().scale} if run.latent else None,
+        "latent": _latent_entry(run),
         "num_classes": int(run.info.num_classes),
         "guidance": {"w_min": float(config.guidance.w_min), "w_max": float(config.guidance.w_max)},
         "guidance_schedule": {

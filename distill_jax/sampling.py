@@ -81,15 +81,23 @@ def unguided_steps(weights: np.ndarray) -> str:
     return "all" if np.all(zero) else "some" if np.any(zero) else "none"
 
 
-def denoise_fn(run: Run, model: str, steps: int, *, weights: np.ndarray | None = None) -> Partial:
+def denoise_fn(
+    run: Run,
+    model: str,
+    steps: int,
+    *,
+    weights: np.ndarray | None = None,
+    null: np.ndarray | None = None,
+) -> Partial:
     """The x-hat denoiser of the guided teacher or of the `steps`-step student (a Partial).
 
     weights: the per-step guidance weights the teacher will be called with; its steps with
     w = 0 then evaluate only the conditional half (`unguided_steps`). None: guided everywhere.
+    null: the teacher's unconditional input (a negative prompt's encoding); default the run's.
     """
     if model == "teacher":
         mode = "none" if weights is None else unguided_steps(weights)
-        return run.guided_teacher_fn(unguided_steps=mode)
+        return run.guided_teacher_fn(unguided_steps=mode, null=null)
     if model != "student":
         raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
     return run.denoise_fn(run.student(steps))
@@ -197,6 +205,7 @@ def sample(
     schedule: GuidanceSchedule = CONSTANT,
     progress: bool = False,
     grid: str = "uniform",
+    null: np.ndarray | None = None,
 ) -> np.ndarray:
     """Draw len(labels) samples, float32 [N, *shape] in the data range ([-1, 1] for images).
 
@@ -220,6 +229,8 @@ def sample(
       progress: show a progress bar with an ETA on stderr (tqdm), one tick per batch.
       grid: 'uniform' (t = i / N) or 'teacher': an imported teacher's own diffusers DDIM
         timesteps (`imported.teacher_times`; DDIM from pure noise only).
+      null: the teacher's unconditional input instead of the run's null condition (a text
+        run's negative prompt, encoded: `negative_condition`).
     """
     if not np.isfinite(w):
         raise ValueError(f"guidance weight w={w} is invalid: accepted a finite number.")
@@ -227,7 +238,7 @@ def sample(
     if model == "student":
         check_guidance(run, weights, schedule.name)
     if fn is None:
-        fn = denoise_fn(run, model, steps, weights=weights)
+        fn = denoise_fn(run, model, steps, weights=weights, null=null)
     labels = np.asarray(labels)
     labels = labels.astype(np.float32 if run.text else np.int32)
     num = len(labels)
@@ -366,6 +377,28 @@ def _write_samples(
     return out, png
 
 
+def negative_condition(run: Run, model: str, negative_prompt: str | None) -> np.ndarray | None:
+    """The encoding [L, D] of a negative prompt for the teacher's guidance (None: none given).
+
+    Raises:
+      ValueError: a negative prompt for a class-label run or for a student (whose guidance
+        was distilled against the empty prompt, so it takes none).
+    """
+    if negative_prompt is None:
+        return None
+    if not run.text:
+        raise ValueError(
+            "--negative_prompt needs a text run (config.text.enabled); this run conditions "
+            "on class labels, whose unconditional input is the null class."
+        )
+    if model != "teacher":
+        raise ValueError(
+            "--negative_prompt applies to --model=teacher only: a distilled student learnt "
+            "guidance against the empty prompt and takes no negative prompt."
+        )
+    return prompt_lib.encode_prompts(run, [negative_prompt])[0]
+
+
 def sample_to_files(
     workdir: epath.PathLike,
     *,
@@ -383,6 +416,7 @@ def sample_to_files(
     schedule: GuidanceSchedule = CONSTANT,
     prompts: list[str] | None = None,
     grid: str = "uniform",
+    negative_prompt: str | None = None,
 ) -> tuple[epath.Path, epath.Path]:
     """Sample, write `out` (.npz) and a PNG picture beside it (.png); return both paths.
 
@@ -394,10 +428,14 @@ def sample_to_files(
     init's labels unless `labels` is given: image-to-image from t_start < 1, or inpainting
     with `mask` ('left', 'right', 'top', 'bottom', 'center' - the known part - or an .npz
     with a 'mask' array, 1 = known).
+
+    `negative_prompt` (a text run's teacher) is guidance's unconditional input instead of the
+    empty prompt, as diffusers' negative_prompt.
     """
     if model not in MODELS:
         raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
     run = Run.open(workdir)
+    null = negative_condition(run, model, negative_prompt)
     if stochastic and model == "student" and not run.config.stage2.stochastic:
         logging.warning(
             "these students were trained for deterministic sampling "
@@ -428,6 +466,7 @@ def sample_to_files(
         schedule=schedule,
         progress=True,
         grid=grid,
+        null=null,
     )
     out = epath.Path(out)
     if out.suffix != ".npz":

@@ -5,8 +5,9 @@ what it wrote into tests/data/diffusers/:
 - dit_tiny/: a tiny random DiT pipeline folder in the current layout (DiTTransformer2DModel,
   learned variance, linear betas, epsilon, DDIMScheduler), and dit_tiny_legacy/: the older
   Transformer2DModel layout (no learned variance, no attention biases, scaled_linear betas,
-  v_prediction), and dit_tiny_imagenet/ (1000 classes, learned variance, 8x8x3: the smoke
-  teacher of configs/dit_xl2_imagenet256.py). Weights are diffusers' random initialisation
+  v_prediction), and dit_tiny_imagenet/ (1000 classes, learned variance, on the 4x4x4
+  latents of its vae/, a copy of sd_tiny's: the smoke teacher of
+  configs/dit_xl2_imagenet256.py). Weights are diffusers' random initialisation
   (biases made random too), so every block's embedders differ, as in a model trained with
   diffusers;
 - forward.npz: each folder's transformer output (all channels) on fixed inputs;
@@ -34,6 +35,7 @@ import argparse
 import json
 import os
 import runpy
+import shutil
 
 import numpy as np
 import torch
@@ -89,6 +91,29 @@ def _forward(model, x, t, labels) -> np.ndarray:
         return model(torch.from_numpy(x), timestep=t, class_labels=labels).sample.numpy()
 
 
+def write_imagenet_pipeline(out: str) -> None:
+    """dit_tiny_imagenet/: DiT-XL/2's shape of things in miniature (configs/dit_xl2_imagenet256.py).
+
+    ImageNet's 1000 classes, learned variance, a vae/ (sd_tiny's RGB AutoencoderKL, written by
+    scripts/golden_vae.py: 8x8x3 images -> 4x4x4 latents) and a DiT on its latents.
+    """
+    torch.manual_seed(0)
+    imagenet = DiTTransformer2DModel(
+        in_channels=4,
+        out_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        sample_size=4,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+    ).eval()
+    _randomise(imagenet, 3)
+    folder = _save_pipeline(out, "dit_tiny_imagenet", imagenet, DDIMScheduler(clip_sample=False))
+    shutil.copytree(os.path.join(out, "sd_tiny", "vae"), os.path.join(folder, "vae"),
+                    dirs_exist_ok=True)  # fmt: skip
+
+
 def write_models(out: str) -> dict:
     """The two tiny folders and their forward outputs on fixed inputs."""
     torch.manual_seed(0)
@@ -113,20 +138,6 @@ def write_models(out: str) -> dict:
         clip_sample=False,
     )
     _save_pipeline(out, "dit_tiny_legacy", legacy, legacy_scheduler)
-    # DiT-XL/2's shape of things in miniature, for configs/dit_xl2_imagenet256.py:smoke:
-    # ImageNet's 1000 classes, learned variance, an 8x8x3 input.
-    imagenet = DiTTransformer2DModel(
-        in_channels=3,
-        out_channels=6,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        num_layers=1,
-        sample_size=8,
-        patch_size=4,
-        num_embeds_ada_norm=1000,
-    ).eval()
-    _randomise(imagenet, 3)
-    _save_pipeline(out, "dit_tiny_imagenet", imagenet, DDIMScheduler(clip_sample=False))
     rng = np.random.default_rng(0)
     arrays = {}
     for name, model, channels in (("dit_tiny", current, 4), ("dit_tiny_legacy", legacy, 1)):
@@ -227,6 +238,7 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     for script in SD_SCRIPTS:
         runpy.run_path(os.path.join(here, script), run_name="__main__")
+    write_imagenet_pipeline(out)  # its vae/ is sd_tiny's
     print(f"wrote golden files to {out}")
 
 

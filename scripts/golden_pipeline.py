@@ -13,6 +13,15 @@ and writes
   teacher of configs/sd_digits.py): a U-Net of 16 and 32 channels cross-attending to the tiny
   BERT of bert_tiny/ (scripts/golden_text.py; its text_encoder/ and tokenizer/ are copied),
   DDIMScheduler with scaled_linear betas and v-prediction, no vae/;
+- sd_latent_tiny/: the same for a latent run on 8x8x1 captioned digits: a gray-scale
+  AutoencoderKL (downsampling 2, 4 latent channels, scaling_factor 0.18215) in vae/, a U-Net
+  on its 4x4x4 latents, epsilon prediction (SD 1.x's scheduler), the tiny BERT; and
+  tests/data/diffusers/sd_latent_golden.npz: StableDiffusionPipeline.from_pretrained(that
+  folder) called with fixed latents on three prompts (one empty) at guidance_scale 3 (the
+  decoded images, output_type 'np');
+- sd_tiny_v2/: unet/ in SD 2.x's layout (linear projections, a head count per level,
+  upcast attention) and scheduler/ with v-prediction (SD 2.1 768's), for sd_tiny's latents and
+  text encoder (the smoke teacher of configs/sd21_768.py; the tests link sd_tiny's other parts);
 - tests/data/diffusers/sd_pipeline_golden.npz: StableDiffusionPipeline called with
 fixed latents on three prompts (one empty), once with guidance_scale 3 and once with
 guidance_scale 5 and negative prompts: every step's latents (callback_on_step_end), the final
@@ -49,6 +58,7 @@ SD15_SCHEDULE = dict(
 PROMPTS = ["a photo of a cat", "a thick, right-leaning seven", ""]
 NEGATIVE = ["blurry", "", "a dog"]
 STEPS = 6
+LATENT_PROMPTS = ["the digit three", "a thin, slanted seven", ""]
 
 
 def load(folder: str) -> StableDiffusionPipeline:
@@ -103,6 +113,98 @@ def write_pixel_pipeline(out: str) -> None:
         json.dump(index, f, indent=2)
 
 
+def write_latent_pipeline(out: str) -> None:
+    """sd_latent_tiny/: vae/ (1 channel in and out), unet/ on its latents, scheduler/, text."""
+    folder = os.path.join(out, "sd_latent_tiny")
+    for part in ("text_encoder", "tokenizer"):
+        shutil.copytree(os.path.join(out, "bert_tiny", part), os.path.join(folder, part),
+                        dirs_exist_ok=True)  # fmt: skip
+    torch.manual_seed(5)
+    AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+    ).save_pretrained(os.path.join(folder, "vae"))
+    UNet2DConditionModel(
+        sample_size=4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    ).save_pretrained(os.path.join(folder, "unet"))
+    DDIMScheduler(**SD15_SCHEDULE).save_pretrained(os.path.join(folder, "scheduler"))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", "BertTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(len(LATENT_PROMPTS), 4, 4, 4, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        images = pipe(
+            LATENT_PROMPTS,
+            num_inference_steps=STEPS,
+            guidance_scale=3.0,
+            latents=latents.clone(),
+            output_type="np",
+        ).images
+    np.savez_compressed(
+        os.path.join(out, "sd_latent_golden.npz"),
+        latents=latents.permute(0, 2, 3, 1).numpy(),
+        prompts=np.array(LATENT_PROMPTS),
+        images=np.asarray(images, np.float32),
+        guidance_scale=np.float32(3.0),
+        steps=np.int32(STEPS),
+    )
+
+
+def write_v2_pipeline(out: str) -> None:
+    """sd_tiny_v2/: an SD 2.x-layout unet/ and a v-prediction scheduler/ for sd_tiny's parts.
+
+    The tests link sd_tiny's vae/, text_encoder/ and tokenizer/ beside them.
+    """
+    folder = os.path.join(out, "sd_tiny_v2")
+    torch.manual_seed(11)
+    UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        upcast_attention=True,
+    ).save_pretrained(os.path.join(folder, "unet"))
+    DDIMScheduler(**dict(SD15_SCHEDULE, prediction_type="v_prediction")).save_pretrained(
+        os.path.join(folder, "scheduler")
+    )
+    shutil.copy(os.path.join(out, "sd_tiny", "model_index.json"), folder)
+
+
 def sample(pipe, latents, guidance_scale: float, negative) -> dict:
     """Every step's latents, the final latents and the decoded images of one pipeline call."""
     states = []
@@ -133,7 +235,9 @@ def main() -> None:
     parser.add_argument("--out", default="tests/data/diffusers")
     out = parser.parse_args().out
     write_pixel_pipeline(out)
+    write_latent_pipeline(out)
     pipe = load(os.path.join(out, "sd_tiny"))
+    write_v2_pipeline(out)
     size = pipe.unet.config.sample_size
     latents = torch.randn(len(PROMPTS), 4, size, size, generator=torch.Generator().manual_seed(7))
     arrays = {"latents": latents.permute(0, 2, 3, 1).numpy(), "steps": np.int32(STEPS)}

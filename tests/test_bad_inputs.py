@@ -179,6 +179,11 @@ CASES = [
     ("zero_steps", [*S[:2], "--steps=0", *S[3:]], "--steps=0"),
     ("nan_guidance", [*S[:3], "--guidance=nan", S[4]], "guidance=nan"),
     ("teacher_nan_guidance", [*S, "--model=teacher", "--guidance=nan"], "guidance=nan"),
+    (
+        "negative_prompt_on_class_labels",
+        [*S, "--model=teacher", "--negative_prompt=blurry"],
+        "--negative_prompt needs a text run",
+    ),
     ("guidance_out_of_range", [*S[:3], "--guidance=99", S[4]], "trained range"),
     ("zero_num", [*S, "--num=0"], "num=0"),
     ("num_beyond_memory", [*S, "--num=100000000000"], "of memory, and"),

@@ -12,6 +12,7 @@ from conftest import imported_dit
 
 from distill_jax.diffusion import discrete, guidance, samplers
 from distill_jax.interop import diffusers as reader
+from distill_jax.interop import pipeline
 from distill_jax.models import denoiser
 from distill_jax.models.dit import DiT
 from distill_jax.trees import named_leaves
@@ -161,8 +162,12 @@ def _edit_tensors(folder, edit):
 @pytest.mark.parametrize(
     "break_folder, message",
     [
-        (lambda f: shutil.rmtree(f / "transformer"), "has no transformer/"),
-        (lambda f: (f / "vae").mkdir(), "cannot yet run a distillation on its latents"),
+        (lambda f: shutil.rmtree(f / "transformer"), "nor transformer/"),
+        (lambda f: (f / "vae").mkdir(), "the VAE config: .*vae/config.json does not exist"),
+        (
+            lambda f: shutil.copytree(os.path.join(DATA, "sd_tiny_v2_unet"), f / "vae"),
+            "vae/config.json has _class_name='UNet2DConditionModel': accepted 'AutoencoderKL'",
+        ),
         (
             lambda f: _edit_json(
                 f / "scheduler" / "scheduler_config.json",
@@ -202,7 +207,7 @@ def test_bad_folders_refused_in_one_line(tmp_path, break_folder, message):
     folder = _copy(tmp_path)
     break_folder(folder)
     with pytest.raises(reader.FolderError, match=message) as error:
-        reader.read_dit_folder(folder)
+        pipeline.read_teacher_folder(str(folder))
     assert "\n" not in str(error.value)
 
 

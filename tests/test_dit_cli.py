@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -129,10 +130,9 @@ def test_run_takes_only_imports(tmp_path):
 
 
 def test_dit_xl2_config_smoke_on_mock_data(tmp_path):
-    """configs/dit_xl2_imagenet256.py:smoke: a tiny random DiT in diffusers layout with
-    ImageNet's 1000 classes and learned variance, imported and distilled on mock ImageNet."""
-    import shutil
-
+    """configs/dit_xl2_imagenet256.py:smoke: a tiny random latent DiT in diffusers layout with
+    ImageNet's 1000 classes, learned variance and a vae/ (as DiT-XL-2-256), imported (the VAE
+    as the run's autoencoder) and distilled on mock ImageNet."""
     import tensorflow_datasets as tfds
 
     from distill_jax import sampling
@@ -144,22 +144,47 @@ def test_dit_xl2_config_smoke_on_mock_data(tmp_path):
     config.data.data_dir = str(tmp_path / "tfds")
     workdir = tmp_path / "run"
     teacher = f"diffusers:{DATA / 'dit_tiny_imagenet'}"
+    # A vae/ that does not take the data's images: refused before anything is written.
+    gray = tmp_path / "gray_vae"
+    shutil.copytree(DATA / "dit_tiny_imagenet", gray)
+    shutil.copytree(DATA / "sd_latent_tiny" / "vae", gray / "vae", dirs_exist_ok=True)
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        with pytest.raises(ValueError, match="images have 3 channels, the VAE takes 1"):
+            imported.import_teacher(config, tmp_path / "other", f"diffusers:{gray}")
+        assert not (tmp_path / "other").exists()
         config = imported.import_teacher(config, workdir, teacher)
         assert pipeline.distill_stages(config, workdir) == ["stage1", "stage2/steps_0001"]
         run = Run.open(workdir)
         assert run.config.model.dit_learned_sigma and run.info.num_classes == 1000
+        assert run.latent and tuple(run.info.shape) == (4, 4, 4)
         x = sampling.sample(
             run, model="student", steps=1, w=14.0, labels=np.array([0, 999]), seed=0
         )
     assert x.shape == (2, 8, 8, 3) and np.all(np.isfinite(x))
-    # The published folder has a vae/: refused, naming it, before anything is written.
-    with_vae = tmp_path / "with_vae"
-    shutil.copytree(DATA / "dit_tiny_imagenet", with_vae)
-    (with_vae / "vae").mkdir()
-    with pytest.raises(ValueError, match="vae/"):
-        imported.import_teacher(config, tmp_path / "other", f"diffusers:{with_vae}")
-    assert not (tmp_path / "other").exists()
+
+
+def test_latent_dit_pipeline_runs_on_its_vaes_latents(tmp_path):
+    """A DiT folder with vae/ (as DiT-XL/2's): the VAE becomes the run's finished autoencoder
+    and the teacher samples images through it. dit_tiny takes 8x8x4 latents; sd_latent_tiny's
+    gray-scale VAE (downsampling 2) gives them for 16x16 digits."""
+    from distill_jax import sampling
+    from distill_jax.config import load_config
+    from distill_jax.run import imported
+
+    folder = tmp_path / "dit_latent"
+    shutil.copytree(DATA / "dit_tiny", folder)
+    shutil.copytree(DATA / "sd_latent_tiny" / "vae", folder / "vae")
+    config = load_config(CONFIG)
+    config.data.image_size = 16
+    workdir = tmp_path / "run"
+    config = imported.import_teacher(config, workdir, f"diffusers:{folder}")
+    assert config.autoencoder.enabled and config.autoencoder.pipeline == str(folder)
+    finished = json.loads((workdir / "autoencoder" / "FINISHED.json").read_text())
+    assert finished["latents"] == {"scale": 0.18215, "shape": [8, 8, 4]}
+    run = Run.open(workdir)
+    assert tuple(run.info.shape) == (8, 8, 4) and run.info.num_classes == 10
+    x = sampling.sample(run, model="teacher", steps=2, w=1.0, labels=np.array([3, 7]), seed=0)
+    assert x.shape == (2, 16, 16, 1) and np.all(np.isfinite(x))
 
 
 def test_class_count_mismatch_refused(tmp_path):

@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from distill_jax.interop import vae as reader
 from distill_jax.interop.diffusers import FolderError, read_safetensors
-from distill_jax.models import kl_vae
+from distill_jax.models import autoencoder, kl_vae
 from distill_jax.trees import named_leaves
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "diffusers")
@@ -54,7 +54,7 @@ def test_encode_decode_equal_diffusers(tiny, golden):
 def test_codec_applies_scaling_and_shift(tiny, golden):
     model, params, record = tiny
     scale, shift = record["scaling_factor"], 0.1159  # a shift as SD3's VAE has one
-    encode, decode = kl_vae.make_codec(model, params, scale, shift)
+    encode, decode = autoencoder.make_codec(model, params, scale, shift)
     codec = jax.jit(lambda f, x: f(x))
     want = (golden["mean"] - shift) * scale
     np.testing.assert_allclose(codec(encode, golden["image"]), want, atol=ATOL * scale, rtol=0)

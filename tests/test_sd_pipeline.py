@@ -20,7 +20,7 @@ from distill_jax.diffusion import discrete, guidance, samplers
 from distill_jax.interop import diffusers
 from distill_jax.interop import pipeline as reader
 from distill_jax.interop import vae as vae_reader
-from distill_jax.models import denoiser, kl_vae
+from distill_jax.models import autoencoder, denoiser
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "diffusers")
 TINY = os.path.join(DATA, "sd_tiny")
@@ -82,7 +82,7 @@ def test_guided_ddim_equals_stable_diffusion_pipeline(tiny, case):
         z = step(z, jnp.full(3, times[j]), jnp.full(3, times[j + 1]))
         assert float(jnp.max(jnp.abs(z - want))) <= 1e-5 * max(1.0, np.abs(want).max()), j
     vae_model, vae_params, record = vae_reader.read_vae_folder(os.path.join(TINY, "vae"))
-    _, decode = kl_vae.make_codec(vae_model, vae_params, record["scaling_factor"])
+    _, decode = autoencoder.make_codec(vae_model, vae_params, record["scaling_factor"])
     images = np.clip(np.asarray(jax.jit(decode)(z)) / 2 + 0.5, 0, 1)
     np.testing.assert_allclose(images, golden[f"{case}_images"], rtol=0, atol=1e-5)
 

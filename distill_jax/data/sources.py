@@ -10,6 +10,9 @@ dicts plus a `DatasetInfo`:
   [16, 384]}.
 - 'gmm': a Gaussian mixture from `distill_jax.diffusion.gmm`; examples
   {'x': float32 [D], 'label': int32}.
+- 'image_captions': image-caption pairs from files on disk in data_dir
+  (`distill_jax.data.image_captions`: webdataset shards, metadata.jsonl or caption files);
+  examples {'image': uint8 [S, S, 3], 'label': 0, 'caption': str}, decoded when read.
 - any other name: a TFDS image classification dataset already prepared in array_record format
   under `data_dir`, read with `builder.as_data_source`; nothing is downloaded at run time.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,7 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from distill_jax.data import captions
+from distill_jax.data import captions, image_captions
 from distill_jax.data.digits import prepare_digits
 from distill_jax.diffusion.gmm import GaussianMixture, make_gmm
 
@@ -279,6 +283,61 @@ def _digits_text_source(
     return _bundled_source("digits_text", data_config.data_dir, split), info
 
 
+def _image_captions_source(
+    data_config: ml_collections.ConfigDict, split: str
+) -> tuple[Sequence, DatasetInfo]:
+    """Image-caption pairs from files on disk (`image_captions`), at data.image_size."""
+    data_dir, size = str(data_config.data_dir), int(data_config.image_size)
+    if not data_dir or size <= 0:
+        raise ValueError(
+            f"data.name='image_captions' needs data.data_dir (given {data_dir!r}) and "
+            f"data.image_size (given {size}): accepted a folder of image-caption pairs "
+            f"({image_captions.LAYOUTS}) and a positive size its images are cropped to."
+        )
+    data_dir = os.path.abspath(data_dir)
+
+    def index(name: str):
+        folder = image_captions.split_folder(data_dir, name, data_config.train_split)
+        return image_captions.index_folder(folder)
+
+    eval_dir = os.path.join(data_dir, data_config.eval_split)
+    info = DatasetInfo(
+        name="image_captions",
+        shape=(size, size, 3),
+        num_classes=0,
+        num_train=len(index(data_config.train_split)),
+        num_eval=len(index(data_config.eval_split)) if os.path.isdir(eval_dir) else None,
+    )
+    return image_captions.CaptionedImages(index(split), size), info
+
+
+def captions_of(source: Sequence) -> np.ndarray:
+    """The captions of a captioned source (str [N]), without decoding its images."""
+    if isinstance(source, image_captions.CaptionedImages):
+        return np.asarray(source.captions, dtype=str)
+    return np.asarray(source.arrays["caption"]).astype(str)
+
+
+class _WithConditions(Sequence):
+    """A source whose examples gain a 'condition' row (the text conditions of its captions)."""
+
+    def __init__(self, source: Sequence, conditions: np.ndarray):
+        self.source, self.conditions = source, conditions
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:  # type: ignore[override]
+        return dict(self.source[index], condition=self.conditions[index])
+
+
+def with_conditions(source: Sequence, conditions: np.ndarray) -> Sequence:
+    """`source` with `conditions` [N, ...] as each example's 'condition' (replacing any)."""
+    if isinstance(source, ArraySource):
+        return ArraySource(dict(source.arrays, condition=conditions))
+    return _WithConditions(source, conditions)
+
+
 def load_source(
     data_config: ml_collections.ConfigDict, *, split: str, seed: int = 0
 ) -> tuple[Sequence, DatasetInfo]:
@@ -307,6 +366,8 @@ def load_source(
         return source, _image_info(builder, data_config, "digits")
     if data_config.name == "digits_text":
         return _digits_text_source(data_config, split)
+    if data_config.name == "image_captions":
+        return _image_captions_source(data_config, split)
     return _tfds_source(data_config, split)
 
 
@@ -316,7 +377,7 @@ def dataset_info(data_config: ml_collections.ConfigDict, *, seed: int = 0) -> Da
     For a TFDS name the shape and classes come from the builder's metadata (its split sizes may
     be None); the bundled datasets and 'gmm' are described as `load_source` describes them.
     """
-    if data_config.name in ("gmm", "digits", "digits_text"):
+    if data_config.name in ("gmm", "digits", "digits_text", "image_captions"):
         return load_source(data_config, split=data_config.train_split, seed=seed)[1]
     return _image_info(_tfds_builder(data_config), data_config, data_config.name)
 

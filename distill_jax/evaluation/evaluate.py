@@ -300,6 +300,15 @@ def _measure_all(ctx: _Context, entries: list[Entry], progress: epath.Path) -> l
     return [measured[index] for index in range(len(entries))]
 
 
+def unlabelled_message(name: str) -> str:
+    """Why a run on data without class labels is not evaluated (one line)."""
+    return (
+        f"the data {name!r} has no class labels, and FD, IS and accuracy here use a classifier "
+        "trained on them: `evaluate` does not apply (sample and export do). FID and CLIP score "
+        "need Inception and CLIP weights, which distill_jax does not bundle."
+    )
+
+
 def evaluate_run(
     workdir: epath.PathLike,
     *,
@@ -314,6 +323,8 @@ def evaluate_run(
       fresh: ignore eval/progress.jsonl and measure every row again.
     """
     run = Run.open(workdir, eval_config=eval_config)
+    if not run.info.num_classes:
+        raise ValueError(unlabelled_message(run.info.name))
     run.codec()  # a latent run without its finished autoencoder is refused before any write
     with run.locked():
         return _evaluate(run, fresh=fresh)

@@ -8,9 +8,8 @@ No PyTorch: `config.json` files and safetensors only. A pipeline folder (what
   listed by `diffusion_pytorch_model.safetensors.index.json`);
 - `scheduler/scheduler_config.json`: a discrete DDPM-family scheduler (beta schedule,
   num_train_timesteps, prediction_type);
-- optionally `vae/`: a latent model's AutoencoderKL. Not read yet: such a folder is refused
-  (see `VAE_REFUSAL`): the AutoencoderKL reads (`interop.vae`), but a run on its latents is not
-  wired yet.
+- optionally `vae/`: a latent model's AutoencoderKL, which this module does not read:
+  `interop.pipeline.read_teacher_folder` records it and `interop.vae` reads it.
 
 Every tensor is mapped by name and shape onto `models.dit.DiT` with per-block embedders (each
 diffusers block has its own timestep and class embedders; the final layer uses block 0's), and
@@ -60,11 +59,6 @@ SCHEDULERS = (
     "PNDMScheduler",
     "UniPCMultistepScheduler",
 )
-VAE_REFUSAL = (
-    "it has a vae/ (a latent model): distill_jax reads diffusers' AutoencoderKL "
-    "(distill_jax.interop.vae) but cannot yet run a distillation on its latents, so only "
-    "pixel-space DiT folders (transformer/ and scheduler/, no vae/) are accepted"
-)
 
 
 class FolderError(ValueError):
@@ -93,7 +87,8 @@ class ImportedTeacher:
     record: dict
 
 
-def _read_json(path: str, what: str) -> dict:
+def read_json(path: str, what: str) -> dict:
+    """The JSON object in `path`; FolderError naming `what` when it is missing or malformed."""
     if not os.path.isfile(path):
         raise FolderError(f"{what}: {path} does not exist")
     try:
@@ -205,7 +200,7 @@ def read_schedule(folder: str) -> tuple[dict, dict]:
     Raises:
       FolderError: a missing or unsupported scheduler config.
     """
-    scheduler = _read_json(
+    scheduler = read_json(
         os.path.join(folder, "scheduler", "scheduler_config.json"), "the scheduler config"
     )
     schedule, parameterisation = schedule_config(scheduler)
@@ -233,7 +228,7 @@ def read_schedule(folder: str) -> tuple[dict, dict]:
 def _weight_files(folder: str) -> list[str]:
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
-        shards = sorted(set(_read_json(index, "the weights index").get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index, "the weights index").get("weight_map", {}).values()))
         return [os.path.join(folder, name) for name in shards]
     single = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(single):
@@ -426,9 +421,7 @@ def read_dit_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
             "(accepted: a folder with transformer/ and scheduler/, as DiTPipeline.save_pretrained "
             "writes)"
         )
-    if os.path.isdir(os.path.join(folder, "vae")):
-        raise FolderError(f"{folder} cannot be imported: {VAE_REFUSAL}")
-    cfg = _read_json(os.path.join(transformer, "config.json"), "the transformer config")
+    cfg = read_json(os.path.join(transformer, "config.json"), "the transformer config")
     model = dit_model_config(cfg)
     schedule_keys, schedule_record = read_schedule(folder)
     model.update(schedule_keys)

@@ -33,10 +33,10 @@ from distill_jax.interop import vae as vae_reader
 from distill_jax.interop.diffusers import (
     FolderError,
     ImportedTeacher,
-    _read_json,
     model_config,
     read_dit_folder,
     read_dit_weights,
+    read_json,
     read_schedule,
     weights_checksum,
 )
@@ -51,7 +51,7 @@ def _parts(folder: str) -> tuple[str, ...]:
     index_path = os.path.join(folder, "model_index.json")
     named = ()
     if os.path.isfile(index_path):
-        index = _read_json(index_path, "the pipeline index")
+        index = read_json(index_path, "the pipeline index")
         named = tuple(
             k
             for k, v in index.items()
@@ -95,7 +95,7 @@ def _check_text(folder: str, text: dict, cross_attention_dim: int) -> None:
 
 def _text_record(folder: str) -> dict:
     """Width, length and kind of the text encoder, from its configs (no weights read)."""
-    cfg = _read_json(os.path.join(folder, "text_encoder", "config.json"), "the text encoder config")
+    cfg = read_json(os.path.join(folder, "text_encoder", "config.json"), "the text encoder config")
     try:
         kind, sizes = pipeline_text.encoder_sizes(cfg)
         _, max_tokens, _ = pipeline_text.load_tokenizer(os.path.join(folder, "tokenizer"))
@@ -104,18 +104,25 @@ def _text_record(folder: str) -> dict:
     return dict(kind=kind, width=int(sizes.width), max_tokens=int(max_tokens), vocab=sizes.vocab)
 
 
-def _vae(folder: str, unet_cfg: dict) -> dict | None:
-    """The VAE's record (None for a pixel-space pipeline); its latents must fit the U-Net."""
+def read_vae_entry(folder: str, in_channels: int, network: str = "U-Net") -> dict | None:
+    """The record of a pipeline folder's vae/ (None without one); its latents must fit the net.
+
+    `in_channels` is what the `network` (the U-Net, or a DiT's transformer) takes.
+
+    Raises:
+      FolderError: a VAE config that is missing, unsupported, or whose latent channels are
+        not `in_channels`.
+    """
     vae_dir = os.path.join(folder, "vae")
     if not os.path.isdir(vae_dir):
         return None
-    cfg = _read_json(os.path.join(vae_dir, "config.json"), "the VAE config")
+    cfg = read_json(os.path.join(vae_dir, "config.json"), "the VAE config")
     vae_reader.vae_model(cfg, os.path.join(vae_dir, "config.json"))
     record = vae_reader.vae_record(cfg, vae_dir, weights_checksum(vae_dir))
-    if record["latent_channels"] != int(unet_cfg["in_channels"]):
+    if record["latent_channels"] != int(in_channels):
         raise FolderError(
             f"{folder}: the VAE's latents have {record['latent_channels']} channels but the "
-            f"U-Net takes {unet_cfg['in_channels']}: the parts are not from one pipeline"
+            f"{network} takes {in_channels}: the parts are not from one pipeline"
         )
     return record
 
@@ -138,7 +145,7 @@ def read_sd_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
     model.update(schedule_keys)
     text = _text_record(folder)
     _check_text(folder, text, model["sd_unet"]["cross_attention_dim"])
-    vae = _vae(folder, unet_cfg)
+    vae = read_vae_entry(folder, int(unet_cfg["in_channels"]))
     size, channels = int(unet_cfg["sample_size"]), int(unet_cfg["in_channels"])
     record = dict(
         source=folder,
@@ -204,7 +211,10 @@ def is_pipeline_folder(folder: str) -> bool:
 
 
 def read_teacher_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
-    """Any teacher folder distill_jax reads: a text-to-image pipeline or a DiT pipeline."""
+    """Any teacher folder distill_jax reads: a text-to-image pipeline or a DiT pipeline.
+
+    Either may hold a vae/ (a latent model): its record is the 'vae' entry (None without).
+    """
     if is_pipeline_folder(folder):
         return read_sd_folder(folder, weights=weights)
     if os.path.isdir(folder) and not os.path.isdir(os.path.join(folder, "transformer")):
@@ -213,7 +223,10 @@ def read_teacher_folder(folder: str, *, weights: bool = True) -> ImportedTeacher
             "it has neither unet/ (a text-to-image pipeline: unet/, text_encoder/, tokenizer/, "
             "scheduler/, vae/) nor transformer/ (a DiT pipeline: transformer/, scheduler/)"
         )
-    return read_dit_folder(folder, weights=weights)
+    imported = read_dit_folder(folder, weights=weights)
+    channels = imported.data_shape[-1]
+    vae = read_vae_entry(os.path.abspath(folder), channels, "transformer")
+    return dataclasses.replace(imported, record=dict(imported.record, vae=vae))
 
 
 def read_teacher_weights(imported: ImportedTeacher):

@@ -23,9 +23,9 @@ import numpy as np
 
 from distill_jax.interop.diffusers import (
     FolderError,
-    _read_json,
     convert_params,
     model_config,
+    read_json,
     read_safetensors,
 )
 
@@ -180,7 +180,7 @@ def read_unet_config(unet_dir: str) -> tuple[dict, dict]:
     """(config.model keys, the raw config) of a pipeline's unet/ folder."""
     if not os.path.isdir(unet_dir):
         raise FolderError(f"{unet_dir} does not exist: a pipeline folder needs its unet/")
-    cfg = _read_json(os.path.join(unet_dir, "config.json"), "the U-Net config")
+    cfg = read_json(os.path.join(unet_dir, "config.json"), "the U-Net config")
     return unet_model_config(cfg, os.path.join(unet_dir, "config.json")), cfg
 
 

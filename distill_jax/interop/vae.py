@@ -12,7 +12,7 @@ load, and so does this reader), and some store them 1x1-conv shaped [C, C, 1, 1]
 
 The latents a diffusion model of such a pipeline learnt on are
 (mean(q(z | x)) - shift_factor) * scaling_factor (shift 0 when null); `read_vae_folder`'s
-record carries both, and `kl_vae.make_codec` applies them.
+record carries both, and `autoencoder.make_codec` applies them.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import numpy as np
 
 from distill_jax.interop.diffusers import (
     FolderError,
-    _read_json,
     convert_params,
     match_params,
+    read_json,
     read_safetensors,
     weights_checksum,
 )
@@ -287,7 +287,7 @@ def read_vae_folder(vae_dir: str) -> tuple[kl_vae.AutoencoderKL, PyTree, dict]:
         raise FolderError(
             f"{folder} has no config.json but a vae/: pass the pipeline's vae/ folder itself"
         )
-    cfg = _read_json(config_path, "the VAE config")
+    cfg = read_json(config_path, "the VAE config")
     model = vae_model(cfg, config_path)
     params = convert_vae_params(read_safetensors(folder), abstract_vae_params(model), folder)
     return model, params, vae_record(cfg, folder, weights_checksum(folder))

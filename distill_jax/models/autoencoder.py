@@ -189,27 +189,36 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Apply:
-    """Static half of a codec function: the module, the method and the latent scale."""
+    """Static half of a codec function: the module, the method, the scale and the shift."""
 
-    model: KLAutoencoder
+    model: nn.Module
     method: str
     scale: float
+    shift: float
 
     def __call__(self, params: Params, x: jax.Array) -> jax.Array:
         if self.method == "encode":
-            mean, _ = self.model.apply({"params": params}, x, method=KLAutoencoder.encode)
-            return mean * self.scale
-        return self.model.apply({"params": params}, x / self.scale, method=KLAutoencoder.decode)
+            mean, _ = self.model.apply({"params": params}, x, method="encode")
+            return (mean - self.shift) * self.scale
+        z = x / self.scale + self.shift
+        return self.model.apply({"params": params}, z, method="decode")
 
 
-def make_codec(model: KLAutoencoder, params: Params, scale: float) -> tuple[Partial, Partial]:
+def make_codec(
+    model: nn.Module, params: Params, scale: float, shift: float = 0.0
+) -> tuple[Partial, Partial]:
     """(encode, decode) as pytree Partials: images -> scaled posterior means, and back.
 
-    encode(x [B, H, W, C] in [-1, 1]) -> scale * mean(q(z | x)) [B, h, w, latent_channels];
-    decode(z) -> images [B, H, W, C] (not clipped). Jit a function taking them as arguments:
-    new weights are new leaves, not a new trace.
+    `model` is this library's `KLAutoencoder` or diffusers' AutoencoderKL (`kl_vae`): any
+    module whose `encode(x)` gives (mean, logvar) of q(z | x) and `decode(z)` the image.
+    encode(x [B, H, W, C] in [-1, 1]) -> (mean(q(z | x)) - shift) * scale
+    [B, h, w, latent_channels]; decode(z) -> the image of z / scale + shift [B, H, W, C] (not
+    clipped). For an imported VAE, scale and shift are its config's scaling_factor and
+    shift_factor. Jit a function taking them as arguments: new weights are new leaves, not a
+    new trace.
     """
+    scale, shift = float(scale), float(shift)
     return (
-        Partial(_Apply(model, "encode", float(scale)), params),
-        Partial(_Apply(model, "decode", float(scale)), params),
+        Partial(_Apply(model, "encode", scale, shift), params),
+        Partial(_Apply(model, "decode", scale, shift), params),
     )

@@ -18,20 +18,18 @@ The attention is diffusers' `Attention` as AutoencoderKL builds it: one head as 
 channels (heads = channels // attention_head_dim with attention_head_dim = channels), biased
 q/k/v/out projections, softmax in float32, a residual and rescale_output_factor 1.
 
-`make_codec` bundles module, weights, scaling factor and shift into the (encode, decode)
-functions `autoencoder.make_codec` gives for this library's own autoencoder.
+`autoencoder.make_codec(model, params, scaling_factor, shift_factor)` gives its (encode,
+decode) functions, as for this library's own autoencoder.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.tree_util import Partial
 
 from distill_jax.models.norm import GroupNorm
 
@@ -254,40 +252,3 @@ def init_params(model: AutoencoderKL, rng: jax.Array) -> Params:
     side = downsampling_factor(model.block_out_channels)
     x = jnp.zeros((1, side, side, model.in_channels), jnp.float32)
     return model.init({"params": rng}, x)["params"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Apply:
-    """Static half of a codec function: the module, the method, the scale and the shift."""
-
-    model: AutoencoderKL
-    method: str
-    scale: float
-    shift: float
-
-    def __call__(self, params: Params, x: jax.Array) -> jax.Array:
-        if self.method == "encode":
-            mean, _ = self.model.apply({"params": params}, x, method=AutoencoderKL.encode)
-            return (mean - self.shift) * self.scale
-        z = x / self.scale + self.shift
-        return self.model.apply({"params": params}, z, method=AutoencoderKL.decode)
-
-
-def make_codec(
-    model: AutoencoderKL, params: Params, scale: float, shift: float = 0.0
-) -> tuple[Partial, Partial]:
-    """(encode, decode) as pytree Partials, `autoencoder.make_codec`'s calling convention.
-
-    encode(x [B, H, W, C] in [-1, 1]) -> (mean(q(z | x)) - shift) * scale
-    [B, H / f, W / f, latent_channels]; decode(z) -> the image of z / scale + shift
-    [B, H, W, C], not clipped. diffusers' training scripts encode with latent_dist.sample(),
-    a draw from q(z | x); the posterior mean is the deterministic choice made here (its
-    standard deviation is small for Stable Diffusion's VAE). `scale` and `shift` are
-    vae/config.json's scaling_factor and shift_factor (0 when null). Jit a function taking
-    them as arguments: new weights are new leaves, not a new trace.
-    """
-    scale, shift = float(scale), float(shift)
-    return (
-        Partial(_Apply(model, "encode", scale, shift), params),
-        Partial(_Apply(model, "decode", scale, shift), params),
-    )

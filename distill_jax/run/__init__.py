@@ -4,7 +4,8 @@
 config's stages; `workdir` the layout and the recorded config.
 """
 
-from distill_jax.run.run import Latents, Run
+from distill_jax.run.latents import Latents
+from distill_jax.run.run import Run
 from distill_jax.run.stages import KINDS, StageKind, StageSpec, plan_stages, round_name
 from distill_jax.run.workdir import ConfigMismatchError, WorkdirBusyError, config_differences
 

@@ -6,7 +6,10 @@ guidance branch), clips the run's log-SNR range to the teacher's trained range, 
 config's data against the network, and writes `workdir/teacher` as a finished stage: one Orbax
 checkpoint (params = EMA params = the imported weights) and a FINISHED.json whose `imported`
 entry records the source folder, the weights' sha256, the converted schedule, the conventions
-and the config keys. Everything is checked before anything is written. Later commands on the
+and the config keys. A folder with vae/ (a latent pipeline) also makes the run a latent run:
+its VAE is written first as the finished `autoencoder` stage, with the train split encoded at
+the VAE's scaling_factor (`_import_vae`). Everything is checked before anything is written.
+Later commands on the
 workdir apply the recorded keys again (`with_recorded_import`), so `distill`, `run`, `sample`,
 `evaluate` and `export` work on it unchanged.
 """
@@ -17,12 +20,15 @@ import dataclasses
 
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
 from distill_jax import checkpoints, config_checks
 from distill_jax.diffusion import discrete
 from distill_jax.interop import diffusers, pipeline
-from distill_jax.models import denoiser
+from distill_jax.interop import vae as vae_reader
+from distill_jax.models import autoencoder, denoiser
+from distill_jax.run import latents as latents_lib
 from distill_jax.run.run import Run
 
 PREFIX = "diffusers:"
@@ -38,7 +44,9 @@ def with_import(
 
     Its log-SNR range is clipped to the teacher's trained range [lambda_{K-1}, lambda_0]. A
     text-to-image teacher (`record` with a 'text' entry) also makes the run a text run whose
-    prompts and captions its own pipeline encodes (config.text.pipeline), at its length.
+    prompts and captions its own pipeline encodes (config.text.pipeline), at its length; one
+    with a VAE (a 'vae' entry) makes it a latent run whose autoencoder is that VAE
+    (config.autoencoder.pipeline).
     """
     config = ml_collections.ConfigDict(config.to_dict())
     config.model = diffusers.model_config(model_keys)
@@ -47,6 +55,9 @@ def with_import(
         config.text.enabled = True
         config.text.pipeline = str(record["source"])
         config.text.max_tokens = int(text["max_tokens"])
+    if (record or {}).get("vae"):  # a latent pipeline: its VAE is the run's autoencoder
+        config.autoencoder.enabled = True
+        config.autoencoder.pipeline = str(record["source"])
     lo, hi = logsnr_range
     config.diffusion.logsnr_min = max(float(config.diffusion.logsnr_min), float(lo))
     config.diffusion.logsnr_max = min(float(config.diffusion.logsnr_max), float(hi))
@@ -93,20 +104,21 @@ def teacher_times(run: Run, steps: int) -> np.ndarray:
 
 def _check_fits(run: Run, imported: diffusers.ImportedTeacher, source: str) -> None:
     """Refuse a config whose data the imported network cannot take."""
-    if run.latent:
+    if run.latent and not imported.record.get("vae"):
         raise ValueError(
             f"{source} is a pixel-space teacher but the config enables config.autoencoder "
             "(a latent run of distill_jax's own autoencoder): accepted autoencoder.enabled=False."
         )
-    if imported.record.get("kind") == "text_to_image":
-        _check_text_fits(run, imported, source)
-        return
     if tuple(run.info.shape) != tuple(imported.data_shape):
+        what = "latents" if run.latent else "examples"
+        theirs = f"{tuple(run.image_info.shape)}, latents {tuple(run.info.shape)} through the VAE"
         raise ValueError(
-            f"{source} takes examples of shape {imported.data_shape} but the config's data "
-            f"{run.info.name!r} has {tuple(run.info.shape)}: accepted a dataset (and "
-            "data.image_size) of the teacher's shape."
+            f"{source} takes {what} of shape {imported.data_shape} but the config's data "
+            f"{run.info.name!r} has {theirs if run.latent else tuple(run.info.shape)}: accepted "
+            "a dataset (and data.image_size) of the teacher's shape."
         )
+    if imported.record.get("kind") == "text_to_image":
+        return
     if run.info.num_classes != imported.num_classes:
         raise ValueError(
             f"{source} has {imported.num_classes} classes (null class {imported.num_classes}) "
@@ -115,42 +127,63 @@ def _check_fits(run: Run, imported: diffusers.ImportedTeacher, source: str) -> N
         )
 
 
-def _check_text_fits(run: Run, imported: diffusers.ImportedTeacher, source: str) -> None:
-    """A text-to-image teacher needs captioned pixel data of its shape (no VAE run yet)."""
-    if imported.record.get("vae"):
-        raise ValueError(
-            f"{source} is a latent pipeline (it has vae/): its parts are read and sampled by "
-            "distill_jax.interop.pipeline, but a distillation run on its latents is not wired "
-            "yet: accepted a pixel-space pipeline (unet/, text_encoder/, tokenizer/, "
-            "scheduler/, no vae/)."
-        )
-    if tuple(run.info.shape) != tuple(imported.data_shape):
-        raise ValueError(
-            f"{source} takes images of shape {imported.data_shape} but the config's data "
-            f"{run.info.name!r} has {tuple(run.info.shape)}: accepted a dataset (and "
-            "data.image_size) of the teacher's shape."
-        )
+def _existing_stage(workdir: epath.Path, name: str, weights_sha256: str) -> bool:
+    """True when stage `name` holds these very weights, imported already; refuses others.
 
-
-def _existing_teacher(workdir: epath.Path, imported: diffusers.ImportedTeacher) -> bool:
-    """True when this very teacher was imported already; refuses any other teacher."""
-    directory = workdir / "teacher"
+    `name` is 'teacher' or 'autoencoder' (a latent pipeline's VAE).
+    """
+    directory = workdir / name
     record = checkpoints.stage_finished(directory)
     if record is None:
         if directory.exists():
             raise ValueError(
-                f"{directory} holds an unfinished teacher; --teacher=diffusers:DIR imports into "
-                "a workdir without one (delete that directory to import, or use a new workdir)."
+                f"{directory} holds an unfinished {name}; --teacher=diffusers:DIR imports into "
+                f"a workdir without one (delete that directory to import, or use a new workdir)."
             )
         return False
     theirs = (record.get("imported") or {}).get("weights_sha256")
-    if theirs != imported.record["weights_sha256"]:
-        shown = (record.get("imported") or {}).get("source") or "a teacher trained by distill_jax"
+    if theirs != weights_sha256:
+        shown = (record.get("imported") or {}).get("source") or f"a {name} trained by distill_jax"
         raise ValueError(
-            f"{workdir} already has another teacher ({shown}); --teacher=diffusers:DIR "
+            f"{workdir} already has another {name} ({shown}); --teacher=diffusers:DIR "
             "needs a new workdir, or this workdir's own teacher (omit --teacher)."
         )
     return True
+
+
+def _import_vae(run: Run, vae: dict) -> None:
+    """Write a latent pipeline's VAE as the run's finished autoencoder stage.
+
+    Its weights go into one Orbax checkpoint; the train split is encoded once
+    (`latents.encode_train_split`) and the latents recorded at the VAE's own scaling_factor
+    and shift_factor, which the U-Net was trained on (the split's measured 1 / std is logged
+    and recorded beside them, for data unlike the VAE's).
+    """
+    spec = run.stage("autoencoder")
+    if _existing_stage(run.workdir, spec.name, vae["weights_sha256"]):
+        return
+    model, params, record = vae_reader.read_vae_folder(vae["source"])
+    shift = float(record["shift_factor"] or 0.0)
+    checkpointer = run.checkpointer(spec)
+    try:
+        checkpointer.save(0, {"params": params, "ema_params": params}, force=True)
+        unscaled, _ = autoencoder.make_codec(model, params, 1.0, shift)
+        shape, measured = latents_lib.encode_train_split(
+            unscaled, run.config.data, run.directory(spec)
+        )
+        latents = latents_lib.Latents(float(record["scaling_factor"]), shape, shift)
+        logging.info(
+            "[autoencoder] imported %s: latents %s at scaling_factor %.5f (the encoded train "
+            "split's 1 / std is %.5f)",
+            vae["source"],
+            "x".join(str(d) for d in shape),
+            latents.scale,
+            measured,
+        )
+        finished = {"stage": spec.name, **latents.to_record(), "imported": record}
+        checkpointer.mark_finished(0, dict(finished, measured_scale=measured))
+    finally:
+        checkpointer.close()
 
 
 def import_teacher(
@@ -158,7 +191,8 @@ def import_teacher(
 ) -> ml_collections.ConfigDict:
     """Import `teacher` ('diffusers:DIR') into workdir/teacher once; the run's config.
 
-    Returns `config` with the imported network's keys. Importing the same weights again
+    Returns `config` with the imported network's keys. A latent pipeline's VAE becomes the
+    run's finished autoencoder stage first (`_import_vae`). Importing the same weights again
     writes nothing.
 
     Raises:
@@ -180,7 +214,11 @@ def import_teacher(
             f"has no captions: accepted data.name in {tuple(config_checks.TEXT_DATASETS)}."
         )
     config = with_import(config, imported.model, imported.logsnr_range, imported.record)
-    if _existing_teacher(epath.Path(workdir).absolute(), imported):
+    workdir = epath.Path(workdir).absolute()
+    vae = imported.record.get("vae")
+    if vae:  # refuses another or an unfinished autoencoder before anything is written
+        _existing_stage(workdir, "autoencoder", vae["weights_sha256"])
+    if _existing_stage(workdir, "teacher", imported.record["weights_sha256"]):
         return config
     run = Run.create(config, workdir)
     _check_fits(run, imported, folder)
@@ -188,11 +226,13 @@ def import_teacher(
     spec = run.stage("teacher")
     record = dict(imported.record, model=imported.model)
     with run.locked():
+        if vae:
+            _import_vae(run, vae)
         checkpointer = run.checkpointer(spec)
         try:
             state = {"params": imported.params, "ema_params": imported.params}
             checkpointer.save(0, state, force=True)
-            checkpointer.mark_finished(0, {"stage": spec.name, "imported": record})
+            checkpointer.mark_finished(0, dict(run.finish_record(spec), imported=record))
         finally:
             checkpointer.close()
         run.record_config()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,9 +23,11 @@ from distill_jax import checkpoints, config_checks, text_encoder
 from distill_jax.data import sources
 from distill_jax.diffusion import gmm, guidance
 from distill_jax.interop import pipeline as pipeline_lib
+from distill_jax.interop import vae as vae_reader
 from distill_jax.models import autoencoder, denoiser
 from distill_jax.run import stages as stages_lib
 from distill_jax.run import workdir as workdir_lib
+from distill_jax.run.latents import Latents, read_cached
 
 PyTree = Any
 
@@ -46,20 +48,18 @@ def _diffusion_info(
             f"config.autoencoder.enabled=True needs image data [H, W, C]; dataset "
             f"{image_info.name!r} has examples of shape {image_info.shape}."
         )
-    shape = autoencoder.latent_shape(config.autoencoder, image_info.shape)
+    if config.autoencoder.pipeline:
+        vae_config = stages_lib.imported_vae_config(config)
+        try:
+            shape = vae_reader.vae_latent_shape(vae_config, image_info.shape)
+        except ValueError as error:
+            raise ValueError(
+                f"The data {image_info.name!r} does not fit the VAE of "
+                f"{config.autoencoder.pipeline}: {error}."
+            ) from None
+    else:
+        shape = autoencoder.latent_shape(config.autoencoder, image_info.shape)
     return dataclasses.replace(image_info, shape=shape)
-
-
-class _ScaledLatents(sources.ArraySource):
-    """The cached latents (memory-mapped), scaled when an example is read."""
-
-    def __init__(self, latents: np.ndarray, labels: np.ndarray, scale: float):
-        super().__init__({"x": latents, "label": labels})
-        self.scale = np.float32(scale)
-
-    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        examples = super().take(indices)
-        return {"x": np.asarray(examples["x"], np.float32) * self.scale, "label": examples["label"]}
 
 
 @functools.lru_cache(maxsize=2)
@@ -70,31 +70,6 @@ def _pipeline_encoder(folder: str, clip_skip: int):
 
 def _identity(x: jax.Array) -> jax.Array:
     return x
-
-
-@dataclasses.dataclass(frozen=True)
-class Latents:
-    """The latent space of a latent run: what its autoencoder stage recorded when it finished.
-
-    Attributes:
-      scale: diffusion runs on scale * mean(q(z | x)); 1 / std of the encoded train split.
-      shape: one latent's shape (h, w, c).
-    """
-
-    scale: float
-    shape: tuple[int, ...]
-
-    @classmethod
-    def from_record(cls, record: dict | None) -> Latents | None:
-        """The `latents` entry of a FINISHED.json record (None if it has none)."""
-        entry = (record or {}).get("latents")
-        if not isinstance(entry, dict):
-            return None
-        return cls(float(entry["scale"]), tuple(int(d) for d in entry["shape"]))
-
-    def to_record(self) -> dict:
-        """The FINISHED.json entry."""
-        return {"latents": {"scale": self.scale, "shape": list(self.shape)}}
 
 
 @dataclasses.dataclass
@@ -352,9 +327,7 @@ class Run:
         if spec.stage_kind.on_images or not self.latent:
             return
         theirs, ours = Latents.from_record(record), self.latents()
-        if theirs is None or not (
-            theirs.shape == ours.shape and abs(theirs.scale / ours.scale - 1.0) < 1e-6
-        ):
+        if theirs is None or not theirs.matches(ours):
             shown = "pixels" if theirs is None else f"latents {theirs}"
             raise ValueError(
                 f"The {spec.name} stage at {source} was trained on {shown}, but this run's "
@@ -366,47 +339,53 @@ class Run:
         """(encode, decode) between images and the diffusion data, as pytree Partials.
 
         Identity functions on a pixel run; on a latent run the finished autoencoder's EMA
-        weights with the recorded latent scale (see `autoencoder.make_codec`).
+        weights with the recorded latent scale and shift (see `autoencoder.make_codec`).
         """
         if not self.latent:
             return Partial(_identity), Partial(_identity)
         if self._codec is None:  # loaded once per Run: every sample() call decodes
             spec = self.stage("autoencoder")
-            scale = self.latents().scale
-            self._codec = autoencoder.make_codec(self.model(spec), self.load_params(spec), scale)
+            latents = self.latents()
+            params = self.load_params(spec)
+            self._codec = autoencoder.make_codec(
+                self.model(spec), params, latents.scale, latents.shift
+            )
         return self._codec
 
-    def train_source(self, spec: stages_lib.StageSpec) -> sources.ArraySource | None:
+    def train_source(self, spec: stages_lib.StageSpec) -> Sequence | None:
         """The stage's training examples, when they are not config.data's images (None).
 
         For a diffusion stage of a latent run: the scaled, cached latents of the train split.
+        With an imported pipeline's text encoder, the captions encoded by it (beside the
+        latents on a latent run).
         """
         if spec.stage_kind.on_images:
             return None
-        if self.text and self.config.text.pipeline and not self.latent:
-            return self.pipeline_captions(self.config.data.train_split)
+        split = self.config.data.train_split
+        pipeline_text = self.text and bool(self.config.text.pipeline)
         if not self.latent:
-            return None
-        scale = self.latents().scale
+            return self.pipeline_captions(split) if pipeline_text else None
         directory = self.directory(self.stage("autoencoder"))
-        latents = np.load(os.fspath(directory / workdir_lib.LATENTS_FILE), mmap_mode="r")
-        labels = np.load(os.fspath(directory / workdir_lib.LABELS_FILE), mmap_mode="r")
-        return _ScaledLatents(latents, labels, scale)
+        labels = self.pipeline_conditions(split)[1] if pipeline_text else None
+        return read_cached(directory, self.latents(), labels)
 
-    def pipeline_captions(self, split: str) -> sources.ArraySource:
-        """`split` of the captioned data, captions encoded by the teacher pipeline's encoder.
+    def pipeline_conditions(self, split: str) -> tuple[Sequence, np.ndarray]:
+        """(source, conditions [N, L, D]) of `split`, captions encoded by the pipeline's encoder.
 
-        The pipeline's text encoder (config.text.pipeline) replaces the conditions stored with
-        the dataset (MiniLM's, zero at padding) by what the pipeline conditions on.
+        The pipeline's text encoder (config.text.pipeline) encodes every distinct caption once,
+        in place of the conditions stored with the dataset (MiniLM's, zero at padding).
         """
         source, _ = sources.load_source(self.config.data, split=split, seed=self.config.seed)
-        captions = np.asarray(source.arrays["caption"]).astype(str)
-        distinct, inverse = np.unique(captions, return_inverse=True)
+        distinct, inverse = np.unique(sources.captions_of(source), return_inverse=True)
         encoder = self.text_encoder()
         encoded = np.concatenate(
             [encoder.encode(list(distinct[i : i + 256]))[0] for i in range(0, len(distinct), 256)]
         )
-        return sources.ArraySource(dict(source.arrays, condition=encoded[inverse]))
+        return source, encoded[inverse]
+
+    def pipeline_captions(self, split: str) -> Sequence:
+        """`split` of the captioned data, each caption's condition the pipeline encoder's."""
+        return sources.with_conditions(*self.pipeline_conditions(split))
 
     def denoise_fn(self, spec: stages_lib.StageSpec, params: PyTree = None) -> Partial:
         """The stage's x-hat denoiser(z, t, labels, w) as a Partial (weights loaded if None).
@@ -419,16 +398,20 @@ class Run:
             return gmm.make_gmm_denoise_fn(params, **self.bounds)
         return denoiser.make_denoise_fn(self.model(spec), params)
 
-    def guided_teacher_fn(self, *, unguided_steps: str = "none", params: PyTree = None) -> Partial:
+    def guided_teacher_fn(
+        self, *, unguided_steps: str = "none", params: PyTree = None, null: Any = None
+    ) -> Partial:
         """The guided teacher, (1 + w) xhat(z, c) - w xhat(z, null) in one batched call.
 
         unguided_steps: 'none', 'some' or 'all' steps with w = 0, which need only the
         conditional half (`guidance.make_guided_denoise_fn`). params: the teacher's weights
-        (loaded when None).
+        (loaded when None). null: the unconditional input (a negative prompt's encoding
+        [L, D]); the run's `null_condition` when None.
         """
         cond_fn = self.denoise_fn(self.stage("teacher"), params)
+        null = self.null_condition if null is None else null
         return guidance.make_guided_denoise_fn(
-            cond_fn, null_label=self.null_condition, unguided_steps=unguided_steps
+            cond_fn, null_label=null, unguided_steps=unguided_steps
         )
 
     def checkpointer(self, spec: stages_lib.StageSpec) -> checkpoints.StageCheckpointer:

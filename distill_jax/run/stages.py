@@ -12,6 +12,8 @@ no new branch.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -19,6 +21,8 @@ import ml_collections
 
 from distill_jax import config_checks, text_encoder
 from distill_jax.data import sources
+from distill_jax.interop import diffusers
+from distill_jax.interop import vae as vae_reader
 from distill_jax.models import autoencoder, denoiser
 
 ModelFactory = Callable[[ml_collections.ConfigDict, sources.DatasetInfo, float], nn.Module]
@@ -54,10 +58,27 @@ def _denoiser_factory(use_guidance: bool) -> ModelFactory:
     return build
 
 
+@functools.lru_cache(maxsize=4)
+def _read_vae_config(folder: str) -> dict:
+    return diffusers.read_json(os.path.join(folder, "vae", "config.json"), "the VAE config")
+
+
+def imported_vae_config(config: ml_collections.ConfigDict) -> dict:
+    """vae/config.json of the pipeline whose VAE is the run's autoencoder (autoencoder.pipeline).
+
+    Raises:
+      FolderError: the file is missing or not JSON.
+    """
+    return dict(_read_vae_config(os.path.abspath(str(config.autoencoder.pipeline))))
+
+
 def _autoencoder_factory(
     config: ml_collections.ConfigDict, info: sources.DatasetInfo, dropout: float
 ) -> nn.Module:
+    """The library's own KL autoencoder, or an imported pipeline's AutoencoderKL (`kl_vae`)."""
     del dropout  # the autoencoder has none
+    if config.autoencoder.pipeline:
+        return vae_reader.vae_model(imported_vae_config(config))
     return autoencoder.build_autoencoder(config.autoencoder, image_shape=info.shape)
 
 

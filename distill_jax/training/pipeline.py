@@ -22,7 +22,9 @@ from etils import epath
 
 from distill_jax import parallel
 from distill_jax.models import denoiser
+from distill_jax.models.autoencoder import make_codec
 from distill_jax.run import Latents, Run, StageSpec
+from distill_jax.run.latents import encode_train_split
 from distill_jax.training import autoencoder, distill, loop, teacher
 
 PyTree = Any
@@ -63,9 +65,8 @@ def _autoencoder_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop
 
     def finish(state) -> dict:
         ema = jax.device_get(state.ema_params)
-        shape, scale = autoencoder.encode_train_split(
-            model, ema, run.config.data, run.directory(spec)
-        )
+        unscaled, _ = make_codec(model, ema, 1.0)
+        shape, scale = encode_train_split(unscaled, run.config.data, run.directory(spec))
         logging.info(
             "[%s] latent scale %.5f (1 / std of the encoded train split)", spec.name, scale
         )
