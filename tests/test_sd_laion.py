@@ -1,0 +1,69 @@
+"""configs/sd15_laion.py and configs/sd21_768.py: their smoke variants distil tiny SD-layout
+pipelines (sd_tiny: SD 1.x layout, epsilon; sd_tiny_v2: SD 2.x layout, v-prediction) on mock
+image-caption pairs, the pipeline's VAE as the run's autoencoder and its CLIP encoding the
+captions; `run` stops after distillation, saying why it does not evaluate."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from test_dit_cli import _cli
+
+from distill_jax import sampling
+from distill_jax.config import load_config
+from distill_jax.data import image_captions
+from distill_jax.evaluation import evaluate
+from distill_jax.run import Run, imported
+
+DATA = ROOT / "tests" / "data" / "diffusers"
+
+
+def test_sd15_laion_smoke_runs_every_stage_on_mock_shards(tmp_path):
+    pairs = tmp_path / "pairs"
+    image_captions.write_mock_pairs(str(pairs), 16)
+    workdir = tmp_path / "run"
+    result = _cli(
+        "run",
+        f"--config={ROOT / 'configs' / 'sd15_laion.py'}:smoke",
+        f"--workdir={workdir}",
+        f"--teacher=diffusers:{DATA / 'sd_tiny'}",
+        f"--config.data.data_dir={pairs}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not evaluated: the data 'image_captions' has no class labels" in result.stderr
+    finished = json.loads((workdir / "autoencoder" / "FINISHED.json").read_text())
+    assert finished["latents"] == {"scale": 0.18215, "shape": [16, 16, 4]}
+    run = Run.open(workdir)
+    assert sorted(run.students()) == [1, 2] and run.config.text.max_tokens == 77
+    with pytest.raises(ValueError, match="has no class labels"):
+        evaluate.evaluate_run(workdir)
+
+
+def test_sd21_768_smoke_imports_a_v_prediction_pipeline(tmp_path):
+    folder = tmp_path / "sd_tiny_v2"
+    shutil.copytree(DATA / "sd_tiny_v2", folder)
+    for part in ("vae", "text_encoder", "tokenizer"):
+        os.symlink(DATA / "sd_tiny" / part, folder / part)
+    pairs = tmp_path / "pairs"
+    image_captions.write_mock_pairs(str(pairs), 8)
+    config = load_config(str(ROOT / "configs" / "sd21_768.py") + ":smoke")
+    config.data.data_dir = str(pairs)
+    config = imported.import_teacher(config, tmp_path / "run", f"diffusers:{folder}")
+    run = Run.open(tmp_path / "run")
+    assert run.config.model.parameterisation == "v" and run.latent
+    assert run.config.model.sd_unet.linear_projection and tuple(run.info.shape) == (16, 16, 4)
+    assert run.config.guidance.w_min == 2.0 and run.config.guidance.w_max == 14.0
+    x = sampling.sample(
+        run,
+        model="teacher",
+        steps=2,
+        w=4.0,
+        labels=run.text_encoder().encode(["a blue star"])[0],
+        seed=0,
+        grid="teacher",
+    )
+    assert x.shape == (1, 32, 32, 3) and np.all(np.isfinite(x))
+    assert load_config(str(ROOT / "configs" / "sd21_768.py")).data.image_size == 768
