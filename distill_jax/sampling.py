@@ -229,28 +229,18 @@ def sample(
       progress: show a progress bar with an ETA on stderr (tqdm), one tick per batch.
       grid: 'uniform' (t = i / N) or 'teacher': an imported teacher's own diffusers DDIM
         timesteps (`imported.teacher_times`; DDIM from pure noise only).
-      null: the teacher's unconditional input instead of the run's null condition (a text
-        run's negative prompt, encoded: `negative_condition`).
+      null: the teacher's unconditional input (a negative prompt's `negative_condition`).
     """
-    if not np.isfinite(w):
-        raise ValueError(f"guidance weight w={w} is invalid: accepted a finite number.")
-    weights = schedule.weights(w, steps=int(steps), t_start=float(t_start))
-    if model == "student":
-        check_guidance(run, weights, schedule.name)
-    if fn is None:
-        fn = denoise_fn(run, model, steps, weights=weights, null=null)
-    labels = np.asarray(labels)
-    labels = labels.astype(np.float32 if run.text else np.int32)
+    fn, sampler, weights = _guided_call(
+        run, model, steps, w, schedule, t_start, stochastic, fn, null
+    )
+    labels = np.asarray(labels).astype(np.float32 if run.text else np.int32)
     num = len(labels)
     mask = _check_inputs(run, num, init, t_start, mask)
-    sampler = "ddim"
-    if stochastic:
-        sampler = "ancestral" if model == "teacher" else "stochastic"
     times = _time_grid(run, grid, model, sampler, init, steps)
     batch_size = min(batch_size, num)
     if init is not None:
-        encode = run.codec()[0]
-        init = apply_in_batches(encode, np.asarray(init, np.float32), batch_size)
+        init = apply_in_batches(run.codec()[0], np.asarray(init, np.float32), batch_size)
     bar = tqdm(total=num, unit="sample", desc=f"{model} N={steps}", disable=not progress)
     chunk_args = dict(steps=steps, t_start=t_start, times=times)
     out = _sample_batches(
@@ -258,6 +248,21 @@ def sample(
     )
     bar.close()
     return out
+
+
+def _guided_call(run, model, steps, w, schedule, t_start, stochastic, fn, null):
+    """`sample`'s w checked: (denoise_fn, given or built; sampler name; weights [steps])."""
+    if not np.isfinite(w):
+        raise ValueError(f"guidance weight w={w} is invalid: accepted a finite number.")
+    weights = schedule.weights(w, steps=int(steps), t_start=float(t_start))
+    if model == "student":
+        check_guidance(run, weights, schedule.name)
+    sampler = "ddim"
+    if stochastic:
+        sampler = "ancestral" if model == "teacher" else "stochastic"
+    if fn is None:
+        fn = denoise_fn(run, model, steps, weights=weights, null=null)
+    return fn, sampler, weights
 
 
 def _sample_batches(run, call, labels, init, mask, seed, batch_size, bar, chunk_args):
@@ -350,13 +355,16 @@ def check_output_fits(run: Run, num: int, out: epath.PathLike) -> None:
 
 
 def _write_samples(
-    run: Run, x: np.ndarray, labels: np.ndarray, out: epath.Path, title: str, prompts=None
+    run: Run, x: np.ndarray, labels: np.ndarray, out: epath.PathLike, title: str, prompts=None
 ):
     """The .npz (images uint8 or vectors x, labels) and its PNG picture; both paths.
 
-    With `prompts` (a text run) `labels` index them, the .npz holds 'prompts' and
-    'prompt_index', and the picture has one column per prompt.
+    `out` gains the suffix .npz if it has another. With `prompts` (a text run) `labels` index
+    them, the .npz holds 'prompts' and 'prompt_index', and the picture has one column per prompt.
     """
+    out = epath.Path(out)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
     image_data = len(run.image_info.shape) == 3
     columns = len(prompts) if prompts else run.info.num_classes
     arrays = {"prompt_index" if prompts else "labels": labels.astype(np.int32)}
@@ -399,6 +407,20 @@ def negative_condition(run: Run, model: str, negative_prompt: str | None) -> np.
     return prompt_lib.encode_prompts(run, [negative_prompt])[0]
 
 
+def _open_for(workdir, model: str, stochastic: bool, negative_prompt: str | None):
+    """(run, null) for `sample_to_files`: the model name checked, a negative prompt encoded."""
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
+    run = Run.open(workdir)
+    null = negative_condition(run, model, negative_prompt)
+    if stochastic and model == "student" and not run.config.stage2.stochastic:
+        logging.warning(
+            "these students were trained for deterministic sampling "
+            "(config.stage2.stochastic=False); the stochastic sampler may do worse."
+        )
+    return run, null
+
+
 def sample_to_files(
     workdir: epath.PathLike,
     *,
@@ -420,27 +442,14 @@ def sample_to_files(
 ) -> tuple[epath.Path, epath.Path]:
     """Sample, write `out` (.npz) and a PNG picture beside it (.png); return both paths.
 
-    The .npz holds 'images' uint8 [N, H, W, C] (vector data: 'x' float32 [N, D]) and
-    'labels' int32 [N]; on a text run 'prompts' and 'prompt_index' [N] instead of labels
-    (`prompts` cycled to N; by default one per digit).
-
-    With `init` (an .npz for `images.load_images`), one sample is drawn per init image, with the
-    init's labels unless `labels` is given: image-to-image from t_start < 1, or inpainting
-    with `mask` ('left', 'right', 'top', 'bottom', 'center' - the known part - or an .npz
-    with a 'mask' array, 1 = known).
-
-    `negative_prompt` (a text run's teacher) is guidance's unconditional input instead of the
-    empty prompt, as diffusers' negative_prompt.
+    The .npz holds 'images' uint8 [N, H, W, C] (vector data: 'x' float32 [N, D]) and 'labels'
+    int32 [N], or on a text run 'prompts' and 'prompt_index' [N] (`prompts` cycled to N, by
+    default one per digit; `negative_prompt` replaces the empty one in the teacher's guidance).
+    With `init` (an .npz for `images.load_images`) one sample is drawn per init image, with its
+    labels unless `labels` is given: image-to-image from t_start < 1, or inpainting with `mask`
+    ('left', 'right', 'top', 'bottom', 'center' - the known part - or an .npz 'mask', 1 = known).
     """
-    if model not in MODELS:
-        raise ValueError(f"model={model!r} is invalid: accepted one of {MODELS}.")
-    run = Run.open(workdir)
-    null = negative_condition(run, model, negative_prompt)
-    if stochastic and model == "student" and not run.config.stage2.stochastic:
-        logging.warning(
-            "these students were trained for deterministic sampling "
-            "(config.stage2.stochastic=False); the stochastic sampler may do worse."
-        )
+    run, null = _open_for(workdir, model, stochastic, negative_prompt)
     prompt_lib.check_condition_kind(run, prompts=prompts, labels=labels)
     if init is None:  # before the labels exist: a huge num is refused here, not by numpy
         check_output_fits(run, num, out)
@@ -468,9 +477,6 @@ def sample_to_files(
         grid=grid,
         null=null,
     )
-    out = epath.Path(out)
-    if out.suffix != ".npz":
-        out = out.with_name(out.name + ".npz")
     title = f"{model} N={steps} w={w:g}"
     title += "" if schedule.kind == "constant" else f" {schedule.name}"
     return _write_samples(run, x, label_array, out, title, prompts if run.text else None)
