@@ -63,7 +63,7 @@ def _flat_weights(params: Any) -> tuple[list[str], list[np.ndarray], Any]:
     return names, arrays, treedef
 
 
-def _sampler_function(net, treedefs, decode, bounds: dict, *, gains: np.ndarray, stochastic):
+def _sampler_function(net, treedefs, decode, bounds: dict, gains: np.ndarray, stochastic: bool):
     """The jitted (noise, labels, w[, rng], *weights) -> images function that gets exported.
 
     `treedefs` are the student's and the decoder's weight structures; `decode` is the run's
@@ -316,38 +316,36 @@ def export_sampler(
     names, arrays, treedefs, decode = _student_weights(run, spec)
     bar.update()
     bar.set_description(f"export: lowering for {', '.join(platforms)}")
-    (batch,) = jax.export.symbolic_shape("B") if batch_size is None else (int(batch_size),)
-    function = _sampler_function(
-        run.model(spec),
-        treedefs,
-        decode,
-        run.bounds,
-        gains=schedule.weights(1.0, steps=int(steps)),
-        stochastic=stochastic,
-    )
-    weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
-    exported = jax.export.export(function, platforms=tuple(platforms))(
-        *_specs(shape, batch, stochastic, _condition_shape(run)), *weight_specs
-    )
+    gains = schedule.weights(1.0, steps=int(steps))
+    function = _sampler_function(run.model(spec), treedefs, decode, run.bounds, gains, stochastic)
+    exported = _lower(run, function, arrays, batch_size, platforms, stochastic)
     bar.update()
     bar.set_description("export: writing")
+    details = dict(batch_size=batch_size, stochastic=stochastic, schedule=schedule)
     with files.atomic_directory(out, replace=overwrite) as staging:
-        (staging / FUNCTION_FILE).write_bytes(exported.serialize())
-        with (staging / WEIGHTS_FILE).open("wb") as handle:
-            np.savez(handle, **dict(zip(names, arrays, strict=True)))
-        (staging / LOADER_FILE).write_text(epath.Path(export_loader.__file__).read_text())
+        _write_files(staging, exported, names, arrays)
         metadata = _metadata(
-            run,
-            spec,
-            exported,
-            batch_size=batch_size,
-            stochastic=stochastic,
-            schedule=schedule,
-            arrays=arrays,
-            names=names,
-            staging=staging,
+            run, spec, exported, arrays=arrays, names=names, staging=staging, **details
         )
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2))
     bar.update()
     bar.close()
     return metadata
+
+
+def _lower(run: Run, function, arrays, batch_size, platforms, stochastic):
+    """`function` lowered for `platforms` (jax.export), at batch_size or a symbolic batch B."""
+    shape = tuple(int(d) for d in run.info.shape)
+    (batch,) = jax.export.symbolic_shape("B") if batch_size is None else (int(batch_size),)
+    weight_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+    return jax.export.export(function, platforms=tuple(platforms))(
+        *_specs(shape, batch, stochastic, _condition_shape(run)), *weight_specs
+    )
+
+
+def _write_files(staging: epath.Path, exported, names, arrays) -> None:
+    """The serialized function, the weights and the loader, into the artifact's `staging`."""
+    (staging / FUNCTION_FILE).write_bytes(exported.serialize())
+    with (staging / WEIGHTS_FILE).open("wb") as handle:
+        np.savez(handle, **dict(zip(names, arrays, strict=True)))
+    (staging / LOADER_FILE).write_text(epath.Path(export_loader.__file__).read_text())
