@@ -32,9 +32,10 @@ last timestep (log-SNR -5.36, alpha 0.068) x-hat from epsilon multiplies the net
 by 15, so expect the 1- and 2-step students to do worse than a v-prediction teacher's
 (configs/sd21_768.py).
 
-':smoke' runs every stage in a minute on 32x32 mock pairs with any tiny SD-layout pipeline
-whose VAE takes RGB (the tests use tests/data/diffusers/sd_tiny and pairs from
-`image_captions.write_mock_pairs`).
+':smoke' runs every stage in about a minute on 32x32 mock pairs (from
+`image_captions.write_mock_pairs`) with any tiny SD-layout pipeline whose VAE takes RGB:
+tests/test_sd_laion.py imports tests/data/diffusers/sd_tiny with it and samples, and runs
+every stage of configs/sd21_768.py's smoke, whose stages are these.
 """
 
 from distill_jax.config import base_config, optimizer_config

@@ -163,30 +163,6 @@ def test_dit_xl2_config_smoke_on_mock_data(tmp_path):
     assert x.shape == (2, 8, 8, 3) and np.all(np.isfinite(x))
 
 
-def test_latent_dit_pipeline_runs_on_its_vaes_latents(tmp_path):
-    """A DiT folder with vae/ (as DiT-XL/2's): the VAE becomes the run's finished autoencoder
-    and the teacher samples images through it. dit_tiny takes 8x8x4 latents; sd_latent_tiny's
-    gray-scale VAE (downsampling 2) gives them for 16x16 digits."""
-    from distill_jax import sampling
-    from distill_jax.config import load_config
-    from distill_jax.run import imported
-
-    folder = tmp_path / "dit_latent"
-    shutil.copytree(DATA / "dit_tiny", folder)
-    shutil.copytree(DATA / "sd_latent_tiny" / "vae", folder / "vae")
-    config = load_config(CONFIG)
-    config.data.image_size = 16
-    workdir = tmp_path / "run"
-    config = imported.import_teacher(config, workdir, f"diffusers:{folder}")
-    assert config.autoencoder.enabled and config.autoencoder.pipeline == str(folder)
-    finished = json.loads((workdir / "autoencoder" / "FINISHED.json").read_text())
-    assert finished["latents"] == {"scale": 0.18215, "shape": [8, 8, 4]}
-    run = Run.open(workdir)
-    assert tuple(run.info.shape) == (8, 8, 4) and run.info.num_classes == 10
-    x = sampling.sample(run, model="teacher", steps=2, w=1.0, labels=np.array([3, 7]), seed=0)
-    assert x.shape == (2, 16, 16, 1) and np.all(np.isfinite(x))
-
-
 def test_class_count_mismatch_refused(tmp_path):
     """A config whose classes differ from the network's label table is refused, naming both."""
     import tensorflow_datasets as tfds

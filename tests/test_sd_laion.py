@@ -1,11 +1,13 @@
-"""configs/sd15_laion.py and configs/sd21_768.py: their smoke variants distil tiny SD-layout
-pipelines (sd_tiny: SD 1.x layout, epsilon; sd_tiny_v2: SD 2.x layout, v-prediction) on mock
-image-caption pairs, the pipeline's VAE as the run's autoencoder and its CLIP encoding the
-captions; `run` stops after distillation, saying why it does not evaluate."""
+"""configs/sd15_laion.py and configs/sd21_768.py on mock image-caption pairs with tiny SD-layout
+pipelines (sd_tiny: SD 1.x layout, epsilon; sd_tiny_v2: SD 2.x layout, v-prediction), the
+pipeline's VAE as the run's autoencoder and its CLIP encoding the captions. One smoke runs
+every stage through `distill-jax run`, which stops after distillation saying why it does not
+evaluate; the other imports and samples (the stages are the same code)."""
 
 import json
 import os
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -21,15 +23,26 @@ from distill_jax.run import Run, imported
 DATA = ROOT / "tests" / "data" / "diffusers"
 
 
-def test_sd15_laion_smoke_runs_every_stage_on_mock_shards(tmp_path):
+def _v2_folder(tmp_path):
+    """sd_tiny_v2's unet/ and scheduler/ with sd_tiny's vae/, text_encoder/ and tokenizer/."""
+    folder = tmp_path / "sd_tiny_v2"
+    shutil.copytree(DATA / "sd_tiny_v2", folder)
+    for part in ("vae", "text_encoder", "tokenizer"):
+        os.symlink(DATA / "sd_tiny" / part, folder / part)
+    return folder
+
+
+def test_sd21_768_smoke_runs_every_stage_on_mock_shards(tmp_path):
+    """The smoke through `distill-jax run`: import (the VAE encodes the pairs), stage one and a
+    halving round of the v-prediction SD 2.x-layout U-Net, then no evaluation, said why."""
     pairs = tmp_path / "pairs"
     image_captions.write_mock_pairs(str(pairs), 16)
     workdir = tmp_path / "run"
     result = _cli(
         "run",
-        f"--config={ROOT / 'configs' / 'sd15_laion.py'}:smoke",
+        f"--config={ROOT / 'configs' / 'sd21_768.py'}:smoke",
         f"--workdir={workdir}",
-        f"--teacher=diffusers:{DATA / 'sd_tiny'}",
+        f"--teacher=diffusers:{_v2_folder(tmp_path)}",
         f"--config.data.data_dir={pairs}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -38,24 +51,28 @@ def test_sd15_laion_smoke_runs_every_stage_on_mock_shards(tmp_path):
     assert finished["latents"] == {"scale": 0.18215, "shape": [16, 16, 4]}
     run = Run.open(workdir)
     assert sorted(run.students()) == [1, 2] and run.config.text.max_tokens == 77
+    assert run.config.model.parameterisation == "v" and run.config.model.sd_unet.linear_projection
+    assert run.config.guidance.w_min == 2.0 and run.config.guidance.w_max == 14.0
     with pytest.raises(ValueError, match="has no class labels"):
         evaluate.evaluate_run(workdir)
+    assert load_config(str(ROOT / "configs" / "sd21_768.py")).data.image_size == 768
 
 
-def test_sd21_768_smoke_imports_a_v_prediction_pipeline(tmp_path):
-    folder = tmp_path / "sd_tiny_v2"
-    shutil.copytree(DATA / "sd_tiny_v2", folder)
-    for part in ("vae", "text_encoder", "tokenizer"):
-        os.symlink(DATA / "sd_tiny" / part, folder / part)
+def test_sd15_laion_smoke_imports_an_epsilon_pipeline_on_caption_files(tmp_path):
+    """SD 1.x layout, epsilon prediction, pairs as caption files beside the images: the import
+    and the teacher's samples from a prompt through the VAE."""
+    shards = image_captions.write_mock_pairs(str(tmp_path / "shards"), 8)
     pairs = tmp_path / "pairs"
-    image_captions.write_mock_pairs(str(pairs), 8)
-    config = load_config(str(ROOT / "configs" / "sd21_768.py") + ":smoke")
+    pairs.mkdir()
+    for shard in shards:
+        with tarfile.open(shard) as archive:
+            archive.extractall(pairs, filter="data")
+    config = load_config(str(ROOT / "configs" / "sd15_laion.py") + ":smoke")
     config.data.data_dir = str(pairs)
-    config = imported.import_teacher(config, tmp_path / "run", f"diffusers:{folder}")
+    config = imported.import_teacher(config, tmp_path / "run", f"diffusers:{DATA / 'sd_tiny'}")
     run = Run.open(tmp_path / "run")
-    assert run.config.model.parameterisation == "v" and run.latent
-    assert run.config.model.sd_unet.linear_projection and tuple(run.info.shape) == (16, 16, 4)
-    assert run.config.guidance.w_min == 2.0 and run.config.guidance.w_max == 14.0
+    assert run.config.model.parameterisation == "eps" and run.latent
+    assert tuple(run.info.shape) == (16, 16, 4) and run.info.num_train == 8
     x = sampling.sample(
         run,
         model="teacher",
@@ -66,4 +83,4 @@ def test_sd21_768_smoke_imports_a_v_prediction_pipeline(tmp_path):
         grid="teacher",
     )
     assert x.shape == (1, 32, 32, 3) and np.all(np.isfinite(x))
-    assert load_config(str(ROOT / "configs" / "sd21_768.py")).data.image_size == 768
+    assert load_config(str(ROOT / "configs" / "sd15_laion.py")).data.image_size == 512
