@@ -24,6 +24,10 @@ def get_config(variant: str = ""):
     # Shorter than configs/digits.py (whose stage one and rounds are tuned for its U-Net): the
     # import, distillation and evaluation take 7.5 minutes on the 2-core CPU (docs/teachers.md).
     # Stage one at 1e-3, a transformer's learning rate; rounds 8 -> 1 from a 16-step start.
+    # An epsilon teacher (finetune.to='auto') is first fine-tuned to v on the digits
+    # (docs/teachers.md: the routes measured); a v teacher skips this.
+    c.finetune.num_steps = 600
+    c.finetune.optimizer.learning_rate = 3e-4
     c.stage1.batch_size = 128
     c.stage1.num_steps = 800
     c.stage1.optimizer.learning_rate = 1e-3
@@ -43,6 +47,8 @@ def get_config(variant: str = ""):
     c.eval.teacher_steps = (32, 8, 2)
     c.eval.student_steps = (4, 1)
     if variant == "smoke":
+        c.finetune.batch_size = 32
+        c.finetune.num_steps = 5
         c.stage1.batch_size = 32
         c.stage1.num_steps = 10
         c.stage2.batch_size = 32

@@ -26,11 +26,15 @@ Not evaluated: the pairs have no class labels, and the paper's FID and CLIP scor
 captions need Inception and CLIP weights that distill_jax does not bundle; `run` says so and
 stops after distillation, and `sample --prompt` and `export` work on the workdir.
 
-SD 1.5 predicts epsilon, and the students keep the teacher's parameterisation (Meng et al.
-fine-tune their teacher to v-prediction first; distill_jax does not re-parameterise). At SD's
-last timestep (log-SNR -5.36, alpha 0.068) x-hat from epsilon multiplies the network's error
-by 15, so expect the 1- and 2-step students to do worse than a v-prediction teacher's
-(configs/sd21_768.py).
+SD 1.5 predicts epsilon, so the run first fine-tunes it to v-prediction (config.finetune,
+'auto' for an epsilon teacher; docs/teachers.md measures this route against the others) on the
+run's own pairs, as Meng et al. do for their LAION teacher, and distils the fine-tuned model.
+Its length is our choice: 10,000 updates at batch 512 and AdamW 1e-4 (Stability resumed SD 2's
+768-v model from the epsilon 512 model with 150,000 v-objective updates, but that also moved it
+to 768x768; Meng et al. do not give theirs). That is 14% of the distillation's 73,000 updates
+(stage one 3,000, rounds 5 x 2,000 + 3 x 20,000); a fine-tune update is one forward and
+backward pass and a distillation update adds two teacher forward passes, so about 8% of the
+run's network compute.
 
 ':smoke' runs every stage in about a minute on 32x32 mock pairs (from
 `image_captions.write_mock_pairs`) with any tiny SD-layout pipeline whose VAE takes RGB:
@@ -55,6 +59,11 @@ def get_config(variant: str = ""):
     c.model.kind = "sd_unet"  # replaced by the imported teacher's keys
     c.model.dtype = "bfloat16"  # compute dtype; weights and optimiser state stay float32
     c.guidance.w_min, c.guidance.w_max = 2.0, 14.0
+    c.finetune.batch_size = 512
+    c.finetune.num_steps = 10_000
+    c.finetune.optimizer = optimizer_config(
+        learning_rate=1e-4, warmup_steps=500, decay="constant", ema_decay=0.999
+    )
     c.stage1.batch_size = 512
     c.stage1.num_steps = 3000
     c.stage1.optimizer = optimizer_config(
@@ -74,8 +83,9 @@ def get_config(variant: str = ""):
     if variant == "smoke":
         c.data.image_size = 32
         c.model.dtype = "float32"
-        for stage in (c.stage1, c.stage2):
+        for stage in (c.finetune, c.stage1, c.stage2):
             stage.batch_size = 8
+        c.finetune.num_steps = 2
         c.stage1.num_steps = 2
         c.stage2.n_start = 2
         c.stage2.steps_per_round = 2

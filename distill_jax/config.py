@@ -60,7 +60,10 @@ def _model_config() -> ml_collections.ConfigDict:
     """The network (teacher and students share it; students add the w branch)."""
     model = ml_collections.ConfigDict()
     model.kind = "unet"
-    model.parameterisation = "v"
+    model.parameterisation = "v"  # the teacher's (an imported teacher's comes from its folder)
+    # The students': 'auto' is 'both' for an epsilon teacher, else the teacher's; or one of
+    # 'eps', 'x', 'v', 'both' (distill_jax/models/student_head.py, docs/teachers.md).
+    model.student_parameterisation = "auto"
     model.dtype = "float32"  # compute dtype; parameters stay float32
     model.channels = 64
     model.channel_mult = (1, 2)
@@ -193,6 +196,26 @@ def _teacher_config() -> ml_collections.ConfigDict:
     return teacher
 
 
+def _finetune_config() -> ml_collections.ConfigDict:
+    """The teacher fine-tuned to another parameterisation before stage one.
+
+    Meng et al. fine-tune Stable Diffusion (epsilon) to v-prediction before distilling it, as
+    Stability resumed SD 2's 768-v model from an epsilon model. The fine-tune is the teacher's
+    own loss (data, label dropout) on the run's data, starting from the teacher's weights; it
+    becomes stage one's teacher (`teacher_v/`), and the imported teacher stays the reference
+    that sampling and evaluation call 'teacher'.
+    """
+    finetune = ml_collections.ConfigDict()
+    # 'auto': 'v' for an epsilon teacher's run, none otherwise (distill_jax/models/student_head.py);
+    # '' none; 'v' or 'x' that parameterisation.
+    finetune.to = "auto"
+    finetune.batch_size = 128
+    finetune.num_steps = 1000
+    finetune.dropout = 0.0
+    finetune.optimizer = optimizer_config(learning_rate=2e-4, warmup_steps=100, ema_decay=0.99)
+    return finetune
+
+
 def _stage1_config() -> ml_collections.ConfigDict:
     """Stage one: the w-conditioned student regressing the guided teacher."""
     stage1 = ml_collections.ConfigDict()
@@ -282,6 +305,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.autoencoder = _autoencoder_config()
     c.text = _text_config()
     c.teacher = _teacher_config()
+    c.finetune = _finetune_config()
     c.stage1 = _stage1_config()
     c.stage2 = _stage2_config()
     c.train = _train_config()

@@ -16,6 +16,7 @@ from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
 from distill_jax.diffusion.weighting import WEIGHTINGS
 from distill_jax.models.denoiser import DTYPES, MODEL_KINDS
 from distill_jax.models.embeddings import GUIDANCE_HEADS
+from distill_jax.models.student_head import FINETUNE_TARGETS, STUDENT_PARAMETERISATIONS
 
 TEACHER_KINDS = ("trained", "exact_gmm")
 DECAYS = ("cosine", "linear", "constant")
@@ -60,6 +61,14 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
         _fail("model.kind", m.kind, f"one of {MODEL_KINDS}")
     if m.parameterisation not in PARAMETERISATIONS:
         _fail("model.parameterisation", m.parameterisation, f"one of {PARAMETERISATIONS}")
+    if config.finetune.to not in FINETUNE_TARGETS:
+        _fail("finetune.to", config.finetune.to, f"one of {FINETUNE_TARGETS}")
+    if m.student_parameterisation not in STUDENT_PARAMETERISATIONS:
+        _fail(
+            "model.student_parameterisation",
+            m.student_parameterisation,
+            f"one of {STUDENT_PARAMETERISATIONS}",
+        )
     if m.dtype not in DTYPES:
         _fail("model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
     if m.guidance_head not in GUIDANCE_HEADS:
@@ -74,7 +83,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
 
 def _check_stage_sections(config: ml_collections.ConfigDict) -> None:
     """Counts and optimiser settings of the teacher, stage one and stage two."""
-    for stage in ("autoencoder", "teacher", "stage1", "stage2"):
+    for stage in ("autoencoder", "teacher", "finetune", "stage1", "stage2"):
         _check_number(config, f"{stage}.batch_size", low=1, integer=True)
         opt = f"{stage}.optimizer"
         _check_number(config, f"{opt}.learning_rate", low=0, low_open=True)
@@ -93,6 +102,7 @@ def _check_stage_sections(config: ml_collections.ConfigDict) -> None:
             _check_number(config, f"{stage}.dropout", low=0, high=1)
     _check_number(config, "teacher.num_steps", low=1, integer=True)
     _check_number(config, "stage1.num_steps", low=1, integer=True)
+    _check_number(config, "finetune.num_steps", low=1, integer=True)
     _check_number(config, "stage2.steps_per_round", low=1, integer=True)
     _check_number(config, "stage2.final_steps_per_round", low=1, integer=True)
     _check_number(config, "stage2.final_rounds", low=0, integer=True)

@@ -225,7 +225,7 @@ def _metadata(
         "sampler": "stochastic" if stochastic else "ddim",
         "student_trained_stochastic": bool(config.stage2.stochastic),
         "batch_size": None if batch_size is None else int(batch_size),
-        "parameterisation": config.model.parameterisation,
+        "parameterisation": run.model(spec).parameterisation,
         "schedule": {"kind": "cosine_logsnr", **run.bounds},
         "data_range": [-1.0, 1.0],
         "condition_shape": list(_condition_shape(run)),

@@ -16,13 +16,19 @@ Training follows the paper's teacher recipe where diffusers leaves a choice open
   training loop. diffusers' own LabelEmbedding dropout is switched off: every block has its own
   label embedder and each would draw its own dropout, so one example could be conditional in
   one block and null in the next;
-- DDPMScheduler: 1,000 linear betas (DiT's), v-prediction (as Stable Diffusion 2.x trains;
-  a few-step student of an epsilon teacher must recover x from eps, which is ill-conditioned
-  at high noise), uniform integer timesteps, plain MSE on the prediction; AdamW and an EMA.
+- DDPMScheduler: 1,000 linear betas (DiT's), v-prediction by default (as Stable Diffusion 2.x
+  trains), uniform integer timesteps, plain MSE on the prediction; AdamW and an EMA.
+- `--prediction epsilon --learned_sigma` makes a teacher laid out as DiT-XL/2: epsilon
+  prediction and twice the output channels (the prediction, then the variance channels, which
+  DiTPipeline splits off). Only the prediction is trained (plain epsilon MSE); DiT's variational
+  loss on the variance channels is left out, since no DDIM-family sampler reads them.
 
 Command that made the committed folder (tests/data/diffusers/dit_digits: 949 s of training and
 114 s of sampling here, on 2 CPU cores shared with other jobs):
 python scripts/train_diffusers_dit.py --out tests/data/diffusers/dit_digits --samples
+and the epsilon teacher with learned variance (tests/data/diffusers/dit_digits_eps):
+python scripts/train_diffusers_dit.py --out tests/data/diffusers/dit_digits_eps --samples \
+    --prediction epsilon --learned_sigma
 """
 
 from __future__ import annotations
@@ -49,13 +55,13 @@ def train_arrays() -> tuple[np.ndarray, np.ndarray]:
     return x.transpose(0, 3, 1, 2), labels[index]
 
 
-def make_model() -> DiTTransformer2DModel:
+def make_model(learned_sigma: bool) -> DiTTransformer2DModel:
     """A DiT of 4 blocks, width 64 (2 heads of 32), patches of 2 on 8x8x1: 16 tokens."""
     model = DiTTransformer2DModel(
         num_attention_heads=2,
         attention_head_dim=32,
         in_channels=1,
-        out_channels=1,
+        out_channels=2 if learned_sigma else 1,
         num_layers=4,
         sample_size=8,
         patch_size=2,
@@ -67,13 +73,13 @@ def make_model() -> DiTTransformer2DModel:
 
 
 def train(args) -> tuple[DiTTransformer2DModel, DDPMScheduler]:
-    """Train with v-prediction; returns the EMA model and the training scheduler."""
+    """Train with --prediction; returns the EMA model and the training scheduler."""
     torch.manual_seed(args.seed)
     x_all, y_all = (torch.from_numpy(a) for a in train_arrays())
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", prediction_type="v_prediction"
+        num_train_timesteps=1000, beta_schedule="linear", prediction_type=args.prediction
     )
-    model = make_model().train()
+    model = make_model(args.learned_sigma).train()
     ema = copy.deepcopy(model).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
@@ -86,8 +92,9 @@ def train(args) -> tuple[DiTTransformer2DModel, DDPMScheduler]:
         noise = torch.randn(x.shape, generator=generator)
         t = torch.randint(0, 1000, (args.batch,), generator=generator)
         z = scheduler.add_noise(x, noise, t)
-        target = scheduler.get_velocity(x, noise, t)
-        loss = torch.mean((model(z, timestep=t, class_labels=labels).sample - target) ** 2)
+        target = noise if args.prediction == "epsilon" else scheduler.get_velocity(x, noise, t)
+        prediction = model(z, timestep=t, class_labels=labels).sample[:, : x.shape[1]]
+        loss = torch.mean((prediction - target) ** 2)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -115,6 +122,7 @@ def ddim_sample(model, scheduler, noise, labels, w: float, steps: int) -> np.nda
         half = latents[:batch]
         latents = scheduler.scale_model_input(torch.cat([half, half]), t)
         out = model(latents, timestep=t[None].expand(2 * batch), class_labels=class_input).sample
+        out = out[:, : noise.shape[1]]  # DiTPipeline splits off learned-variance channels
         cond, uncond = torch.split(out, batch)
         guided = uncond + scale * (cond - uncond)
         latents = scheduler.step(torch.cat([guided, guided]), t, latents).prev_sample
@@ -160,6 +168,8 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=600)
     parser.add_argument("--steps_sample", type=int, default=32)
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 4.0])
+    parser.add_argument("--prediction", choices=("v_prediction", "epsilon"), default="v_prediction")
+    parser.add_argument("--learned_sigma", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, scheduler = train(args)

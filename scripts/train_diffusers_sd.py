@@ -18,7 +18,8 @@ condition (padding positions included). The empty prompt's encoding is the uncon
 input; captions are replaced by it with probability 0.1 (the paper's p_uncond).
 
 Training: DDPMScheduler with SD's scaled_linear betas (0.00085 to 0.012, 1,000 steps) and
-v-prediction (as SD 2.x at 768), uniform integer timesteps, plain MSE, AdamW, an EMA.
+v-prediction (as SD 2.x at 768) or, with `--prediction epsilon`, epsilon prediction (as SD 1.x),
+uniform integer timesteps, plain MSE, AdamW, an EMA.
 
 With --samples, diffusers' own guided DDIM samples (StableDiffusionPipeline's loop body with
 diffusers' DDIMScheduler; the pipeline class itself needs a VAE, so its loop is reproduced line
@@ -28,6 +29,8 @@ for line): `ddim_samples.npz` (--num samples per w of the evaluation's held-out 
 Command that made runs/sd_digits_teacher (2,500 steps: 1,836 s of training and about 90 s of
 sampling on 2 CPU cores shared with other jobs):
 python scripts/train_diffusers_sd.py --out runs/sd_digits_teacher --samples --steps 2500
+and the epsilon teacher (as SD 1.5; tests/data/diffusers/sd_digits_eps holds the same parts):
+python scripts/train_diffusers_sd.py --out runs/sd_digits_eps --samples --prediction epsilon
 
 tests/data/diffusers/sd_digits holds that folder's unet/, scheduler/, model_index.json,
 tokenizer/tokenizer_config.json and the two .npz files (6 MB); its text_encoder/ and
@@ -118,7 +121,7 @@ def write_text_parts(out: str) -> None:
 
 
 def train(args, encode: PromptEncoder) -> tuple[UNet2DConditionModel, DDPMScheduler]:
-    """Train with v-prediction; returns the EMA U-Net and the training scheduler."""
+    """Train with --prediction; returns the EMA U-Net and the training scheduler."""
     torch.manual_seed(args.seed)
     x_np, texts = train_data()
     distinct = sorted(set(texts))
@@ -132,7 +135,7 @@ def train(args, encode: PromptEncoder) -> tuple[UNet2DConditionModel, DDPMSchedu
         beta_schedule="scaled_linear",
         beta_start=0.00085,
         beta_end=0.012,
-        prediction_type="v_prediction",
+        prediction_type=args.prediction,
     )
     model = make_unet().train()
     ema = copy.deepcopy(model).eval()
@@ -147,7 +150,7 @@ def train(args, encode: PromptEncoder) -> tuple[UNet2DConditionModel, DDPMSchedu
         noise = torch.randn(x.shape, generator=generator)
         t = torch.randint(0, 1000, (args.batch,), generator=generator)
         z = scheduler.add_noise(x, noise, t)
-        target = scheduler.get_velocity(x, noise, t)
+        target = noise if args.prediction == "epsilon" else scheduler.get_velocity(x, noise, t)
         loss = torch.mean((model(z, t, encoder_hidden_states=context).sample - target) ** 2)
         optimizer.zero_grad()
         loss.backward()
@@ -233,6 +236,7 @@ def main() -> None:
     parser.add_argument("--steps_sample", type=int, default=32)
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0, 4.0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prediction", choices=("v_prediction", "epsilon"), default="v_prediction")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

@@ -6,14 +6,16 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import imported_dit
 
-from distill_jax.diffusion import discrete, guidance, samplers
+from distill_jax.config import base_config
+from distill_jax.diffusion import discrete, guidance, samplers, schedule
 from distill_jax.interop import diffusers as reader
 from distill_jax.interop import pipeline
-from distill_jax.models import denoiser
+from distill_jax.models import denoiser, student_head
 from distill_jax.models.dit import DiT
 from distill_jax.trees import named_leaves
 
@@ -112,12 +114,21 @@ def test_dit_xl2_manifest_fully_mapped(layout):
     )
 
 
-def test_student_of_imported_teacher_starts_as_teacher():
+@pytest.mark.parametrize("choice", ["eps", "auto"])
+def test_student_of_imported_teacher_starts_as_teacher(choice):
+    """An eps student copies its eps teacher; the default 'both' student of an epsilon teacher
+    (DiT-XL/2's layout: learned variance) keeps its eps head and starts its x head at zero, so
+    it is alpha^2 times the teacher's x-hat at every t (exactly the teacher where alpha = 1)."""
     imported, teacher = _imported("dit_tiny")
     lo, hi = imported.logsnr_range
-    config = reader.model_config(imported.model)
+    config = base_config()
+    config.model = reader.model_config(imported.model)
+    config.model.student_parameterisation = choice
+    config.finetune.to = ""  # the converted head alone (the fine-tune: tests/test_dit_cli.py)
+    head = student_head.head_conversion(config, 4)
+    assert head.student == ("eps" if choice == "eps" else "both")
     student = denoiser.build_model(
-        config,
+        ml_collections.ConfigDict({**config.model.to_dict(), "parameterisation": head.student}),
         data_shape=imported.data_shape,
         num_classes=10,
         use_guidance=True,
@@ -125,13 +136,18 @@ def test_student_of_imported_teacher_starts_as_teacher():
         logsnr_max=hi,
     )
     fresh = denoiser.init_params(student, jax.random.PRNGKey(3), data_shape=(8, 8, 4))
-    params = denoiser.student_params_from_teacher(imported.params, fresh)
+    params = denoiser.student_params_from_teacher(imported.params, fresh, head)
+    # the learned-variance channels became the x head: the output layer keeps its shape
+    assert params["final_proj"]["kernel"].shape == imported.params["final_proj"]["kernel"].shape
     z = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 4))
     t, labels = jnp.array([0.05, 0.3, 0.7, 1.0]), jnp.array([0, 4, 9, 10])
     want = denoiser.make_denoise_fn(teacher, imported.params)(z, t, labels)
+    if choice == "auto":
+        alpha2 = jax.nn.sigmoid(schedule.logsnr_schedule_cosine(t, logsnr_min=lo, logsnr_max=hi))
+        want = want * alpha2[:, None, None, None]
     for w in (0.0, 1.5, 4.0):
         got = denoiser.make_denoise_fn(student, params)(z, t, labels, jnp.full(4, w))
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.max(abs(want))))
     # ... and the guidance branch is live: a trained branch changes the output with w.
     params["guidance_embed"] = jax.tree.map(lambda p: p + 0.1, params["guidance_embed"])
     moved = denoiser.make_denoise_fn(student, params)(z, t, labels, jnp.full(4, 2.0))

@@ -153,9 +153,15 @@ def test_dit_xl2_config_smoke_on_mock_data(tmp_path):
             imported.import_teacher(config, tmp_path / "other", f"diffusers:{gray}")
         assert not (tmp_path / "other").exists()
         config = imported.import_teacher(config, workdir, teacher)
-        assert pipeline.distill_stages(config, workdir) == ["stage1", "stage2/steps_0001"]
+        # An epsilon teacher: fine-tuned to v first (config.finetune.to='auto'), on the latents.
+        trained = pipeline.distill_stages(config, workdir)
+        assert trained == ["teacher_v", "stage1", "stage2/steps_0001"]
         run = Run.open(workdir)
         assert run.config.model.dit_learned_sigma and run.info.num_classes == 1000
+        assert run.model(run.stage("teacher")).parameterisation == "eps"
+        assert run.model(run.stage("teacher_v")).parameterisation == "v"
+        assert run.model(run.student(1)).parameterisation == "v"
+        assert run.stage("stage1").teacher == "teacher_v"
         assert run.latent and tuple(run.info.shape) == (4, 4, 4)
         x = sampling.sample(
             run, model="student", steps=1, w=14.0, labels=np.array([0, 999]), seed=0

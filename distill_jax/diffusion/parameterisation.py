@@ -83,5 +83,8 @@ def xhat_from_output(
     if parameterisation == "v":
         return x_from_v(z, output, logsnr)
     x_direct, eps = jnp.split(output, 2, axis=-1)
-    w_direct = expand_to(jax.nn.sigmoid(-jnp.asarray(logsnr, jnp.float32)), z)
-    return w_direct * x_direct + (1.0 - w_direct) * x_from_eps(z, eps, logsnr)
+    logsnr = jnp.asarray(logsnr, jnp.float32)
+    # sigma^2 and alpha^2 each from its own sigmoid: 1 - sigmoid(-lambda) rounds to 0 in
+    # float32 where lambda is large and negative, and alpha^2 is what weights the eps route.
+    w_direct, w_eps = jax.nn.sigmoid(-logsnr), jax.nn.sigmoid(logsnr)
+    return expand_to(w_direct, z) * x_direct + expand_to(w_eps, z) * x_from_eps(z, eps, logsnr)

@@ -24,6 +24,7 @@ from distill_jax.diffusion import discrete
 from distill_jax.diffusion.guidance import as_condition
 from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
+from distill_jax.models import student_head
 from distill_jax.models.dit import DiT, check_patch_size
 from distill_jax.models.embeddings import (
     GUIDANCE_BRANCH,
@@ -157,7 +158,8 @@ def _build_dit(
         num_heads=int(m.num_heads),
         patch_size=int(m.dit_patch_size),
         out_channels=data_shape[2],
-        learned_sigma=bool(m.dit_learned_sigma),
+        # A 'both' student reuses the learned-variance channels as its x head.
+        learned_sigma=bool(m.dit_learned_sigma) and m.parameterisation != "both",
         per_block_embedders=bool(m.dit_per_block_embedders),
         timestep_logsnrs=discrete_logsnrs(m),
         mlp_ratio=int(m.dit_mlp_ratio),
@@ -295,7 +297,11 @@ def _student_only(name: str) -> bool:
     )
 
 
-def student_params_from_teacher(teacher_params: Params, student_init_params: Params) -> Params:
+def student_params_from_teacher(
+    teacher_params: Params,
+    student_init_params: Params,
+    head: student_head.HeadConversion | None = None,
+) -> Params:
     """Student params = the teacher's weights plus the student's fresh guidance branch.
 
     Every subtree of the student is taken from the teacher except those named `GUIDANCE_BRANCH`
@@ -303,6 +309,9 @@ def student_params_from_teacher(teacher_params: Params, student_init_params: Par
     lacks, which keep their initial values (last layer zero, so the student equals the teacher
     for every w). A teacher that has a guidance branch itself (a distilled student) passes it
     on, so the copy never throws away what a teacher knows about w.
+
+    A student whose parameterisation differs from its teacher's (`head`) has the teacher's
+    output layer converted into its own (`student_head.convert_output_layer`).
 
     Pure tree surgery, so it runs inside `jax.jit` (sharded initialisation).
 
@@ -321,6 +330,8 @@ def student_params_from_teacher(teacher_params: Params, student_init_params: Par
             if not _student_only(name):
                 raise ValueError(f"student params have {name} which the teacher lacks.")
             merged.append(leaf)  # the fresh guidance branch or extra blocks
+        elif head is not None and head.applies_to(name):
+            merged.append(student_head.convert_output_layer(head, teacher[name], leaf))
         elif jnp.shape(teacher[name]) != jnp.shape(leaf):
             raise ValueError(
                 f"teacher and student params differ at {name}: shape "

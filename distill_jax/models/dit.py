@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.diffusion.discrete import timestep_from_logsnr
+from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
 from distill_jax.models.embeddings import (
     GUIDANCE_BRANCH,
@@ -165,14 +166,14 @@ class DiT(nn.Module):
       depth: number of blocks.
       num_heads: attention heads.
       patch_size: p; H and W must be multiples of it.
-      out_channels: the data channels C (the prediction's channels).
+      out_channels: the data channels C (the prediction has C, or 2C for 'both').
       learned_sigma: the final layer also outputs C variance channels (carried, not returned).
       num_classes: real classes; label num_classes is the null class.
       per_block_embedders: every block has its own timestep and class embedders (diffusers).
       timestep_logsnrs: an imported teacher's discrete lambda_k (k = 0..K-1); () for a DiT
         trained here on continuous time.
       use_guidance, guidance_fourier_dim: the student's w branch.
-      parameterisation: how `denoiser` turns the prediction into x-hat.
+      parameterisation: how `denoiser` turns the prediction into x-hat ('both': x, then eps).
       attention_bias: the q, k, v projections have biases.
       norm_eps: epsilon of the LayerNorm before the MLP (diffusers' norm_eps).
       pos_interpolation_scale: positional embeddings at patch index / this.
@@ -288,11 +289,12 @@ class DiT(nn.Module):
             axis=-1,
         )
         x = _modulate(_layer_norm(1e-6, "norm_out")(x), shift, scale)
-        channels = self.out_channels * (2 if self.learned_sigma else 1)
+        predicted = output_channels(self.parameterisation, self.out_channels)
+        channels = predicted + (self.out_channels if self.learned_sigma else 0)
         x = nn.Dense(p * p * channels, kernel_init=_ZERO, dtype=self.dtype, name="final_proj")(x)
         x = x.reshape(batch, grid_h, grid_w, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
         out = x.reshape(batch, height, width, channels).astype(jnp.float32)
-        return out if with_variance else out[..., : self.out_channels]
+        return out if with_variance else out[..., :predicted]
 
 
 def check_patch_size(height: int, width: int, patch_size: int) -> None:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.diffusion.discrete import timestep_from_logsnr
+from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
 from distill_jax.models.embeddings import (
     GUIDANCE_BRANCH,
@@ -361,7 +362,8 @@ class SDUNet(nn.Module):
         for i in range(levels):
             h, _ = self._block(levels - 1 - i, i, up=True)(h, emb, context, skips)
         h = nn.silu(_group_norm(self.norm_groups, self.norm_eps, "conv_norm_out")(h))
-        h = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
+        out_channels = output_channels(self.parameterisation, self.out_channels)
+        h = nn.Conv(out_channels, (3, 3), dtype=self.dtype, name="conv_out")(h)
         return h.astype(jnp.float32)
 
 

@@ -49,7 +49,9 @@ def with_import(
     (config.autoencoder.pipeline).
     """
     config = ml_collections.ConfigDict(config.to_dict())
+    student = config.model.get("student_parameterisation", "auto")  # the run's, not the folder's
     config.model = diffusers.model_config(model_keys)
+    config.model.student_parameterisation = student
     text = (record or {}).get("text")
     if text:
         config.text.enabled = True

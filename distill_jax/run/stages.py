@@ -2,8 +2,9 @@
 
 A stage kind says what a stage is: which config section holds its batch size, steps and
 optimiser, whether its network takes the guidance weight w, and how its network is built. A
-config's run is the list of `StageSpec`s `plan_stages` makes: the teacher, stage one, then one
-stage-two round per halving, each naming the stage whose weights it learns from. A new kind of
+config's run is the list of `StageSpec`s `plan_stages` makes: the teacher, its fine-tune to
+another parameterisation where the config asks for one, stage one, then one stage-two round per
+halving, each naming the stage whose weights it learns from. A new kind of
 stage (the autoencoder of a latent run, a text encoder) is one more `StageKind` here plus its
 own module; the callers (training, sampling, evaluation, export, CLI) go through `Run` and need
 no new branch.
@@ -23,7 +24,7 @@ from distill_jax import config_checks, text_encoder
 from distill_jax.data import sources
 from distill_jax.interop import diffusers
 from distill_jax.interop import vae as vae_reader
-from distill_jax.models import autoencoder, denoiser
+from distill_jax.models import autoencoder, denoiser, student_head
 
 ModelFactory = Callable[[ml_collections.ConfigDict, sources.DatasetInfo, float], nn.Module]
 
@@ -41,10 +42,20 @@ def text_width(config: ml_collections.ConfigDict) -> int:
     return text_encoder.WIDTH
 
 
-def _denoiser_factory(use_guidance: bool) -> ModelFactory:
+def _denoiser_factory(use_guidance: bool, finetuned: bool = False) -> ModelFactory:
+    """A factory of the teacher's network, or of its fine-tune's or of a student's.
+
+    `finetuned`: in the fine-tune's parameterisation; `use_guidance`: a student's network, with
+    the w branch, in the students' parameterisation.
+    """
+
     def build(config: ml_collections.ConfigDict, info: sources.DatasetInfo, dropout: float):
         model_config = ml_collections.ConfigDict(config.model.to_dict())
         model_config.dropout = dropout
+        if use_guidance:
+            model_config.parameterisation = student_head.student_parameterisation(config)
+        elif finetuned:
+            model_config.parameterisation = student_head.finetune_target(config)
         return denoiser.build_model(
             model_config,
             data_shape=tuple(info.shape),
@@ -118,6 +129,7 @@ KINDS: dict[str, StageKind] = {
         ),
         StageKind("teacher", "teacher", takes_w=False, model=_denoiser_factory(False)),
         StageKind("exact_gmm", "teacher", takes_w=False, model=None),
+        StageKind("finetune", "finetune", takes_w=False, model=_denoiser_factory(False, True)),
         StageKind("stage1", "stage1", takes_w=True, model=_denoiser_factory(True)),
         StageKind("stage2", "stage2", takes_w=True, model=_denoiser_factory(True)),
     )
@@ -156,6 +168,10 @@ class StageSpec:
         return KINDS[self.kind]
 
 
+# The teacher fine-tuned to another parameterisation (config.finetune), stage one's teacher.
+FINETUNE_STAGE = "teacher_v"
+
+
 def round_name(steps: int) -> str:
     """The name (and directory) of the halving round whose student samples in `steps` steps."""
     return f"stage2/steps_{steps:04d}"
@@ -179,10 +195,13 @@ def plan_stages(config: ml_collections.ConfigDict) -> list[StageSpec]:
                 seed + 7919,
             )
         )
-    stages += [
-        StageSpec("teacher", teacher_kind, None, int(config.teacher.num_steps), None, seed),
-        StageSpec("stage1", "stage1", n_start, int(config.stage1.num_steps), "teacher", seed + 1),
-    ]
+    teacher_steps = int(config.teacher.num_steps)
+    stages.append(StageSpec("teacher", teacher_kind, None, teacher_steps, None, seed))
+    if student_head.finetune_target(config):
+        steps = int(config.finetune.num_steps)
+        stages.append(StageSpec(FINETUNE_STAGE, "finetune", None, steps, "teacher", seed + 3))
+    steps = int(config.stage1.num_steps)
+    stages.append(StageSpec("stage1", "stage1", n_start, steps, stages[-1].name, seed + 1))
     schedule = config_checks.round_schedule(config.stage2)
     for index, (steps, num_steps, final) in enumerate(schedule):
         stages.append(

@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 
 from distill_jax import parallel
-from distill_jax.models import denoiser
+from distill_jax.models import denoiser, student_head
 from distill_jax.models.autoencoder import make_codec
 from distill_jax.run import Latents, Run, StageSpec
 from distill_jax.run.latents import encode_train_split
@@ -86,20 +86,34 @@ def _teacher_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop.Sta
     return _stage(run, spec, loss_fn, lambda _: run.init_params(spec, key))
 
 
+def _finetune_stage(run: Run, spec: StageSpec, teacher_params: PyTree) -> loop.Stage:
+    """The teacher fine-tuned to another parameterisation: its own loss, from its weights.
+
+    The output layer is copied as it is and read in the new parameterisation, so the network
+    starts right where the two agree (low noise, for v from eps) and learns the rest.
+    """
+    loss_fn = teacher.make_teacher_loss(
+        run.model(spec), null_condition=run.null_condition, diffusion=run.config.diffusion
+    )
+    return _stage(run, spec, loss_fn, lambda t: jax.tree.map(jnp.copy, t), teacher_params)
+
+
 def _stage_one_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop.Stage:
     """Stage one: the teacher's network plus a guidance branch, regressing the guided teacher.
 
-    The student starts from the teacher's weights (and a zero-output guidance branch); with an
+    The student starts from the teacher's weights (and a zero-output guidance branch), its
+    output layer converted to the students' parameterisation (`models.student_head`); with an
     exact Gaussian-mixture teacher there are no weights to copy and it starts fresh.
     """
     teacher_spec = run.stage(spec.teacher)
     copy_teacher = teacher_spec.stage_kind.model is not None
+    head = student_head.head_conversion(run.config, run.info.shape[-1])
 
     def init_params(teacher_params: PyTree) -> PyTree:
         fresh = run.init_params(spec, jax.random.PRNGKey(spec.seed))
         if not copy_teacher:
             return fresh
-        return denoiser.student_params_from_teacher(teacher_params, fresh)
+        return denoiser.student_params_from_teacher(teacher_params, fresh, head)
 
     loss_fn = distill.make_stage_one_loss(
         run.model(spec),
@@ -129,6 +143,7 @@ def _stage_two_stage(run: Run, spec: StageSpec, teacher_params: PyTree) -> loop.
 BUILDERS: dict[str, Callable[[Run, StageSpec, PyTree], loop.Stage]] = {
     "autoencoder": _autoencoder_stage,
     "teacher": _teacher_stage,
+    "finetune": _finetune_stage,
     "stage1": _stage_one_stage,
     "stage2": _stage_two_stage,
 }
@@ -232,6 +247,8 @@ def distill_stages(
 ) -> list[str]:
     """Run stage one, then every stage-two round; finished stages and rounds are skipped.
 
+    Stage one comes after the teacher's fine-tune where the config asks for one (`finetune`).
+
     Every input (config, recorded config, teacher) is checked before anything is written, so a
     refused run leaves the workdir exactly as it was.
 
@@ -255,12 +272,15 @@ def distill_stages(
     if run.latent:
         run.latents()  # a missing or unfinished autoencoder is refused before any write
     mesh = _mesh(config)
-    wanted = {"stage1", "stage2"} if only is None else {only}
-    stage_one = run.stage("stage1")
+    wanted = {"finetune", "stage1", "stage2"} if only is None else {only}
+    if only == "stage1":
+        wanted.add("finetune")  # stage one's teacher, where the config fine-tunes one
+    # The first stage to train after the teacher: the fine-tune, where there is one, else stage one.
+    first = next(spec for spec in run.stages if spec.kind in ("finetune", "stage1"))
     preloaded = {}
-    if "stage1" in wanted and run.finished(stage_one) is None:
+    if "stage1" in wanted and run.finished(first) is None:
         # Checked (and loaded) before the lock creates anything in the workdir.
-        preloaded[stage_one.name] = load_teacher(run, stage_one, mesh, teacher_dir)
+        preloaded[first.name] = load_teacher(run, first, mesh, teacher_dir)
     trained = []
     with run.locked():
         if teacher_dir is not None:

@@ -1,0 +1,118 @@
+"""A student's parameterisation apart from its teacher's: the routes, the head conversion, the
+fine-tune stage in the run's plan (distill_jax/models/student_head.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill_jax.config import base_config
+from distill_jax.diffusion.schedule import logsnr_schedule_cosine
+from distill_jax.models import denoiser, student_head
+from distill_jax.run import stages
+
+POINT = (3,)
+
+
+def _config(teacher: str, finetune: str = "auto", student: str = "auto"):
+    c = base_config()
+    c.model.kind = "mlp"
+    c.model.mlp_hidden, c.model.mlp_depth, c.model.dropout = 32, 2, 0.0
+    c.model.guidance_fourier_dim = 8
+    c.model.parameterisation = teacher
+    c.model.student_parameterisation = student
+    c.finetune.to = finetune
+    return c
+
+
+@pytest.mark.parametrize(
+    "teacher, finetune, student, want_finetune, want_student",
+    [
+        ("eps", "auto", "auto", "v", "v"),  # the default route of an epsilon teacher
+        ("eps", "", "auto", "", "both"),  # no fine-tune: the converted head
+        ("eps", "", "eps", "", "eps"),  # the teacher's own head (the noisy baseline)
+        ("v", "auto", "auto", "", "v"),  # a v teacher needs neither
+        ("x", "auto", "auto", "", "x"),
+        ("both", "auto", "auto", "", "both"),
+        ("v", "v", "auto", "", "v"),  # already v: nothing to fine-tune
+        ("eps", "x", "auto", "x", "x"),
+    ],
+)
+def test_routes_resolve(teacher, finetune, student, want_finetune, want_student):
+    config = _config(teacher, finetune, student)
+    assert student_head.finetune_target(config) == want_finetune
+    assert student_head.student_parameterisation(config) == want_student
+    names = [spec.name for spec in stages.plan_stages(config)]
+    stage_one = stages.plan_stages(config)[names.index("stage1")]
+    if want_finetune:
+        assert names[:3] == ["teacher", stages.FINETUNE_STAGE, "stage1"]
+        assert stage_one.teacher == stages.FINETUNE_STAGE
+    else:
+        assert stages.FINETUNE_STAGE not in names and stage_one.teacher == "teacher"
+
+
+@pytest.mark.parametrize(
+    "teacher, finetune, student, message",
+    [
+        ("v", "", "both", r"'both' needs an 'eps' \(or 'both'\) teacher"),
+        ("both", "", "v", "cannot start from a 'both' teacher"),
+        ("eps", "", "vv", "student_parameterisation='vv' is unknown"),
+        ("eps", "y", "auto", "finetune.to='y' is unknown"),
+    ],
+)
+def test_routes_that_do_not_convert_are_refused(teacher, finetune, student, message):
+    with pytest.raises(ValueError, match=message):
+        student_head.student_parameterisation(_config(teacher, finetune, student))
+
+
+def _student(config):
+    model_config = config.model.copy_and_resolve_references()
+    model_config.parameterisation = student_head.student_parameterisation(config)
+    return denoiser.build_model(model_config, data_shape=POINT, num_classes=3, use_guidance=True)
+
+
+def test_both_head_of_an_epsilon_teacher_keeps_its_eps_and_starts_x_at_zero():
+    """The converted 'both' student is sigma^2 * 0 + alpha^2 * the teacher's x-hat at every t
+    and w: the teacher where signal dominates, a fresh x head where noise does."""
+    config = _config("eps", finetune="")
+    teacher = denoiser.build_model(
+        config.model, data_shape=POINT, num_classes=3, use_guidance=False
+    )
+    rng = np.random.default_rng(0)
+    teacher_params = jax.tree.map(
+        lambda p: jnp.asarray(p + 0.2 * rng.standard_normal(p.shape), jnp.float32),
+        denoiser.init_params(teacher, jax.random.key(0), data_shape=POINT),
+    )
+    student = _student(config)
+    assert student.parameterisation == "both"
+    fresh = denoiser.init_params(student, jax.random.key(1), data_shape=POINT)
+    head = student_head.head_conversion(config, POINT[-1])
+    params = denoiser.student_params_from_teacher(teacher_params, fresh, head)
+    kernel = params["output_dense"]["kernel"]
+    np.testing.assert_array_equal(kernel[:, :3], 0.0)  # the x slot
+    np.testing.assert_array_equal(kernel[:, 3:], teacher_params["output_dense"]["kernel"])
+    z = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+    t = jnp.array([0.0, 0.2, 0.5, 0.8, 1.0])
+    labels = jnp.array([0, 1, 2, 3, 1])
+    alpha2 = jax.nn.sigmoid(logsnr_schedule_cosine(t))[:, None]
+    want = alpha2 * denoiser.make_denoise_fn(teacher, teacher_params)(z, t, labels)
+    for w in (0.0, 4.0):
+        got = denoiser.make_denoise_fn(student, params)(z, t, labels, jnp.full(5, w))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # Without the conversion the eps weights would not fit the 'both' head at all.
+    with pytest.raises(ValueError, match="output_dense"):
+        denoiser.student_params_from_teacher(teacher_params, fresh)
+
+
+def test_conversion_refuses_layers_that_do_not_fit():
+    head = student_head.HeadConversion("final_proj", "eps", "both", channels=4)
+    # a DiT patch projection: 4 positions (p = 2) of 4 eps channels -> 4 positions of x, eps
+    teacher = jnp.arange(2 * 16, dtype=jnp.float32).reshape(2, 16)
+    got = student_head.convert_output_layer(head, teacher, jnp.zeros((2, 32)))
+    got = got.reshape(2, 4, 8)
+    np.testing.assert_array_equal(got[..., :4], 0.0)
+    np.testing.assert_array_equal(got[..., 4:], teacher.reshape(2, 4, 4))
+    with pytest.raises(ValueError, match="does not convert"):
+        student_head.convert_output_layer(head, teacher, jnp.zeros((3, 32)))
