@@ -225,6 +225,9 @@ def _stage1_config() -> ml_collections.ConfigDict:
     # w = w_min + (w_max - w_min) * Beta(w_beta, w_beta) per example: 1 is uniform; below 1
     # puts more of the draws near both ends of the guidance range.
     stage1.w_beta = 1.0
+    # The x-space loss weighting (diffusion.loss_weighting's names); 'auto' is 'snr' for an
+    # epsilon teacher (eps MSE: distill_jax/models/student_head.py), diffusion's otherwise.
+    stage1.loss_weighting = "auto"
     # EMA 0.99, not 0.999: the EMA starts at the stage's initial weights and is not debiased, so
     # after a few hundred steps a 0.999 EMA is still mostly those weights (0.999^300 = 0.74);
     # the next round's teacher would be the previous one. Long runs set their own (cifar10.py).

@@ -73,6 +73,10 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
         _fail("model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
     if m.guidance_head not in GUIDANCE_HEADS:
         _fail("model.guidance_head", m.guidance_head, f"one of {GUIDANCE_HEADS}")
+    if config.stage1.loss_weighting not in ("auto", *WEIGHTINGS):
+        _fail(
+            "stage1.loss_weighting", config.stage1.loss_weighting, f"'auto' or one of {WEIGHTINGS}"
+        )
     if config.diffusion.loss_weighting not in WEIGHTINGS:
         _fail("diffusion.loss_weighting", config.diffusion.loss_weighting, f"one of {WEIGHTINGS}")
     if config.teacher.kind not in TEACHER_KINDS:

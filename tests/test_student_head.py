@@ -116,3 +116,54 @@ def test_conversion_refuses_layers_that_do_not_fit():
     np.testing.assert_array_equal(got[..., 4:], teacher.reshape(2, 4, 4))
     with pytest.raises(ValueError, match="does not convert"):
         student_head.convert_output_layer(head, teacher, jnp.zeros((3, 32)))
+
+
+@pytest.mark.parametrize(
+    "teacher, finetune, choice, want",
+    [
+        ("eps", "", "auto", "snr"),  # eps MSE: the epsilon teacher's own, bounded, error
+        ("eps", "v", "auto", "truncated_snr"),  # a fine-tuned v teacher: diffusion's
+        ("v", "auto", "auto", "truncated_snr"),
+        ("eps", "", "constant", "constant"),
+    ],
+)
+def test_stage_one_weighting(teacher, finetune, choice, want):
+    config = _config(teacher, finetune)
+    config.stage1.loss_weighting = choice
+    assert student_head.stage_one_weighting(config) == want
+
+
+def test_unknown_stage_one_weighting_refused():
+    config = _config("eps")
+    config.stage1.loss_weighting = "huber"
+    with pytest.raises(ValueError, match="weighting='huber' is unknown"):
+        student_head.stage_one_weighting(config)
+
+
+def test_stage_one_loss_uses_its_weighting():
+    """The same draws under 'constant' give the plain target MSE, under 'snr' another loss."""
+    from distill_jax.training import distill
+
+    config = _config("eps", finetune="")
+    teacher = denoiser.build_model(config.model, data_shape=POINT, num_classes=3, use_guidance=0)
+    teacher_params = denoiser.init_params(teacher, jax.random.key(0), data_shape=POINT)
+    student = _student(config)
+    head = student_head.head_conversion(config, POINT[-1])
+    fresh = denoiser.init_params(student, jax.random.key(1), data_shape=POINT)
+    params = denoiser.student_params_from_teacher(teacher_params, fresh, head)
+    batch = {"x": jnp.ones((8, 3)), "label": jnp.arange(8) % 3}
+    losses = {}
+    for name in ("constant", "snr"):
+        loss_fn = distill.make_stage_one_loss(
+            student,
+            lambda p: denoiser.make_denoise_fn(teacher, p),
+            null_condition=3,
+            diffusion=config.diffusion,
+            guidance=config.guidance,
+            loss_weighting=name,
+        )
+        losses[name] = loss_fn(params, batch, jax.random.key(2), teacher_params)
+    constant, metrics = losses["constant"]
+    np.testing.assert_allclose(constant, metrics["target_mse"], rtol=1e-6)
+    assert not np.isclose(float(losses["snr"][0]), float(constant), rtol=1e-3)
+    assert float(losses["snr"][1]["target_mse"]) == float(metrics["target_mse"])

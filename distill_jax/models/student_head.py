@@ -31,6 +31,7 @@ import dataclasses
 import jax.numpy as jnp
 import ml_collections
 
+from distill_jax.diffusion import weighting
 from distill_jax.diffusion.parameterisation import PARAMETERISATIONS, output_channels
 
 STUDENT_PARAMETERISATIONS = ("auto", *PARAMETERISATIONS)
@@ -73,6 +74,24 @@ def finetune_target(config: ml_collections.ConfigDict) -> str:
 def stage_one_teacher_parameterisation(config: ml_collections.ConfigDict) -> str:
     """The parameterisation of stage one's teacher: the fine-tune's, else the teacher's."""
     return finetune_target(config) or str(config.model.parameterisation)
+
+
+def stage_one_weighting(config: ml_collections.ConfigDict) -> str:
+    """Stage one's loss weighting (`config.stage1.loss_weighting`).
+
+    'auto' is 'snr' (the epsilon MSE the teacher was trained with) for an epsilon stage-one
+    teacher, `diffusion.loss_weighting` otherwise: an epsilon teacher's x-hat error grows as
+    1/alpha towards t = 1 (bench/xhat_error.py), and weighted in x space that error is what
+    stage one would teach; in eps space it is the teacher's own, bounded, error.
+
+    Raises:
+      ValueError: an unknown choice.
+    """
+    choice = str(config.stage1.loss_weighting)
+    if choice == "auto":
+        eps = stage_one_teacher_parameterisation(config) == "eps"
+        return "snr" if eps else str(config.diffusion.loss_weighting)
+    return weighting.check_weighting(choice)
 
 
 def student_parameterisation(config: ml_collections.ConfigDict) -> str:

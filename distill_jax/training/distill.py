@@ -66,15 +66,20 @@ def _student_regression(
     dropout_rng: jax.Array,
     *,
     diffusion: ml_collections.ConfigDict,
+    loss_weighting: str | None = None,
 ) -> tuple[jax.Array, dict]:
-    """The loss both stages share: weight(lambda_t) * ||xhat_student(z, t, c, w) - target||^2."""
+    """The loss both stages share: weight(lambda_t) * ||xhat_student(z, t, c, w) - target||^2.
+
+    The weighting is `loss_weighting`, else `diffusion.loss_weighting`.
+    """
     target = jax.lax.stop_gradient(target)
     student_fn = denoiser.make_denoise_fn(student, params, train=True, dropout_rng=dropout_rng)
     xhat = student_fn(z, t, labels, w)
     logsnr = schedule.logsnr_schedule_cosine(
         t, logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max
     )
-    per_example = weighting.weighted_mse(xhat, target, logsnr, weighting=diffusion.loss_weighting)
+    name = loss_weighting or diffusion.loss_weighting
+    per_example = weighting.weighted_mse(xhat, target, logsnr, weighting=name)
     return jnp.mean(per_example), {"target_mse": jnp.mean((xhat - target) ** 2)}
 
 
@@ -86,13 +91,15 @@ def make_stage_one_loss(
     diffusion: ml_collections.ConfigDict,
     guidance: ml_collections.ConfigDict,
     w_beta: float = 1.0,
+    loss_weighting: str | None = None,
 ) -> LossFn:
     """Loss (params, batch, rng, teacher_state) -> (loss, metrics) of stage one.
 
     `teacher_denoiser(teacher_state)` is the conditional teacher; `teacher_state` (its params,
     or a GaussianMixture) is the step's teacher argument. The target is the guided teacher
     `guidance.guided_xhat`, both halves in one batched call. w is drawn from
-    Beta(w_beta, w_beta) scaled to [guidance.w_min, guidance.w_max] (1: uniform).
+    Beta(w_beta, w_beta) scaled to [guidance.w_min, guidance.w_max] (1: uniform). The loss is
+    weighted by `loss_weighting` (default `diffusion.loss_weighting`).
     """
     bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
 
@@ -104,7 +111,16 @@ def make_stage_one_loss(
         teacher_fn = teacher_denoiser(teacher_state)
         target = guidance_lib.guided_xhat(teacher_fn, z, t, labels, w, null_label=null_condition)
         return _student_regression(
-            student, params, z, t, labels, w, target, dropout_rng, diffusion=diffusion
+            student,
+            params,
+            z,
+            t,
+            labels,
+            w,
+            target,
+            dropout_rng,
+            diffusion=diffusion,
+            loss_weighting=loss_weighting,
         )
 
     return loss_fn

@@ -122,6 +122,7 @@ def _stage_one_stage(run: Run, spec: StageSpec, teacher_state: PyTree) -> loop.S
         diffusion=run.config.diffusion,
         guidance=run.config.guidance,
         w_beta=float(run.config.stage1.w_beta),
+        loss_weighting=student_head.stage_one_weighting(run.config),
     )
     return _stage(run, spec, loss_fn, init_params, teacher_state)
 
