@@ -64,6 +64,11 @@ def _model_config() -> ml_collections.ConfigDict:
     # The students': 'auto' is 'both' for an epsilon teacher, else the teacher's; or one of
     # 'eps', 'x', 'v', 'both' (distill_jax/models/student_head.py, docs/teachers.md).
     model.student_parameterisation = "auto"
+    # A 'both' network mixes x = sigmoid(s - lambda) x_direct + sigmoid(lambda - s) x_from_eps:
+    # both_shift s = 0 is Salimans & Ho's; student_both_shift is the s of a 'both' student
+    # converted from an epsilon teacher (it trusts the teacher's eps head down to lambda ~ s).
+    model.both_shift = 0.0
+    model.student_both_shift = 0.0
     model.dtype = "float32"  # compute dtype; parameters stay float32
     model.channels = 64
     model.channel_mult = (1, 2)

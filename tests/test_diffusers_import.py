@@ -6,7 +6,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from conftest import imported_dit
@@ -118,7 +117,7 @@ def test_dit_xl2_manifest_fully_mapped(layout):
 def test_student_of_imported_teacher_starts_as_teacher(choice):
     """An eps student copies its eps teacher; the default 'both' student of an epsilon teacher
     (DiT-XL/2's layout: learned variance) keeps its eps head and starts its x head at zero, so
-    it is alpha^2 times the teacher's x-hat at every t (exactly the teacher where alpha = 1)."""
+    it is sigmoid(lambda - both_shift) (alpha^2 for shift 0) times the teacher's x-hat at every t."""
     imported, teacher = _imported("dit_tiny")
     lo, hi = imported.logsnr_range
     config = base_config()
@@ -128,7 +127,7 @@ def test_student_of_imported_teacher_starts_as_teacher(choice):
     head = student_head.head_conversion(config, 4)
     assert head.student == ("eps" if choice == "eps" else "both")
     student = denoiser.build_model(
-        ml_collections.ConfigDict({**config.model.to_dict(), "parameterisation": head.student}),
+        student_head.student_model_config(config),
         data_shape=imported.data_shape,
         num_classes=10,
         use_guidance=True,
@@ -143,8 +142,9 @@ def test_student_of_imported_teacher_starts_as_teacher(choice):
     t, labels = jnp.array([0.05, 0.3, 0.7, 1.0]), jnp.array([0, 4, 9, 10])
     want = denoiser.make_denoise_fn(teacher, imported.params)(z, t, labels)
     if choice == "auto":
-        alpha2 = jax.nn.sigmoid(schedule.logsnr_schedule_cosine(t, logsnr_min=lo, logsnr_max=hi))
-        want = want * alpha2[:, None, None, None]
+        logsnr = schedule.logsnr_schedule_cosine(t, logsnr_min=lo, logsnr_max=hi)
+        kept = jax.nn.sigmoid(logsnr - student.both_shift)  # the eps half's weight
+        want = want * kept[:, None, None, None]
     for w in (0.0, 1.5, 4.0):
         got = denoiser.make_denoise_fn(student, params)(z, t, labels, jnp.full(4, w))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * float(jnp.max(abs(want))))

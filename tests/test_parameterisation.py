@@ -57,6 +57,28 @@ def test_both_mixes_the_two_halves(batch):
     np.testing.assert_allclose(got, expect, atol=2e-4)
 
 
+@pytest.mark.parametrize("shift", [-5.0, 2.0])
+def test_both_shift_moves_where_the_halves_weigh_equally(batch, shift):
+    x, eps, z, logsnr = batch
+    x_direct = x + 1.0
+    got = par.xhat_from_output(
+        jnp.concatenate([x_direct, eps], axis=-1),
+        z,
+        logsnr,
+        parameterisation="both",
+        both_shift=shift,
+    )
+    w_direct = jax.nn.sigmoid(shift - logsnr)[:, None, None]
+    np.testing.assert_allclose(got, w_direct * x_direct + (1 - w_direct) * x, atol=2e-4)
+    # at lambda = shift the two halves weigh one half each
+    at = jnp.full_like(logsnr, shift)
+    half = par.xhat_from_output(
+        jnp.concatenate([x_direct, eps], axis=-1), z, at, parameterisation="both", both_shift=shift
+    )
+    x_eps = par.x_from_eps(z, eps, at)
+    np.testing.assert_allclose(half, 0.5 * x_direct + 0.5 * x_eps, rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_parameterisation_and_channels():
     with pytest.raises(ValueError, match="parameterisation='nope'.*eps, x, v, both"):
         par.check_parameterisation("nope")

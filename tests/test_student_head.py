@@ -68,15 +68,17 @@ def test_routes_that_do_not_convert_are_refused(teacher, finetune, student, mess
 
 
 def _student(config):
-    model_config = config.model.copy_and_resolve_references()
-    model_config.parameterisation = student_head.student_parameterisation(config)
+    model_config = student_head.student_model_config(config)
     return denoiser.build_model(model_config, data_shape=POINT, num_classes=3, use_guidance=True)
 
 
-def test_both_head_of_an_epsilon_teacher_keeps_its_eps_and_starts_x_at_zero():
-    """The converted 'both' student is sigma^2 * 0 + alpha^2 * the teacher's x-hat at every t
-    and w: the teacher where signal dominates, a fresh x head where noise does."""
+@pytest.mark.parametrize("shift", [0.0, -5.0])
+def test_both_head_of_an_epsilon_teacher_keeps_its_eps_and_starts_x_at_zero(shift):
+    """The converted 'both' student is sigmoid(lambda - shift) times the teacher's x-hat at
+    every t and w (alpha^2 for shift 0): the teacher where signal dominates, a fresh x head
+    where noise does."""
     config = _config("eps", finetune="")
+    config.model.student_both_shift = shift
     teacher = denoiser.build_model(
         config.model, data_shape=POINT, num_classes=3, use_guidance=False
     )
@@ -96,8 +98,9 @@ def test_both_head_of_an_epsilon_teacher_keeps_its_eps_and_starts_x_at_zero():
     z = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
     t = jnp.array([0.0, 0.2, 0.5, 0.8, 1.0])
     labels = jnp.array([0, 1, 2, 3, 1])
-    alpha2 = jax.nn.sigmoid(logsnr_schedule_cosine(t))[:, None]
-    want = alpha2 * denoiser.make_denoise_fn(teacher, teacher_params)(z, t, labels)
+    assert student.both_shift == shift
+    kept = jax.nn.sigmoid(logsnr_schedule_cosine(t) - shift)[:, None]
+    want = kept * denoiser.make_denoise_fn(teacher, teacher_params)(z, t, labels)
     for w in (0.0, 4.0):
         got = denoiser.make_denoise_fn(student, params)(z, t, labels, jnp.full(5, w))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -167,3 +170,26 @@ def test_stage_one_loss_uses_its_weighting():
     np.testing.assert_allclose(constant, metrics["target_mse"], rtol=1e-6)
     assert not np.isclose(float(losses["snr"][0]), float(constant), rtol=1e-3)
     assert float(losses["snr"][1]["target_mse"]) == float(metrics["target_mse"])
+
+
+def test_student_both_shift_only_for_a_head_converted_from_eps():
+    config = _config("eps", finetune="")
+    config.model.student_both_shift = -5.0
+    assert student_head.student_both_shift(config) == -5.0
+    config.model.student_parameterisation = "v"  # a single head: no mixture to shift
+    assert student_head.student_both_shift(config) == 0.0
+    both = _config("both")
+    both.model.student_both_shift = -5.0  # a 'both' teacher's students keep its own mixture
+    assert student_head.student_both_shift(both) == 0.0
+
+
+def test_an_import_keeps_the_runs_student_choices():
+    from distill_jax.run import imported
+
+    config = _config("v")
+    config.model.student_parameterisation = "x"
+    config.model.student_both_shift = -3.0
+    keys = {"kind": "dit", "parameterisation": "eps"}
+    got = imported.with_import(config, keys, (-10.0, 9.0)).model
+    assert (got.kind, got.parameterisation) == ("dit", "eps")  # the folder's network
+    assert (got.student_parameterisation, got.student_both_shift) == ("x", -3.0)  # the run's

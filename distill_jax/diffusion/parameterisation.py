@@ -4,7 +4,8 @@ With z = alpha x + sigma eps and v = alpha eps - sigma x (alpha^2 + sigma^2 = 1)
 x = alpha z - sigma v, eps = sigma z + alpha v, x = (z - sigma eps) / alpha.
 "both" means the network outputs an x prediction and an eps prediction stacked on the last
 axis; they are mixed as x = sigma^2 x_direct + alpha^2 x_from_eps, which trusts the direct x
-where noise dominates and the eps route where signal dominates (as in progressive distillation).
+where noise dominates and the eps route where signal dominates (as in progressive distillation);
+`both_shift` moves the crossing from log-SNR 0 to another lambda_0.
 All samplers and losses work on x-hat, so `xhat_from_output` is the single entry point.
 """
 
@@ -64,7 +65,12 @@ def v_from_x_eps(x: jax.Array, eps: jax.Array, logsnr: jax.Array) -> jax.Array:
 
 
 def xhat_from_output(
-    output: jax.Array, z: jax.Array, logsnr: jax.Array, *, parameterisation: str
+    output: jax.Array,
+    z: jax.Array,
+    logsnr: jax.Array,
+    *,
+    parameterisation: str,
+    both_shift: float = 0.0,
 ) -> jax.Array:
     """Turn a network output into x-hat.
 
@@ -73,6 +79,9 @@ def xhat_from_output(
       z: the noisy input [B, ..., C].
       logsnr: [B] or scalar log-SNR of z.
       parameterisation: one of 'eps', 'x', 'v', 'both'.
+      both_shift: the log-SNR lambda_0 where 'both' weighs its two halves equally: x =
+        sigmoid(lambda_0 - lambda) x_direct + sigmoid(lambda - lambda_0) x_from_eps. 0 is
+        Salimans & Ho's sigma^2 / alpha^2 mixture; below 0 trusts the eps half to higher noise.
     """
     check_parameterisation(parameterisation)
     output = output.astype(z.dtype)
@@ -84,7 +93,8 @@ def xhat_from_output(
         return x_from_v(z, output, logsnr)
     x_direct, eps = jnp.split(output, 2, axis=-1)
     logsnr = jnp.asarray(logsnr, jnp.float32)
-    # sigma^2 and alpha^2 each from its own sigmoid: 1 - sigmoid(-lambda) rounds to 0 in
-    # float32 where lambda is large and negative, and alpha^2 is what weights the eps route.
-    w_direct, w_eps = jax.nn.sigmoid(-logsnr), jax.nn.sigmoid(logsnr)
+    # Each weight from its own sigmoid: 1 - sigmoid(-lambda) rounds to 0 in float32 where
+    # lambda is large and negative, and that is what weights the eps route there.
+    shifted = logsnr - float(both_shift)
+    w_direct, w_eps = jax.nn.sigmoid(-shifted), jax.nn.sigmoid(shifted)
     return expand_to(w_direct, z) * x_direct + expand_to(w_eps, z) * x_from_eps(z, eps, logsnr)

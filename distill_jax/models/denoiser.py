@@ -91,6 +91,7 @@ def build_model(
         dtype=DTYPES[m.dtype],
         logsnr_min=float(logsnr_min),
         logsnr_max=float(logsnr_max),
+        both_shift=float(m.get("both_shift", 0.0)),
     )
     if m.kind == "mlp":
         if len(data_shape) != 1:
@@ -262,7 +263,13 @@ class _DenoiserApply:
         logsnr = logsnr_schedule_cosine(
             t, logsnr_min=self.model.logsnr_min, logsnr_max=self.model.logsnr_max
         )
-        return xhat_from_output(output, z, logsnr, parameterisation=self.model.parameterisation)
+        return xhat_from_output(
+            output,
+            z,
+            logsnr,
+            parameterisation=self.model.parameterisation,
+            both_shift=self.model.both_shift,
+        )
 
 
 def make_denoise_fn(

@@ -200,6 +200,7 @@ class DiT(nn.Module):
     dtype: Dtype = jnp.float32
     logsnr_min: float = LOGSNR_MIN
     logsnr_max: float = LOGSNR_MAX
+    both_shift: float = 0.0  # log-SNR where a 'both' head weighs x and eps equally
 
     def timestep(self, t: jax.Array) -> jax.Array:
         """The network's time input for t [B] in [0, 1] (see the module docstring)."""

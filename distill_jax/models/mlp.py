@@ -76,6 +76,7 @@ class MLPDenoiser(nn.Module):
     dtype: Dtype = jnp.float32
     logsnr_min: float = LOGSNR_MIN
     logsnr_max: float = LOGSNR_MAX
+    both_shift: float = 0.0  # log-SNR where a 'both' head weighs x and eps equally
 
     @nn.compact
     def __call__(

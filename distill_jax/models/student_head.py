@@ -146,6 +146,29 @@ class HeadConversion:
         return self.teacher != self.student and name.split("/")[0] == self.layer
 
 
+def student_both_shift(config: ml_collections.ConfigDict) -> float:
+    """The students' `both_shift` (the log-SNR where their 'both' head weighs x and eps equally).
+
+    `model.student_both_shift` for a 'both' head converted from an 'eps' one, else the
+    teacher's own (`model.both_shift`, 0 unless set).
+    """
+    converted = (
+        stage_one_teacher_parameterisation(config) == "eps"
+        and student_parameterisation(config) == "both"
+    )
+    if converted:
+        return float(config.model.student_both_shift)
+    return float(config.model.get("both_shift", 0.0))
+
+
+def student_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config.model` that builds the students' network (their head and mixture)."""
+    model = ml_collections.ConfigDict(config.model.to_dict())
+    model.parameterisation = student_parameterisation(config)
+    model.both_shift = student_both_shift(config)
+    return model
+
+
 def head_conversion(config: ml_collections.ConfigDict, channels: int) -> HeadConversion:
     """The conversion from `config`'s stage-one teacher to its students' head."""
     return HeadConversion(

@@ -185,6 +185,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     logsnr_min: float = LOGSNR_MIN
     logsnr_max: float = LOGSNR_MAX
+    both_shift: float = 0.0  # log-SNR where a 'both' head weighs x and eps equally
 
     def _res(self, h: jax.Array, emb: jax.Array, channels: int, name: str, train: bool):
         """A ResBlock, then a student's `student_extra_blocks` (identity until trained)."""

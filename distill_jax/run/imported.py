@@ -49,9 +49,13 @@ def with_import(
     (config.autoencoder.pipeline).
     """
     config = ml_collections.ConfigDict(config.to_dict())
-    student = config.model.get("student_parameterisation", "auto")  # the run's, not the folder's
+    students = {  # the run's choices, not the folder's
+        key: config.model[key]
+        for key in ("student_parameterisation", "student_both_shift")
+        if key in config.model
+    }
     config.model = diffusers.model_config(model_keys)
-    config.model.student_parameterisation = student
+    config.model.update(students)
     text = (record or {}).get("text")
     if text:
         config.text.enabled = True

@@ -50,12 +50,13 @@ def _denoiser_factory(use_guidance: bool, finetuned: bool = False) -> ModelFacto
     """
 
     def build(config: ml_collections.ConfigDict, info: sources.DatasetInfo, dropout: float):
-        model_config = ml_collections.ConfigDict(config.model.to_dict())
-        model_config.dropout = dropout
         if use_guidance:
-            model_config.parameterisation = student_head.student_parameterisation(config)
-        elif finetuned:
+            model_config = student_head.student_model_config(config)
+        else:
+            model_config = ml_collections.ConfigDict(config.model.to_dict())
+        if finetuned:
             model_config.parameterisation = student_head.finetune_target(config)
+        model_config.dropout = dropout
         return denoiser.build_model(
             model_config,
             data_shape=tuple(info.shape),

@@ -50,7 +50,11 @@ def make_teacher_loss(
         )
         logsnr = schedule.logsnr_schedule_cosine(t, **bounds)
         xhat = parameterisation.xhat_from_output(
-            output, z, logsnr, parameterisation=model.parameterisation
+            output,
+            z,
+            logsnr,
+            parameterisation=model.parameterisation,
+            both_shift=model.both_shift,
         )
         per_example = weighting.weighted_mse(xhat, x, logsnr, weighting=weighting_name)
         return jnp.mean(per_example), {"x_mse": jnp.mean((xhat - x) ** 2)}
