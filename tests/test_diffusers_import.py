@@ -117,7 +117,7 @@ def test_dit_xl2_manifest_fully_mapped(layout):
 def test_student_of_imported_teacher_starts_as_teacher(choice):
     """An eps student copies its eps teacher; the default 'both' student of an epsilon teacher
     (DiT-XL/2's layout: learned variance) keeps its eps head and starts its x head at zero, so
-    it is sigmoid(lambda - both_shift) (alpha^2 for shift 0) times the teacher's x-hat at every t."""
+    it is sigmoid(lambda - both_shift) (alpha^2 for shift 0) times the teacher's x-hat."""
     imported, teacher = _imported("dit_tiny")
     lo, hi = imported.logsnr_range
     config = base_config()
