@@ -6,7 +6,9 @@ noise and the same balanced labels (a text run: the evaluation's held-out prompt
 the FD to the train split (the evaluation's classifier features) of each, the ratio of each
 student's FD to the teacher's, and its FD to the teacher's own samples. 'teacher' is the
 workdir's teacher stage: an imported teacher as it was imported (not a fine-tune of it), so
-the ratios say how well the students reproduce the teacher the user brought.
+the ratios say how well the students reproduce the teacher the user brought. Where the run
+fine-tuned that teacher (an epsilon teacher's teacher_v stage), the fine-tune is sampled the
+same way and printed beside it: the students' own teacher.
 
 Usage:
 
@@ -20,16 +22,26 @@ import numpy as np
 
 from distill_jax import sampling
 from distill_jax.data import loader
+from distill_jax.diffusion import guidance
 from distill_jax.evaluation import classifier as classifier_lib
 from distill_jax.evaluation import metrics
 from distill_jax.run import Run
 from distill_jax.run import prompts as run_prompts
+from distill_jax.run import stages as stages_lib
 
 
 def _fd(classifier, reference, x: np.ndarray, other=None) -> float:
     feats, _ = classifier.features_and_probs(np.clip(x, -1.0, 1.0))
     stats = metrics.feature_statistics(feats)
     return metrics.frechet_distance(stats, reference if other is None else other)
+
+
+def _finetuned_teacher_fn(run: Run):
+    """The guided fine-tuned teacher (teacher_v) of `run`, or None where it has none."""
+    if stages_lib.FINETUNE_STAGE not in [spec.name for spec in run.stages]:
+        return None
+    cond_fn = run.denoise_fn(run.stage(stages_lib.FINETUNE_STAGE))
+    return guidance.make_guided_denoise_fn(cond_fn, null_label=run.null_condition)
 
 
 def evaluate_workdir(workdir: str, args) -> None:
@@ -43,10 +55,12 @@ def evaluate_workdir(workdir: str, args) -> None:
         labels = run_prompts.encode_prompts(run, prompts)
     else:
         labels = np.arange(args.num, dtype=np.int32) % run.info.num_classes
+    finetuned = _finetuned_teacher_fn(run)
     print(f"\n{workdir}: {args.num} samples per cell, seed {args.seed}; FD to the train split")
     header = " | ".join(f"{n}-step student: FD, ratio, FD to teacher" for n in args.student_steps)
-    print(f"| w | teacher, {args.teacher_steps} steps: FD | {header} |")
-    print("|---|---|" + "---|" * len(args.student_steps))
+    tuned = "" if finetuned is None else f" fine-tuned teacher, {args.teacher_steps} steps: FD |"
+    print(f"| w | teacher, {args.teacher_steps} steps: FD |{tuned} {header} |")
+    print("|---|---|" + "---|" * (len(args.student_steps) + (finetuned is not None)))
     for w in args.weights:
         start = time.perf_counter()
         common = dict(w=w, labels=labels, seed=args.seed)
@@ -55,6 +69,11 @@ def evaluate_workdir(workdir: str, args) -> None:
         teacher_stats = metrics.feature_statistics(feats)
         teacher_fd = metrics.frechet_distance(teacher_stats, reference)
         cells = []
+        if finetuned is not None:
+            x = sampling.sample(
+                run, model="teacher", steps=args.teacher_steps, fn=finetuned, **common
+            )
+            cells.append(f"{_fd(classifier, reference, x):.2f}")
         for steps in args.student_steps:
             x = sampling.sample(run, model="student", steps=steps, **common)
             fd = _fd(classifier, reference, x)

@@ -193,3 +193,47 @@ def test_an_import_keeps_the_runs_student_choices():
     got = imported.with_import(config, keys, (-10.0, 9.0)).model
     assert (got.kind, got.parameterisation) == ("dit", "eps")  # the folder's network
     assert (got.student_parameterisation, got.student_both_shift) == ("x", -3.0)  # the run's
+
+
+def test_the_fine_tune_stage_learns_v_and_resumes_to_the_same_weights(tmp_path, caplog):
+    """An imported epsilon DiT's teacher_v stage: stopped after 2 of 4 steps and rerun, it
+    resumes from its checkpoint to the weights of a run straight through; the checkpoint reads
+    as a v network, its rows are in metrics.jsonl, and the imported teacher is untouched."""
+    import json
+    import logging
+    import pathlib
+
+    from distill_jax import parallel
+    from distill_jax.config import load_config
+    from distill_jax.run import Run, imported
+    from distill_jax.training import pipeline
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    config = load_config(str(root / "configs" / "digits_dit.py") + ":smoke")
+    config.finetune.num_steps, config.finetune.batch_size = 4, 8
+    config.train.checkpoint_every = 1
+    folder = f"diffusers:{root / 'tests' / 'data' / 'diffusers' / 'dit_digits_eps'}"
+
+    def finetune(name, stop_after=None):
+        workdir = tmp_path / name
+        run = Run.create(imported.import_teacher(config, workdir, folder), workdir)
+        spec = run.stage(stages.FINETUNE_STAGE)
+        pipeline.train_stage(run, spec, parallel.make_mesh(-1), stop_after=stop_after)
+        return run, spec
+
+    straight, spec = finetune("straight")
+    assert straight.model(spec).parameterisation == "v"
+    finetune("resumed", stop_after=2)
+    caplog.set_level(logging.INFO, logger="absl")
+    resumed, _ = finetune("resumed")
+    log = "\n".join(r.getMessage() for r in caplog.records if "distill_jax" in r.pathname)
+    assert f"[{stages.FINETUNE_STAGE}] resumed from step 2." in log
+    for which in ("params", "ema_params"):
+        a, b = (r.load_params(spec, which=which) for r in (straight, resumed))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    teacher = straight.load_params(straight.stage("teacher"))
+    moved = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), teacher, a)
+    assert max(jax.tree.leaves(moved)) > 0  # trained, from a copy: the import is kept
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if r["stage"] == stages.FINETUNE_STAGE][-1] == 4
