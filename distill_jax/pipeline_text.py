@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.safetensors_file import read_safetensors_file
 from distill_jax.tensor_map import match_named_tensors
 from distill_jax.text_encoder import (
     ACTIVATIONS,
@@ -42,7 +43,6 @@ from distill_jax.text_encoder import (
     bert_tensor_names,
     padding_bias,
     params_from_tensors,
-    read_safetensors_file,
     tokenize,
     torch_names,
 )
@@ -410,7 +410,7 @@ def _read_params(folder: str, config: dict, kind: str, sizes: EncoderSizes) -> d
     try:
         tensors = read_safetensors_file(path)
     except (OSError, ValueError) as error:
-        raise TextFolderError(f"{path} is not a readable safetensors file ({error})") from None
+        raise TextFolderError(f"{path}: {error}") from None
     names = match_tensors(config, {k: v.shape for k, v in tensors.items()}, path)
     renamed = {name: tensors[file_name] for file_name, name in names.items()}
     return params_from_tensors(renamed, _names(kind, sizes))

