@@ -312,13 +312,36 @@ def _add_special(tokenizer: Tokenizer, special: dict) -> None:
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
 
 
+def _build_tokenizer(folder: str, config: dict, special: dict) -> Tokenizer:
+    """The folder's tokenizer from whichever files it has; files that do not load are refused."""
+    from tokenizers import Tokenizer
+
+    accepted = "tokenizer.json, vocab.json + merges.txt (CLIP) or vocab.txt (BERT)"
+    try:
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        elif all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")):
+            tokenizer = _clip_bpe(folder, special)
+        elif os.path.isfile(os.path.join(folder, "vocab.txt")):
+            tokenizer = _bert_wordpiece(folder, config, special)
+        else:
+            raise TextFolderError(f"{folder} has none of {accepted}")
+    except TextFolderError:
+        raise
+    except Exception as error:  # noqa: BLE001 - tokenizers raises bare Exception on bad files
+        reason = " ".join(str(error).split())[:200]
+        raise TextFolderError(
+            f"{folder}: its tokenizer files do not load ({type(error).__name__}: {reason}); "
+            f"accepted a transformers tokenizer folder with {accepted}"
+        ) from None
+    return tokenizer
+
+
 def load_tokenizer(folder: str) -> tuple[Tokenizer, int, int]:
     """(tokenizers.Tokenizer, model_max_length, pad id) of a transformers tokenizer/ folder.
 
     The tokenizer adds its special tokens; its own padding and truncation are off.
     """
-    from tokenizers import Tokenizer
-
     config = _read_json(os.path.join(folder, "tokenizer_config.json"))
     extra = os.path.join(folder, "special_tokens_map.json")
     special_map = (_read_json(extra) if os.path.isfile(extra) else {}) | config
@@ -327,16 +350,7 @@ def load_tokenizer(folder: str) -> tuple[Tokenizer, int, int]:
         for key in ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token")
         if _token(special_map.get(key)) is not None
     }
-    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-    elif all(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.json", "merges.txt")):
-        tokenizer = _clip_bpe(folder, special)
-    elif os.path.isfile(os.path.join(folder, "vocab.txt")):
-        tokenizer = _bert_wordpiece(folder, config, special)
-    else:
-        raise TextFolderError(
-            f"{folder} has no tokenizer.json, vocab.json + merges.txt (CLIP) or vocab.txt (BERT)"
-        )
+    tokenizer = _build_tokenizer(folder, config, special)
     tokenizer.no_truncation()
     tokenizer.no_padding()
     length = config.get("model_max_length")

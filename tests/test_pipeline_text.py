@@ -177,3 +177,22 @@ def test_a_tokenizer_larger_than_the_encoder_vocabulary_is_refused():
 def test_clip_skip_needs_a_clip_encoder_with_that_many_layers(folder, clip_skip):
     with pytest.raises(ValueError, match=f"clip_skip={clip_skip} must count layers of a CLIP"):
         PipelineTextEncoder(folder / "text_encoder", folder / "tokenizer", clip_skip)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["tokenizer.json", "merges.txt", "vocab.json"],
+    ids=["garbage-tokenizer.json", "garbage-merges", "vocab-not-json"],
+)
+def test_tokenizer_files_that_do_not_load_are_refused_in_one_line(tmp_path, damage):
+    folder = pathlib.Path(_folder(tmp_path, SD_TINY / "tokenizer"))
+    if damage != "tokenizer.json":
+        os.remove(folder / "tokenizer.json")  # read vocab.json + merges.txt instead
+    (folder / damage).write_text("{ this is not a tokenizer")
+    with pytest.raises(pipeline_text.TextFolderError) as error:
+        PipelineTextEncoder(SD_TINY / "text_encoder", folder)
+    message = str(error.value)
+    assert "\n" not in message and str(folder) in message, message
+    assert "tokenizer.json, vocab.json + merges.txt (CLIP) or vocab.txt (BERT)" in message or (
+        "not a readable JSON file" in message
+    ), message
