@@ -216,7 +216,33 @@ def _edit_tensors(folder, edit):
             ),
             "has shape \\(5,\\)",
         ),
-        (lambda f: _edit_json(f / "transformer" / "config.json", num_layers=3), "missing"),
+        (
+            lambda f: _edit_json(f / "transformer" / "config.json", num_layers=3),
+            "num_layers=3 but the weights hold 2 transformer blocks",
+        ),
+        (  # refused from the weights' header, before a million blocks are built
+            lambda f: _edit_json(f / "transformer" / "config.json", num_layers=1_000_000),
+            "num_layers=1000000 but the weights hold 2",
+        ),
+        (
+            lambda f: _edit_json(f / "transformer" / "config.json", num_layers=-3),
+            "num_layers=-3: accepted a positive integer",
+        ),
+        (
+            lambda f: _edit_json(f / "transformer" / "config.json", num_layers="two"),
+            "config.json has num_layers='two': accepted a positive integer",
+        ),
+        (
+            lambda f: _edit_json(f / "transformer" / "config.json", attention_head_dim=8),
+            "= 16 but the weights' width is 32",
+        ),
+        (
+            lambda f: _edit_tensors(
+                f,
+                lambda t: t.update({"proj_out_2.bias": np.full_like(t["proj_out_2.bias"], np.inf)}),
+            ),
+            "'proj_out_2.bias' holds .* infinite",
+        ),
     ],
 )
 def test_bad_folders_refused_in_one_line(tmp_path, break_folder, message):

@@ -38,6 +38,7 @@ from distill_jax import trees
 from distill_jax.diffusion import discrete
 from distill_jax.models import denoiser
 from distill_jax.safetensors_file import read_safetensors_file
+from distill_jax.safetensors_file import read_safetensors_shapes as read_safetensors_shapes_file
 from distill_jax.tensor_map import match_named_tensors
 
 PyTree = Any
@@ -125,6 +126,10 @@ def dit_model_config(cfg: dict, where: str = "transformer/config.json") -> dict:
     for key in ("patch_size", "num_embeds_ada_norm", "sample_size", "in_channels"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise FolderError(f"{where} has {key}={cfg.get(key)!r}: accepted a positive integer")
+    for key in ("num_layers", "num_attention_heads", "attention_head_dim"):  # defaults if absent
+        value = cfg.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise FolderError(f"{where} has {key}={value!r}: accepted a positive integer")
     in_channels = cfg["in_channels"]
     out_channels = cfg.get("out_channels") or in_channels
     if out_channels not in (in_channels, 2 * in_channels):
@@ -234,6 +239,38 @@ def _weight_files(folder: str) -> list[str]:
     if not os.path.isfile(single):
         raise FolderError(f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE})")
     return [single]
+
+
+def read_safetensors_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor of a model folder, from the files' headers alone."""
+    shapes = {}
+    for path in _weight_files(folder):
+        try:
+            shapes.update(read_safetensors_shapes_file(path))
+        except (OSError, ValueError) as error:
+            raise FolderError(f"{path}: {error}") from None
+    return shapes
+
+
+def check_dit_sizes(model: dict, transformer: str) -> None:
+    """The config's depth and width against the weights' headers, before a model is built.
+
+    A config that claims a million layers is refused here, not built.
+    """
+    shapes = read_safetensors_shapes(transformer)
+    blocks = {name.split(".")[1] for name in shapes if name.startswith("transformer_blocks.")}
+    where = os.path.join(transformer, "config.json")
+    if model["dit_depth"] != len(blocks):
+        raise FolderError(
+            f"{where} has num_layers={model['dit_depth']} but the weights hold {len(blocks)} "
+            "transformer blocks: accepted the weights' count"
+        )
+    patch = shapes.get(f"pos_embed.proj.{_PARAMS['kernel']}")
+    if patch is not None and patch[0] != model["dit_hidden"]:
+        raise FolderError(
+            f"{where} has num_attention_heads x attention_head_dim = {model['dit_hidden']} but "
+            f"the weights' width is {patch[0]} (pos_embed.proj.weight): accepted the weights' width"
+        )
 
 
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:
@@ -427,6 +464,7 @@ def read_dit_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
     model.update(schedule_keys)
     size, channels = int(cfg["sample_size"]), int(cfg["in_channels"])
     num_classes = int(cfg["num_embeds_ada_norm"])
+    check_dit_sizes(model, transformer)
     record = dict(
         source=folder,
         weights_sha256=weights_checksum(transformer),
