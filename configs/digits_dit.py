@@ -20,6 +20,7 @@ def get_config(variant: str = ""):
     c = base_config()
     c.data.name = "digits"
     c.model.kind = "dit"  # replaced by the imported teacher's keys
+    c.model.from_import = True  # commands without --teacher=diffusers:DIR are refused
     c.guidance.w_min, c.guidance.w_max = 0.0, 4.0  # pixel-space range of Meng et al.
     # Shorter than configs/digits.py (whose stage one and rounds are tuned for its U-Net): the
     # import, distillation and evaluation take 7.5 minutes on the 2-core CPU (docs/teachers.md).

@@ -57,6 +57,7 @@ def get_config(variant: str = ""):
     c.data.eval_split = "validation"
     c.text.enabled = True
     c.model.kind = "sd_unet"  # replaced by the imported teacher's keys
+    c.model.from_import = True  # commands without --teacher=diffusers:DIR are refused
     c.model.dtype = "bfloat16"  # compute dtype; weights and optimiser state stay float32
     c.guidance.w_min, c.guidance.w_max = 2.0, 14.0
     c.finetune.batch_size = 512

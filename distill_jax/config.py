@@ -61,9 +61,13 @@ def _model_config() -> ml_collections.ConfigDict:
     model = ml_collections.ConfigDict()
     model.kind = "unet"
     model.parameterisation = "v"  # the teacher's (an imported teacher's comes from its folder)
-    # The students': 'auto' is 'both' for an epsilon teacher, else the teacher's; or one of
+    # The students': 'auto' is stage one's teacher's (v after an epsilon teacher's default
+    # fine-tune), or 'both' where that teacher predicts epsilon (finetune.to=''); or one of
     # 'eps', 'x', 'v', 'both' (distill_jax/models/student_head.py, docs/teachers.md).
     model.student_parameterisation = "auto"
+    # True in a config whose network comes only from an import: train, distill and run refuse
+    # a workdir without one (--teacher=diffusers:DIR) instead of building a network it lacks.
+    model.from_import = False
     # A 'both' network mixes x = sigmoid(s - lambda) x_direct + sigmoid(lambda - s) x_from_eps:
     # both_shift s = 0 is Salimans & Ho's; student_both_shift is the s of a 'both' student
     # converted from an epsilon teacher (it trusts the teacher's eps head down to lambda ~ s).

@@ -65,3 +65,18 @@ def test_pipelines_that_do_not_fit_the_run_refused(tmp_path):
         "has no captions",
     )
     assert snapshot(fresh) is None
+
+
+@pytest.mark.parametrize("command", ["run", "train", "distill"])
+def test_a_config_whose_network_comes_from_an_import_refuses_a_workdir_without_one(
+    tmp_path, command
+):
+    """sd_digits.py (and digits_dit.py, dit_xl2, sd15, sd21) build no network of their own:
+    without --teacher=diffusers:DIR the command says so in one line and writes nothing."""
+    fresh = tmp_path / "fresh"
+    _refused(
+        _cli(command, f"--config={CONFIG}", f"--workdir={fresh}"),
+        "has no imported teacher",
+        "--teacher=diffusers:DIR",
+    )
+    assert snapshot(fresh) is None

@@ -73,11 +73,22 @@ def with_import(
 def with_recorded_import(
     config: ml_collections.ConfigDict, workdir: epath.PathLike
 ) -> ml_collections.ConfigDict:
-    """`config` with the model keys of the teacher imported into `workdir` (if one was)."""
+    """`config` with the model keys of the teacher imported into `workdir` (if one was).
+
+    Raises:
+      ValueError: none was, and the config's network comes only from an import
+        (config.model.from_import).
+    """
     record = (checkpoints.stage_finished(epath.Path(workdir).absolute() / "teacher") or {}).get(
         "imported"
     )
     if not record:
+        if config is not None and config.model.get("from_import", False):
+            raise ValueError(
+                f"{workdir} has no imported teacher, and this config's network comes from one: "
+                "add --teacher=diffusers:DIR (a diffusers pipeline folder with transformer/ or "
+                "unet/ and scheduler/; docs/teachers.md)"
+            )
         return config
     return with_import(config, record["model"], tuple(record["logsnr_range"]), record)
 
