@@ -90,6 +90,20 @@ def _model_config() -> ml_collections.ConfigDict:
     # Extra ResBlocks the students have after each of the teacher's (zero-initialised: stage
     # one still starts from the teacher's function); 0 gives students the teacher's network.
     model.student_extra_blocks = 0
+    _add_dit_keys(model)
+    # The network's time input: beta_schedule '' is continuous time (networks trained here);
+    # a diffusers beta schedule ('linear', 'scaled_linear', 'squaredcos_cap_v2') makes it the
+    # fractional timestep of that discrete schedule (an imported teacher;
+    # distill_jax/diffusion/discrete.py).
+    model.discrete_schedule = ml_collections.ConfigDict(
+        dict(beta_schedule="", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
+    )
+    model.sd_unet = _sd_unet_config()
+    return model
+
+
+def _add_dit_keys(model: ml_collections.ConfigDict) -> None:
+    """The keys of model.kind == 'dit'."""
     # model.kind == 'dit' (distill_jax/models/dit.py): width, blocks and patch size; heads are
     # model.num_heads. dit_learned_sigma: the output also has DiT's variance channels
     # (carried, unused); dit_per_block_embedders: each block has its own timestep and class
@@ -103,18 +117,15 @@ def _model_config() -> ml_collections.ConfigDict:
     model.dit_attention_bias = True  # biases on the attention's q, k and v
     model.dit_norm_eps = 1e-5  # the LayerNorm before each MLP (diffusers' norm_eps)
     model.dit_pos_interpolation_scale = 1.0  # positional embeddings at patch index / this
-    # The network's time input: beta_schedule '' is continuous time (networks trained here);
-    # a diffusers beta schedule ('linear', 'scaled_linear', 'squaredcos_cap_v2') makes it the
-    # fractional timestep of that discrete schedule (an imported teacher;
-    # distill_jax/diffusion/discrete.py).
-    model.discrete_schedule = ml_collections.ConfigDict(
-        dict(beta_schedule="", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
-    )
+
+
+def _sd_unet_config() -> ml_collections.ConfigDict:
+    """model.sd_unet: the keys of model.kind == 'sd_unet'."""
     # model.kind == 'sd_unet' (distill_jax/models/sd_unet.py): diffusers' UNet2DConditionModel
     # of SD 1.x / 2.x, set from an imported folder's unet/config.json
     # (distill_jax/interop/unet.py). Defaults: SD 1.5's. Per level: channels, whether it has
     # spatial transformers, attention heads and transformer blocks.
-    model.sd_unet = ml_collections.ConfigDict(
+    return ml_collections.ConfigDict(
         dict(
             block_out_channels=(320, 640, 1280, 1280),
             cross_attention=(True, True, True, False),
@@ -129,7 +140,6 @@ def _model_config() -> ml_collections.ConfigDict:
             cross_attention_dim=768,
         )
     )
-    return model
 
 
 def _diffusion_config() -> ml_collections.ConfigDict:

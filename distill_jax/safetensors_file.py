@@ -33,11 +33,8 @@ def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
       ValueError: the file is not a whole safetensors file, or a tensor has another dtype or
         non-finite values; the message names the tensor. OSError: it cannot be read.
     """
-    entries, data_start = _checked_entries(path)
-    size = os.path.getsize(path)
-    data = (
-        np.memmap(path, dtype=np.uint8, mode="r", offset=data_start) if size > data_start else None
-    )
+    entries, data_start, data_size = _checked_entries(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start) if data_size else None
     return {name: _decode(name, entry, data) for name, entry in entries.items()}
 
 
@@ -46,12 +43,12 @@ def read_safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
     What a reader compares a config's sizes with before it builds a model.
     """
-    entries, _ = _checked_entries(path)
+    entries, _, _ = _checked_entries(path)
     return {name: shape for name, (_, shape, _, _) in entries.items()}
 
 
-def _checked_entries(path: str) -> tuple[dict, int]:
-    """({name: (dtype, shape, begin, end)}, where the data starts) of a checked header."""
+def _checked_entries(path: str) -> tuple[dict, int, int]:
+    """({name: (dtype, shape, begin, end)}, where the data starts, its size): checked."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -69,7 +66,7 @@ def _checked_entries(path: str) -> tuple[dict, int]:
     data_size = size - 8 - length
     entries = {name: _check_entry(name, entry, data_size) for name, entry in header.items()}
     _check_no_overlap(entries)
-    return entries, 8 + length
+    return entries, 8 + length, data_size
 
 
 def _parse_header(raw: bytes) -> dict:

@@ -241,15 +241,20 @@ def _weight_files(folder: str) -> list[str]:
     return [single]
 
 
-def read_safetensors_shapes(folder: str) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of every tensor of a model folder, from the files' headers alone."""
-    shapes = {}
+def _read_each_weight_file(folder: str, read_file) -> dict:
+    """read_file(path) of every weight file of a model folder, merged; a refusal names it."""
+    merged = {}
     for path in _weight_files(folder):
         try:
-            shapes.update(read_safetensors_shapes_file(path))
+            merged.update(read_file(path))
         except (OSError, ValueError) as error:
             raise FolderError(f"{path}: {error}") from None
-    return shapes
+    return merged
+
+
+def read_safetensors_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor of a model folder, from the files' headers alone."""
+    return _read_each_weight_file(folder, read_safetensors_shapes_file)
 
 
 def check_dit_sizes(model: dict, transformer: str) -> None:
@@ -275,13 +280,7 @@ def check_dit_sizes(model: dict, transformer: str) -> None:
 
 def read_safetensors(folder: str) -> dict[str, np.ndarray]:
     """Every tensor of a diffusers model folder, as float32 numpy arrays (no PyTorch)."""
-    tensors = {}
-    for path in _weight_files(folder):
-        try:
-            tensors.update(read_safetensors_file(path))
-        except (OSError, ValueError) as error:
-            raise FolderError(f"{path}: {error}") from None
-    return tensors
+    return _read_each_weight_file(folder, read_safetensors_file)
 
 
 def weights_checksum(folder: str) -> str:
