@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,8 +114,17 @@ PIPELINE_MEANING = (
 
 
 def _condition_meaning(run: Run) -> str:
-    pipeline = str(run.config.text.pipeline)
-    return PIPELINE_MEANING.format(pipeline) if pipeline else MINILM_MEANING
+    """What an exported sampler's conditions are.
+
+    An imported pipeline is named by its source folder's name and its network's sha256, not by
+    a path on the importing machine.
+    """
+    if not run.config.text.pipeline:
+        return MINILM_MEANING
+    record = (run.finished(run.stage("teacher")) or {}).get("imported") or {}
+    name = os.path.basename(str(record.get("source", ""))) or "the imported pipeline"
+    source = f"the diffusers folder {name!r}, weights sha256 {record.get('weights_sha256')}"
+    return PIPELINE_MEANING.format(source)
 
 
 def _io_metadata(

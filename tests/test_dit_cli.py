@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +120,54 @@ def test_refusals_write_nothing(dit_workdir, tmp_path):
         "already has another teacher",
     )
     assert _files(dit_workdir) == before
+
+
+def _killed_when(command, path, timeout=300):
+    """Start `distill-jax command...`, SIGKILL it as soon as `path` exists; its exit code."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distill_jax", *command],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    return process.wait()
+
+
+def test_an_interrupted_import_restarts_and_conventions_stay_as_imported(tmp_path):
+    """A SIGKILL while the teacher is written: the same command imports again by itself. Then
+    the folder's scheduler changes (same weights): refused, even with --allow_config_change,
+    since the teacher was converted under the old conventions."""
+    folder = tmp_path / "dit"
+    shutil.copytree(DATA / "dit_tiny_legacy", folder)
+    workdir = tmp_path / "w"
+    command = (
+        "train",
+        f"--config={CONFIG}",
+        f"--workdir={workdir}",
+        f"--teacher=diffusers:{folder}",
+    )
+    assert _killed_when(command, workdir / "teacher" / "IMPORTING.json") == -signal.SIGKILL
+    assert not (workdir / "teacher" / "FINISHED.json").exists()
+    again = _cli(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    record = json.loads((workdir / "teacher" / "FINISHED.json").read_text())["imported"]
+    assert record["model"]["parameterisation"] == "v"
+    assert not (workdir / "teacher" / "IMPORTING.json").exists()
+    assert (workdir / "imported" / "transformer" / "config.json").exists()
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace("v_prediction", "epsilon"))
+    before = _files(workdir)
+    _refused(
+        _cli(*command, "--allow_config_change"),
+        "other conventions",
+        "parameterisation: 'v' -> 'eps'",
+        "a new --workdir",
+    )
+    assert _files(workdir) == before
 
 
 def test_run_takes_only_imports(tmp_path):

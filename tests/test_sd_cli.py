@@ -37,7 +37,9 @@ def test_import_makes_a_run_of_the_pipelines_text(sd_workdir):
     assert record["text"] == dict(kind="bert", width=32, max_tokens=16, vocab=111)
     run = Run.open(sd_workdir)
     assert run.config.model.kind == "sd_unet" and run.config.model.parameterisation == "v"
-    assert run.config.text.pipeline == str(TEACHER) and run.config.text.max_tokens == 16
+    # The text encoder and tokenizer are read from the workdir's copy, not the folder.
+    assert run.config.text.pipeline == str(sd_workdir / "imported")
+    assert run.config.text.max_tokens == 16
     # The captions are encoded again by the pipeline's encoder, not MiniLM's stored states.
     source = run.train_source(run.stage("stage1"))
     rows = np.array([0, 7, 500])

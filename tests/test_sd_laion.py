@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from test_dit_cli import _cli
 
-from distill_jax import sampling
+from distill_jax import export, sampling
 from distill_jax.config import load_config
 from distill_jax.data import image_captions
 from distill_jax.evaluation import evaluate
@@ -34,18 +34,19 @@ def _v2_folder(tmp_path):
 
 def test_sd21_768_smoke_runs_every_stage_on_mock_shards(tmp_path):
     """The smoke through `distill-jax run`: import (the VAE encodes the pairs), stage one and a
-    halving round of the v-prediction SD 2.x-layout U-Net, then no evaluation, said why."""
+    halving round of the v-prediction SD 2.x-layout U-Net, then no evaluation, said why. Then
+    the pipeline folder is deleted: the workdir samples, exports and resumes without it."""
     pairs = tmp_path / "pairs"
     image_captions.write_mock_pairs(str(pairs), 16)
     workdir = tmp_path / "run"
-    result = _cli(
-        "run",
+    flags = (
         f"--config={ROOT / 'configs' / 'sd21_768.py'}:smoke",
         f"--workdir={workdir}",
-        f"--teacher=diffusers:{_v2_folder(tmp_path)}",
         f"--config.data.data_dir={pairs}",
     )
+    result = _cli("run", *flags, f"--teacher=diffusers:{_v2_folder(tmp_path)}")
     assert result.returncode == 0, result.stderr[-3000:]
+    _stands_alone(workdir, tmp_path, flags)
     assert "not evaluated: the data 'image_captions' has no class labels" in result.stderr
     finished = json.loads((workdir / "autoencoder" / "FINISHED.json").read_text())
     assert finished["latents"] == {"scale": 0.18215, "shape": [16, 16, 4]}
@@ -56,6 +57,22 @@ def test_sd21_768_smoke_runs_every_stage_on_mock_shards(tmp_path):
     with pytest.raises(ValueError, match="has no class labels"):
         evaluate.evaluate_run(workdir)
     assert load_config(str(ROOT / "configs" / "sd21_768.py")).data.image_size == 768
+
+
+def _stands_alone(workdir, tmp_path, flags):
+    """With the imported folder deleted: sample from a prompt, export, and resume."""
+    shutil.rmtree(tmp_path / "sd_tiny_v2")
+    run = Run.open(workdir)
+    assert run.config.text.pipeline == str(workdir / "imported")
+    conditions, _ = run.text_encoder().encode(["a blue star"])
+    x = sampling.sample(run, model="student", steps=1, w=4.0, labels=conditions, seed=0)
+    assert x.shape == (1, 32, 32, 3) and np.all(np.isfinite(x))
+    metadata = export.export_sampler(workdir, steps=1, out=tmp_path / "export", platforms=("cpu",))
+    meaning = metadata["inputs"][1]["meaning"]
+    assert "'sd_tiny_v2'" in meaning and str(tmp_path) not in meaning
+    resumed = _cli("run", *flags)  # every stage is finished: nothing is read from the folder
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not evaluated" in resumed.stderr
 
 
 def test_sd15_laion_smoke_imports_an_epsilon_pipeline_on_caption_files(tmp_path):

@@ -46,7 +46,7 @@ def test_the_vae_is_the_runs_autoencoder_and_caches_the_split(latent_workdir):
     assert record["latents"] == {"scale": 0.18215, "shape": [4, 4, 4]}
     assert record["imported"]["source"] == str(TEACHER / "vae")
     run = Run.open(latent_workdir)
-    assert run.latent and run.config.autoencoder.pipeline == str(TEACHER)
+    assert run.latent and run.config.autoencoder.pipeline == str(latent_workdir / "imported")
     assert tuple(run.info.shape) == (4, 4, 4) and tuple(run.image_info.shape) == (8, 8, 1)
     # The cached split is the VAE's posterior means, scaled by its scaling_factor, beside the
     # captions as the pipeline's own text encoder encodes them.

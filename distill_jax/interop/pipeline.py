@@ -26,6 +26,7 @@ import dataclasses
 import os
 
 import jax
+from etils import epath
 
 from distill_jax import pipeline_text
 from distill_jax.interop import unet as unet_reader
@@ -44,6 +45,18 @@ from distill_jax.models import denoiser
 
 REQUIRED = ("unet", "scheduler", "text_encoder", "tokenizer")
 NOT_READ = ("safety_checker", "feature_extractor", "image_encoder")
+# What a run reads of a folder after its import, by part (None: every file of the part). The
+# network's and the VAE's weights are not among them: the import converts them into the
+# workdir's checkpoints.
+KEPT = {
+    "": ("model_index.json",),
+    "scheduler": ("scheduler_config.json",),
+    "unet": ("config.json",),
+    "transformer": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json", "model.safetensors"),
+    "tokenizer": None,
+}
 
 
 def _parts(folder: str) -> tuple[str, ...]:
@@ -234,3 +247,28 @@ def read_teacher_weights(imported: ImportedTeacher):
     if imported.record.get("kind") == "text_to_image":
         return read_sd_weights(imported)
     return read_dit_weights(imported)
+
+
+def copy_kept_files(folder: str, destination: epath.PathLike) -> None:
+    """Copy into `destination` the files of `folder` a run reads after the import (`KEPT`).
+
+    Links are followed (their targets are copied). The copy is written beside `destination`
+    and renamed when whole, so an interrupted copy is never taken for one; a leftover partial
+    copy is replaced.
+    """
+    destination = epath.Path(destination)
+    partial = destination.parent / f"{destination.name}.partial"
+    if partial.exists():
+        partial.rmtree()
+    for part, names in KEPT.items():
+        source = os.path.join(folder, part)
+        if not os.path.isdir(source):
+            continue
+        if names is None:
+            names = sorted(n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n)))
+        for name in names:
+            path = os.path.join(source, name)
+            if os.path.isfile(path):
+                (partial / part).mkdir(parents=True, exist_ok=True)
+                epath.Path(os.path.realpath(path)).copy(partial / part / name)
+    partial.rename(destination)

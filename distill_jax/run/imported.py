@@ -8,10 +8,12 @@ checkpoint (params = EMA params = the imported weights) and a FINISHED.json whos
 entry records the source folder, the weights' sha256, the converted schedule, the conventions
 and the config keys. A folder with vae/ (a latent pipeline) also makes the run a latent run:
 its VAE is written first as the finished `autoencoder` stage, with the train split encoded at
-the VAE's scaling_factor (`_import_vae`). Everything is checked before anything is written.
-Later commands on the
-workdir apply the recorded keys again (`with_recorded_import`), so `distill`, `run`, `sample`,
-`evaluate` and `export` work on it unchanged.
+the VAE's scaling_factor (`_import_vae`). The files a run reads of the folder afterwards
+(configs, tokenizer, text encoder) are copied into `workdir/imported`: the workdir stands alone.
+Everything is checked before anything is written; an interrupted import starts again when the
+command is run again. Later commands on the workdir apply the recorded keys again
+(`with_recorded_import`), so `distill`, `run`, `sample`, `evaluate` and `export` work on it
+unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from distill_jax.interop import diffusers, pipeline
 from distill_jax.interop import vae as vae_reader
 from distill_jax.models import autoencoder, denoiser
 from distill_jax.run import latents as latents_lib
+from distill_jax.run import workdir as workdir_lib
 from distill_jax.run.run import Run
 
 PREFIX = "diffusers:"
@@ -144,15 +147,22 @@ def _check_fits(run: Run, imported: diffusers.ImportedTeacher, source: str) -> N
         )
 
 
+IMPORTING_FILE = "IMPORTING.json"  # in a stage directory while an import writes it
+
+
 def _existing_stage(workdir: epath.Path, name: str, weights_sha256: str) -> bool:
     """True when stage `name` holds these very weights, imported already; refuses others.
 
-    `name` is 'teacher' or 'autoencoder' (a latent pipeline's VAE).
+    `name` is 'teacher' or 'autoencoder' (a latent pipeline's VAE). What an interrupted import
+    left (an unfinished stage marked IMPORTING_FILE) is removed, so the import starts again.
     """
     directory = workdir / name
     record = checkpoints.stage_finished(directory)
     if record is None:
-        if directory.exists():
+        if (directory / IMPORTING_FILE).exists():
+            logging.info("[%s] removing an interrupted import: %s", name, directory)
+            directory.rmtree()
+        elif directory.exists():
             raise ValueError(
                 f"{directory} holds an unfinished {name}; --teacher=diffusers:DIR imports into "
                 f"a workdir without one (delete that directory to import, or use a new workdir)."
@@ -168,6 +178,33 @@ def _existing_stage(workdir: epath.Path, name: str, weights_sha256: str) -> bool
     return True
 
 
+def _start_import(run: Run, spec) -> None:
+    """Mark stage `spec`'s directory as being imported into (see `_existing_stage`)."""
+    directory = run.directory(spec)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / IMPORTING_FILE).write_text('{"note": "an import is writing this stage"}')
+
+
+def _check_same_conventions(workdir: epath.Path, imported, folder: str) -> None:
+    """Refuse a folder whose weights were imported already under other conventions.
+
+    The network's config keys and the schedule are fixed at the import: a folder whose
+    config.json or scheduler changed since (same weights) is refused, whatever
+    --allow_config_change says, because the teacher's checkpoint was converted under the old.
+    """
+    record = (checkpoints.stage_finished(workdir / "teacher") or {}).get("imported") or {}
+    theirs = dict(record.get("model") or {}, schedule=record.get("schedule"))
+    ours = dict(imported.model, schedule=imported.record.get("schedule"))
+    changed = [key for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+    if changed:
+        shown = "; ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in changed[:3])
+        raise ValueError(
+            f"{folder} has the weights imported into {workdir} but other conventions ({shown}): "
+            "an imported teacher keeps the conventions of its import; accepted the folder as it "
+            "was imported, or a new --workdir for the changed one."
+        )
+
+
 def _import_vae(run: Run, vae: dict) -> None:
     """Write a latent pipeline's VAE as the run's finished autoencoder stage.
 
@@ -181,6 +218,7 @@ def _import_vae(run: Run, vae: dict) -> None:
         return
     model, params, record = vae_reader.read_vae_folder(vae["source"])
     shift = float(record["shift_factor"] or 0.0)
+    _start_import(run, spec)
     checkpointer = run.checkpointer(spec)
     try:
         checkpointer.save(0, {"params": params, "ema_params": params}, force=True)
@@ -201,6 +239,35 @@ def _import_vae(run: Run, vae: dict) -> None:
         checkpointer.mark_finished(0, dict(finished, measured_scale=measured))
     finally:
         checkpointer.close()
+    (run.directory(spec) / IMPORTING_FILE).unlink(missing_ok=True)
+
+
+def _folder(teacher: str) -> str:
+    """DIR of --teacher=diffusers:DIR; refuses anything else."""
+    if not teacher.startswith(PREFIX) or len(teacher) == len(PREFIX):
+        raise ValueError(
+            f"--teacher={teacher!r} is not an import: accepted diffusers:DIR (a diffusers "
+            "pipeline folder), or a finished teacher stage directory for `distill`."
+        )
+    return teacher[len(PREFIX) :]
+
+
+def _write_import(run: Run, imported: diffusers.ImportedTeacher) -> None:
+    """Write the teacher stage (and a latent pipeline's VAE first) and the kept files."""
+    imported = dataclasses.replace(imported, params=pipeline.read_teacher_weights(imported))
+    spec = run.stage("teacher")
+    record = dict(imported.record, model=imported.model)
+    if imported.record.get("vae"):
+        _import_vae(run, imported.record["vae"])
+    _start_import(run, spec)
+    checkpointer = run.checkpointer(spec)
+    try:
+        state = {"params": imported.params, "ema_params": imported.params}
+        checkpointer.save(0, state, force=True)
+        checkpointer.mark_finished(0, dict(run.finish_record(spec), imported=record))
+    finally:
+        checkpointer.close()
+    (run.directory(spec) / IMPORTING_FILE).unlink(missing_ok=True)
 
 
 def import_teacher(
@@ -209,19 +276,17 @@ def import_teacher(
     """Import `teacher` ('diffusers:DIR') into workdir/teacher once; the run's config.
 
     Returns `config` with the imported network's keys. A latent pipeline's VAE becomes the
-    run's finished autoencoder stage first (`_import_vae`). Importing the same weights again
-    writes nothing.
+    run's finished autoencoder stage first (`_import_vae`); the files a run reads of the
+    folder afterwards are copied into workdir/imported (`pipeline.copy_kept_files`), so the
+    workdir stands alone. Importing the same weights again writes nothing; an import that was
+    interrupted starts again.
 
     Raises:
       ValueError: an unsupported folder (`interop.diffusers.FolderError`), a config that does
-        not fit the network, or a workdir that has another teacher; nothing is written then.
+        not fit the network, a workdir that has another teacher, or the same weights under
+        changed conventions; nothing is written then.
     """
-    if not teacher.startswith(PREFIX) or len(teacher) == len(PREFIX):
-        raise ValueError(
-            f"--teacher={teacher!r} is not an import: accepted diffusers:DIR (a diffusers "
-            "pipeline folder), or a finished teacher stage directory for `distill`."
-        )
-    folder = teacher[len(PREFIX) :]
+    folder = _folder(teacher)
     # Configs and checksum first: a teacher imported already needs its tensors not read again.
     imported = pipeline.read_teacher_folder(folder, weights=False)
     text_to_image = imported.record.get("kind") == "text_to_image"
@@ -230,28 +295,25 @@ def import_teacher(
             f"{folder} is a text-to-image teacher but the config's data {config.data.name!r} "
             f"has no captions: accepted data.name in {tuple(config_checks.TEXT_DATASETS)}."
         )
-    config = with_import(config, imported.model, imported.logsnr_range, imported.record)
+    run_config = with_import(config, imported.model, imported.logsnr_range, imported.record)
     workdir = epath.Path(workdir).absolute()
     vae = imported.record.get("vae")
     if vae:  # refuses another or an unfinished autoencoder before anything is written
         _existing_stage(workdir, "autoencoder", vae["weights_sha256"])
-    if _existing_stage(workdir, "teacher", imported.record["weights_sha256"]):
-        return config
-    run = Run.create(config, workdir)
-    _check_fits(run, imported, folder)
-    imported = dataclasses.replace(imported, params=pipeline.read_teacher_weights(imported))
-    spec = run.stage("teacher")
-    record = dict(imported.record, model=imported.model)
-    with run.locked():
-        if vae:
-            _import_vae(run, vae)
-        checkpointer = run.checkpointer(spec)
-        try:
-            state = {"params": imported.params, "ema_params": imported.params}
-            checkpointer.save(0, state, force=True)
-            checkpointer.mark_finished(0, dict(run.finish_record(spec), imported=record))
-        finally:
-            checkpointer.close()
-        run.record_config()
-    run.load_params(spec)  # the round trip through Orbax: what every later reader does
-    return config
+    done = _existing_stage(workdir, "teacher", imported.record["weights_sha256"])
+    if done:
+        _check_same_conventions(workdir, imported, folder)
+    else:
+        run = Run.create(run_config, workdir)
+        _check_fits(run, imported, folder)
+    kept = workdir / workdir_lib.IMPORTED_DIR
+    with workdir_lib.locked(workdir):
+        if not done:
+            _write_import(run, imported)
+        if not kept.exists():
+            pipeline.copy_kept_files(imported.record["source"], kept)
+        if not done:
+            workdir_lib.record_config(workdir_lib.with_kept_files(run_config, workdir), workdir)
+    if not done:  # the round trip through Orbax: what every later reader does
+        run.load_params(run.stage("teacher"))
+    return workdir_lib.with_kept_files(run_config, workdir)

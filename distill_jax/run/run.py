@@ -144,6 +144,7 @@ class Run:
         """A run to train: `config` is validated and compared with the workdir's record."""
         workdir = epath.Path(workdir).absolute()
         workdir_lib.check_config(config, workdir, allow_config_change=allow_config_change)
+        config = workdir_lib.with_kept_files(config, workdir)
         return cls(workdir, config, _dataset_info(config), stages_lib.plan_stages(config))
 
     @classmethod
@@ -163,7 +164,7 @@ class Run:
     ) -> Run:
         """The run recorded in `workdir`; `eval_config` replaces its config.eval."""
         workdir = epath.Path(workdir).absolute()
-        config = workdir_lib.read_config(workdir)
+        config = workdir_lib.with_kept_files(workdir_lib.read_config(workdir), workdir)
         if eval_config is not None:
             config.eval = ml_collections.ConfigDict(eval_config.to_dict())
         config_checks.validate_config(config)

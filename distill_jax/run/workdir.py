@@ -6,6 +6,8 @@ Layout (every path under the run's workdir, local or `gs://`, as an `etils.epath
   autoencoder/           latent runs: the KL autoencoder's checkpoints; FINISHED.json holds the
                          latent scale and shape, latents.npz the encoded train split
   teacher/               the teacher's Orbax checkpoints (FINISHED.json when done)
+  imported/              an imported teacher's files a run reads after the import (configs,
+                         tokenizer, text encoder), so the workdir does not need the folder
   stage1/                stage one's guidance-conditioned student
   stage2/steps_XXXX/     one Orbax directory per halving round, named by the student's steps
   metrics.jsonl, logs/   training metrics (JSONL, TensorBoard events)
@@ -46,6 +48,7 @@ REPORT_FILE = "report.md"
 LOCK_FILE = ".lock"
 LATENTS_FILE = "latents.npy"  # in the autoencoder's directory: the encoded train split
 LABELS_FILE = "latent_labels.npy"  # and its labels
+IMPORTED_DIR = "imported"  # an imported pipeline's files a run reads after the import
 
 # Keys whose change makes existing checkpoints meaningless (another network or another data).
 MODEL_DEFINING_PREFIXES = (
@@ -122,6 +125,22 @@ def locked(workdir: epath.Path) -> Iterator[None]:
         del _HELD[key]
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
+
+
+def with_kept_files(config: ml_collections.ConfigDict, workdir: epath.Path):
+    """`config` reading an imported pipeline's parts from the workdir's copy, where it has one.
+
+    text.pipeline and autoencoder.pipeline, where set, name workdir/IMPORTED_DIR: the copy the
+    import made, wherever the workdir or the original folder is now. A workdir imported
+    before copies were made keeps the folder it names.
+    """
+    kept = workdir / IMPORTED_DIR
+    if (config.text.pipeline or config.autoencoder.pipeline) and kept.exists():
+        config = ml_collections.ConfigDict(config.to_dict())
+        for section in (config.text, config.autoencoder):
+            if section.pipeline:
+                section.pipeline = str(kept)
+    return config
 
 
 def _dotted(tree: dict) -> dict[str, Any]:
