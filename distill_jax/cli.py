@@ -40,7 +40,8 @@ _TEACHER = flags.DEFINE_string(
     None,
     "train, distill, run: diffusers:DIR imports a teacher trained elsewhere (a diffusers DiT "
     "or text-to-image pipeline folder) into WORKDIR/teacher once; distill also takes a "
-    "finished teacher stage directory (default WORKDIR/teacher).",
+    "finished teacher stage directory (default WORKDIR/teacher); plan: diffusers:DIR sizes the "
+    "folder's network from its JSON files.",
 )
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change",
@@ -478,9 +479,19 @@ def _plan() -> None:
     # the TPU of the machine it runs on (a training job may be using it).
     jax.config.update("jax_platforms", "cpu")
     from distill_jax import planning
+    from distill_jax.run import imported
 
+    config = _CONFIG.value
+    if _TEACHER.value:
+        config = imported.plan_config(config, _TEACHER.value)
+    elif config.model.get("from_import", False):
+        raise ValueError(
+            "This config's network comes from an imported teacher: plan it with "
+            "--teacher=diffusers:DIR (a diffusers pipeline folder; only its JSON and tokenizer "
+            "files are read, so the weights need not be downloaded yet)."
+        )
     plan = planning.plan_run(
-        _CONFIG.value,
+        config,
         _TOPOLOGY.value,
         mesh=_MESH.value,
         sample_batch=_SAMPLE_BATCH.value,

@@ -121,9 +121,12 @@ COMMANDS = {
     ),
     "plan": CommandHelp(
         summary="compile the train steps and samplers for a TPU slice here: memory, FLOPs, times",
-        usage="--config=FILE[:variant] --topology=SLICE [--mesh=DATAxFSDP] [--out=FILE.json]",
+        usage=(
+            "--config=FILE[:variant] --topology=SLICE [--teacher=diffusers:DIR] "
+            "[--mesh=DATAxFSDP] [--out=FILE.json]"
+        ),
         required=("config", "topology"),
-        common=("mesh", "stages", "sample_batch", "out"),
+        common=("teacher", "mesh", "stages", "sample_batch", "out"),
         advanced=("traceback",),
         overrides=True,
     ),

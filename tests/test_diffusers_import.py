@@ -179,6 +179,17 @@ def _edit_tensors(folder, edit):
     "break_folder, message",
     [
         (lambda f: shutil.rmtree(f / "transformer"), "nor transformer/"),
+        (  # a loop where a part should be: named as such, not as a missing part
+            lambda f: (
+                shutil.rmtree(f / "transformer"),
+                os.symlink("transformer", f / "transformer"),
+            ),
+            "transformer is a link that leads nowhere",
+        ),
+        (
+            lambda f: os.symlink(f / "loop", f / "scheduler" / "loop"),
+            "loop is a link that leads nowhere",
+        ),
         (lambda f: (f / "vae").mkdir(), "the VAE config: .*vae/config.json does not exist"),
         (
             lambda f: shutil.copytree(os.path.join(DATA, "sd_tiny_v2_unet"), f / "vae"),

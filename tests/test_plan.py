@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ import pytest
 from distill_jax import planning, topologies
 from distill_jax.config import load_config
 from distill_jax.planning import estimate
+from distill_jax.run import imported
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "digits.py") + ":smoke"
@@ -120,6 +122,10 @@ BAD_INPUT = {
         "image size 8x8 is not divisible",
     ),
     "no topology": ((), "plan needs --topology"),
+    "no import for an imported network": (
+        ("--topology=v5e-4", f"--config={ROOT / 'configs' / 'sd_digits.py'}:smoke"),
+        "plan it with --teacher=diffusers:DIR",
+    ),
 }
 
 
@@ -127,10 +133,30 @@ def test_table_and_json(whole_plan, tmp_path):
     table = planning.format_plan(whole_plan)
     assert "v5e-4 (v5e:2x2): 4 chips, mesh data=4 x fsdp=1" in table
     assert all(name in table for name in PROGRAMS) and "cloud.google.com/tpu/docs/v5e" in table
+    # A figure not measured (NaN) is written as null: the file is valid JSON.
+    whole_plan = dict(whole_plan, unmeasured=float("nan"))
     path = planning.write_plan(whole_plan, tmp_path / "plan.json")
+    strict = json.loads(pathlib.Path(path).read_text(), parse_constant=lambda name: 1 / 0)
+    assert strict["unmeasured"] is None
     assert json.loads(pathlib.Path(path).read_text())["programs"] == json.loads(
         json.dumps(whole_plan["programs"])
     )
+
+
+def test_an_imported_pipeline_is_planned_from_its_json_files(tmp_path):
+    """A pipeline folder without its weights (JSON and tokenizer files only, as before the
+    download) plans: the U-Net's sizes come from its config, the imported teacher is not a
+    stage to train, and the text encoder's weights are not needed."""
+    folder = tmp_path / "sd_digits_tiny"
+    shutil.copytree(ROOT / "tests" / "data" / "diffusers" / "sd_digits_tiny", folder)
+    for weights in folder.glob("*/*.safetensors"):
+        weights.unlink()
+    config = load_config(str(ROOT / "configs" / "sd_digits.py") + ":smoke")
+    config = imported.plan_config(config, f"diffusers:{folder}")
+    assert config.model.kind == "sd_unet" and config.text.max_tokens == 16
+    plan = planning.plan_run(config, SLICE, stages=("teacher", "stage1"), log=lambda line: None)
+    (stage1,) = plan["programs"]
+    assert stage1["name"] == "stage1" and stage1["fits"] and stage1["flops"] > 0
 
 
 def test_bad_input_is_one_line(tmp_path):

@@ -438,11 +438,15 @@ def read_dit_weights(imported: ImportedTeacher) -> PyTree:
     return convert_params(read_safetensors(transformer), abstract, transformer)
 
 
-def read_dit_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
+def read_dit_folder(
+    folder: str, *, weights: bool = True, configs_only: bool = False
+) -> ImportedTeacher:
     """Read a diffusers DiT pipeline folder (transformer/ and scheduler/) into our DiT.
 
     With weights=False the configs and the weights' checksum are read but not the tensors
-    (params is None; `read_dit_weights` reads them later).
+    (params is None; `read_dit_weights` reads them later). configs_only (for a plan, before
+    the weights are downloaded) reads the JSON files alone: no checksum (weights_sha256 None),
+    and the sizes are not compared with the weights' headers.
 
     Raises:
       FolderError: the first thing that is missing or not supported, in one line.
@@ -463,10 +467,11 @@ def read_dit_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
     model.update(schedule_keys)
     size, channels = int(cfg["sample_size"]), int(cfg["in_channels"])
     num_classes = int(cfg["num_embeds_ada_norm"])
-    check_dit_sizes(model, transformer)
+    if not configs_only:
+        check_dit_sizes(model, transformer)
     record = dict(
         source=folder,
-        weights_sha256=weights_checksum(transformer),
+        weights_sha256=None if configs_only else weights_checksum(transformer),
         transformer_class=cfg["_class_name"],
         **schedule_record,
         conventions=dict(
@@ -484,6 +489,6 @@ def read_dit_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
         params=None,
         record=record,
     )
-    if not weights:
+    if not weights or configs_only:
         return imported
     return dataclasses.replace(imported, params=read_dit_weights(imported))

@@ -117,10 +117,13 @@ def _text_record(folder: str) -> dict:
     return dict(kind=kind, width=int(sizes.width), max_tokens=int(max_tokens), vocab=sizes.vocab)
 
 
-def read_vae_entry(folder: str, in_channels: int, network: str = "U-Net") -> dict | None:
+def read_vae_entry(
+    folder: str, in_channels: int, network: str = "U-Net", configs_only: bool = False
+) -> dict | None:
     """The record of a pipeline folder's vae/ (None without one); its latents must fit the net.
 
-    `in_channels` is what the `network` (the U-Net, or a DiT's transformer) takes.
+    `in_channels` is what the `network` (the U-Net, or a DiT's transformer) takes; configs_only
+    leaves the weights' checksum out.
 
     Raises:
       FolderError: a VAE config that is missing, unsupported, or whose latent channels are
@@ -131,7 +134,8 @@ def read_vae_entry(folder: str, in_channels: int, network: str = "U-Net") -> dic
         return None
     cfg = read_json(os.path.join(vae_dir, "config.json"), "the VAE config")
     vae_reader.vae_model(cfg, os.path.join(vae_dir, "config.json"))
-    record = vae_reader.vae_record(cfg, vae_dir, weights_checksum(vae_dir))
+    checksum = None if configs_only else weights_checksum(vae_dir)
+    record = vae_reader.vae_record(cfg, vae_dir, checksum)
     if record["latent_channels"] != int(in_channels):
         raise FolderError(
             f"{folder}: the VAE's latents have {record['latent_channels']} channels but the "
@@ -140,10 +144,13 @@ def read_vae_entry(folder: str, in_channels: int, network: str = "U-Net") -> dic
     return record
 
 
-def read_sd_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
+def read_sd_folder(
+    folder: str, *, weights: bool = True, configs_only: bool = False
+) -> ImportedTeacher:
     """Read a text-to-image pipeline folder into an SDUNet teacher (see the module docstring).
 
-    With weights=False only configs and checksums are read (params None; `read_sd_weights`).
+    With weights=False only configs and checksums are read (params None; `read_sd_weights`);
+    configs_only reads the JSON files alone (no checksums: a plan before the download).
     `data_shape` is what the U-Net takes: latents for a pipeline with a VAE.
 
     Raises:
@@ -158,13 +165,13 @@ def read_sd_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
     model.update(schedule_keys)
     text = _text_record(folder)
     _check_text(folder, text, model["sd_unet"]["cross_attention_dim"])
-    vae = read_vae_entry(folder, int(unet_cfg["in_channels"]))
+    vae = read_vae_entry(folder, int(unet_cfg["in_channels"]), configs_only=configs_only)
     size, channels = int(unet_cfg["sample_size"]), int(unet_cfg["in_channels"])
     record = dict(
         source=folder,
         kind="text_to_image",
         parts=list(parts),
-        weights_sha256=weights_checksum(os.path.join(folder, "unet")),
+        weights_sha256=None if configs_only else weights_checksum(os.path.join(folder, "unet")),
         unet_class=unet_reader.UNET_CLASS,
         **schedule_record,
         text=text,
@@ -185,7 +192,7 @@ def read_sd_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
         params=None,
         record=record,
     )
-    if not weights:
+    if not weights or configs_only:
         return imported
     return dataclasses.replace(imported, params=read_sd_weights(imported))
 
@@ -223,22 +230,41 @@ def is_pipeline_folder(folder: str) -> bool:
     return os.path.isdir(os.path.join(os.fspath(folder), "unet"))
 
 
-def read_teacher_folder(folder: str, *, weights: bool = True) -> ImportedTeacher:
+def _check_links(folder: str) -> None:
+    """Refuse a link in the folder or its parts that leads nowhere (a loop, a missing target)."""
+    if not os.path.isdir(folder):
+        return
+    parts = [os.path.join(folder, name) for name in sorted(os.listdir(folder))]
+    for part in [folder] + [p for p in parts if os.path.isdir(p)]:
+        for name in sorted(os.listdir(part)):
+            path = os.path.join(part, name)
+            if os.path.islink(path) and not os.path.exists(path):
+                raise FolderError(
+                    f"{path} is a link that leads nowhere (a loop, or a target that is missing): "
+                    "accepted files and folders, or links to existing ones"
+                )
+
+
+def read_teacher_folder(
+    folder: str, *, weights: bool = True, configs_only: bool = False
+) -> ImportedTeacher:
     """Any teacher folder distill_jax reads: a text-to-image pipeline or a DiT pipeline.
 
     Either may hold a vae/ (a latent model): its record is the 'vae' entry (None without).
+    configs_only reads the JSON files alone (see `read_sd_folder`, `read_dit_folder`).
     """
+    _check_links(folder)
     if is_pipeline_folder(folder):
-        return read_sd_folder(folder, weights=weights)
+        return read_sd_folder(folder, weights=weights, configs_only=configs_only)
     if os.path.isdir(folder) and not os.path.isdir(os.path.join(folder, "transformer")):
         raise FolderError(
             f"{os.path.abspath(folder)} is not a diffusers pipeline folder distill_jax reads: "
             "it has neither unet/ (a text-to-image pipeline: unet/, text_encoder/, tokenizer/, "
             "scheduler/, vae/) nor transformer/ (a DiT pipeline: transformer/, scheduler/)"
         )
-    imported = read_dit_folder(folder, weights=weights)
+    imported = read_dit_folder(folder, weights=weights, configs_only=configs_only)
     channels = imported.data_shape[-1]
-    vae = read_vae_entry(os.path.abspath(folder), channels, "transformer")
+    vae = read_vae_entry(os.path.abspath(folder), channels, "transformer", configs_only)
     return dataclasses.replace(imported, record=dict(imported.record, vae=vae))
 
 

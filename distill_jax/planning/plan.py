@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import platform
 import time
@@ -221,8 +223,19 @@ def plan_run(
     }
 
 
+def _json_safe(tree):
+    """`tree` with every non-finite number (a figure not measured: NaN) as None (JSON null)."""
+    if isinstance(tree, dict):
+        return {key: _json_safe(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_json_safe(value) for value in tree]
+    if isinstance(tree, numbers.Real) and not isinstance(tree, numbers.Integral):
+        return float(tree) if math.isfinite(tree) else None
+    return tree
+
+
 def write_plan(plan: dict, path: str) -> str:
-    """Write the plan as JSON to `path` (atomically); return the path."""
+    """Write the plan as JSON to `path` (atomically; figures not measured are null)."""
     with files.atomic_path(path) as tmp, tmp.open("w") as handle:
-        json.dump(plan, handle, indent=2, default=float)
+        json.dump(_json_safe(plan), handle, indent=2, default=float, allow_nan=False)
     return path

@@ -134,16 +134,27 @@ def wanted(name: str, selection: tuple[str, ...]) -> bool:
     return not selection or name.startswith(tuple(selection))
 
 
+def _imported(run: Run, spec: StageSpec) -> bool:
+    """Whether an import provides the stage (nothing to train): its VAE, its teacher."""
+    if spec.name == "autoencoder":
+        return bool(run.config.autoencoder.pipeline)
+    return spec.name == "teacher" and bool(run.config.model.get("from_import", False))
+
+
 def train_programs(
     run: Run, mesh: jax.sharding.Mesh, selection: tuple[str, ...] = ()
 ) -> list[Program]:
-    """The trainable stages' train steps, lowered on `mesh` (stages without one are skipped).
+    """The trainable stages' train steps, lowered on `mesh`.
+
+    Stages without a train step, and those an import provides, are skipped.
 
     selection: name prefixes of the stages to lower ('teacher', 'stage2'); empty: all.
     """
     programs, seen = [], {}
     for spec in run.stages:
         if spec.kind not in pipeline.BUILDERS or not wanted(spec.name, selection):
+            continue
+        if _imported(run, spec):
             continue
         program = train_program(run, spec, mesh)
         if program.lowered is not None:

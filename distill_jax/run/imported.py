@@ -252,6 +252,29 @@ def _folder(teacher: str) -> str:
     return teacher[len(PREFIX) :]
 
 
+def _check_text_data(config: ml_collections.ConfigDict, imported, folder: str) -> None:
+    """Refuse a text-to-image teacher on data without captions."""
+    text_to_image = imported.record.get("kind") == "text_to_image"
+    if text_to_image and config.data.name not in config_checks.TEXT_DATASETS:
+        raise ValueError(
+            f"{folder} is a text-to-image teacher but the config's data {config.data.name!r} "
+            f"has no captions: accepted data.name in {tuple(config_checks.TEXT_DATASETS)}."
+        )
+
+
+def plan_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collections.ConfigDict:
+    """`config` with the network of --teacher=diffusers:DIR, from the folder's JSON files alone.
+
+    For `plan`: the weights need not be there yet (nothing is checksummed or written).
+    """
+    folder = _folder(teacher)
+    imported = pipeline.read_teacher_folder(folder, weights=False, configs_only=True)
+    _check_text_data(config, imported, folder)
+    config = with_import(config, imported.model, imported.logsnr_range, imported.record)
+    config.model.from_import = True  # the teacher is imported: no teacher training to plan
+    return config
+
+
 def _write_import(run: Run, imported: diffusers.ImportedTeacher) -> None:
     """Write the teacher stage (and a latent pipeline's VAE first) and the kept files."""
     imported = dataclasses.replace(imported, params=pipeline.read_teacher_weights(imported))
@@ -289,12 +312,7 @@ def import_teacher(
     folder = _folder(teacher)
     # Configs and checksum first: a teacher imported already needs its tensors not read again.
     imported = pipeline.read_teacher_folder(folder, weights=False)
-    text_to_image = imported.record.get("kind") == "text_to_image"
-    if text_to_image and config.data.name not in config_checks.TEXT_DATASETS:
-        raise ValueError(
-            f"{folder} is a text-to-image teacher but the config's data {config.data.name!r} "
-            f"has no captions: accepted data.name in {tuple(config_checks.TEXT_DATASETS)}."
-        )
+    _check_text_data(config, imported, folder)
     run_config = with_import(config, imported.model, imported.logsnr_range, imported.record)
     workdir = epath.Path(workdir).absolute()
     vae = imported.record.get("vae")

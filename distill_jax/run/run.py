@@ -131,6 +131,9 @@ class Run:
         """What guidance's unconditional half sees: the null class, or the empty prompt."""
         if not self.text:
             return int(self.info.num_classes)
+        if self.workdir is None:  # a run described for a plan: its shape, no encoder loaded
+            width = stages_lib.text_width(self.config)
+            return np.zeros((int(self.config.text.max_tokens), width), np.float32)
         return self.text_encoder().encode([""])[0][0]
 
     @classmethod
