@@ -22,7 +22,8 @@ import numpy as np
 from distill_jax.diffusion import discrete, gmm
 from distill_jax.diffusion.parameterisation import xhat_from_output
 from distill_jax.diffusion.schedule import alpha_sigma
-from distill_jax.interop import diffusers as reader
+from distill_jax.interop import core
+from distill_jax.interop import dit as reader
 from distill_jax.models import denoiser
 from distill_jax.models.dit import DiT
 
@@ -67,7 +68,7 @@ def network(folder: str, num: int) -> None:
     """A real DiT between its trained timesteps."""
     imported = reader.read_dit_folder(folder)
     model = denoiser.build_model(
-        reader.model_config(imported.model),
+        core.model_config(imported.model),
         data_shape=imported.data_shape,
         num_classes=imported.num_classes,
         use_guidance=False,

@@ -19,7 +19,7 @@ BERT state never is). The pooled vector the U-Net adds to its time embedding is 
 mean of these states (`pooled_text`), the reference model's pooling before normalisation.
 
 The BERT takes its sizes from `EncoderSizes` (MiniLM's by default), and the pieces a
-transformers checkpoint needs are shared with `distill_jax.pipeline_text` (a diffusers
+transformers checkpoint needs are shared with `distill_jax.interop.text_encoder` (a diffusers
 pipeline's CLIP or BERT text encoder): `SelfAttention`, `ACTIVATIONS`, the PyTorch-name tables
 (`torch_names`, `bert_tensor_names`, `params_from_tensors`) and `tokenize` (pad and truncate
 like transformers' padding="max_length", truncation=True). The weights are read by

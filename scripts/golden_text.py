@@ -1,4 +1,4 @@
-"""Write the golden files that check distill_jax.pipeline_text against transformers + diffusers.
+"""Write the golden files that check distill_jax.interop.text_encoder against transformers + diffusers.
 
 Needs PyTorch, transformers and diffusers (`pip install -e .[diffusers]`); CI never runs it, the
 tests read what it wrote into tests/data/diffusers/:

@@ -155,14 +155,15 @@ def dit_workdir(tmp_path_factory, classifier_cache):
 
 
 def imported_dit(folder):
-    """(reader.ImportedTeacher, our DiT) of a diffusers DiT folder, on its trained range."""
-    from distill_jax.interop import diffusers as reader
+    """(core.ImportedTeacher, our DiT) of a diffusers DiT folder, on its trained range."""
+    from distill_jax.interop import core
+    from distill_jax.interop import dit as reader
     from distill_jax.models import denoiser
 
     imported = reader.read_dit_folder(folder)
     lo, hi = imported.logsnr_range
     model = denoiser.build_model(
-        reader.model_config(imported.model),
+        core.model_config(imported.model),
         data_shape=imported.data_shape,
         num_classes=imported.num_classes,
         use_guidance=False,

@@ -12,8 +12,8 @@ from conftest import imported_dit
 
 from distill_jax.config import base_config
 from distill_jax.diffusion import discrete, guidance, samplers, schedule
-from distill_jax.interop import diffusers as reader
-from distill_jax.interop import pipeline
+from distill_jax.interop import core, pipeline
+from distill_jax.interop import dit as reader
 from distill_jax.models import denoiser, student_head
 from distill_jax.models.dit import DiT
 from distill_jax.trees import named_leaves
@@ -107,7 +107,7 @@ def test_dit_xl2_manifest_fully_mapped(layout):
     assert set(ours) == set(real)
     for torch_name, shape in real.items():
         name, flax_shape = ours[torch_name]
-        assert reader.to_flax_layout(np.empty(shape), name).shape == flax_shape, torch_name
+        assert core.to_flax_layout(np.empty(shape), name).shape == flax_shape, torch_name
     assert sum(int(np.prod(s)) for s in real.values()) == sum(
         int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(abstract)
     )
@@ -121,7 +121,7 @@ def test_student_of_imported_teacher_starts_as_teacher(choice):
     imported, teacher = _imported("dit_tiny")
     lo, hi = imported.logsnr_range
     config = base_config()
-    config.model = reader.model_config(imported.model)
+    config.model = core.model_config(imported.model)
     config.model.student_parameterisation = choice
     config.finetune.to = ""  # the converted head alone (the fine-tune: tests/test_dit_cli.py)
     head = student_head.head_conversion(config, 4)
@@ -169,7 +169,7 @@ def _edit_json(path, **changes):
 def _edit_tensors(folder, edit):
     from safetensors.numpy import load_file, save_file
 
-    path = folder / "transformer" / reader.WEIGHTS_FILE
+    path = folder / "transformer" / core.WEIGHTS_FILE
     tensors = load_file(str(path))
     edit(tensors)
     save_file(tensors, str(path))
@@ -259,7 +259,7 @@ def _edit_tensors(folder, edit):
 def test_bad_folders_refused_in_one_line(tmp_path, break_folder, message):
     folder = _copy(tmp_path)
     break_folder(folder)
-    with pytest.raises(reader.FolderError, match=message) as error:
+    with pytest.raises(core.FolderError, match=message) as error:
         pipeline.read_teacher_folder(str(folder))
     assert "\n" not in str(error.value)
 
@@ -271,7 +271,7 @@ def test_half_precision_and_sharded_weights_read_as_float32(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     folder = _copy(tmp_path)
-    path = folder / "transformer" / reader.WEIGHTS_FILE
+    path = folder / "transformer" / core.WEIGHTS_FILE
     tensors = load_file(str(path))
     full = named_leaves(reader.read_dit_folder(folder).params)
     for dtype, rtol in ((jnp.bfloat16, 2**-8), (jnp.float16, 2**-11)):
@@ -286,7 +286,7 @@ def test_half_precision_and_sharded_weights_read_as_float32(tmp_path):
     for shard, members in shards.items():
         save_file({n: tensors[n] for n in members}, str(folder / "transformer" / shard))
     weight_map = {n: shard for shard, members in shards.items() for n in members}
-    (folder / "transformer" / reader.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "transformer" / core.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
     got = named_leaves(reader.read_dit_folder(folder).params)
     for name, leaf in full.items():
         np.testing.assert_array_equal(got[name], leaf)

@@ -11,7 +11,7 @@ import pytest
 
 from distill_jax import config as config_lib
 from distill_jax import parallel
-from distill_jax.interop import diffusers as reader
+from distill_jax.interop import dit as reader
 from distill_jax.models import denoiser
 from distill_jax.training import teacher as teacher_lib
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, snapshot
 
-from distill_jax.interop import diffusers as reader
+from distill_jax.interop import dit as reader
 from distill_jax.run import Run
 from distill_jax.trees import named_leaves
 

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from distill_jax.interop import vae as reader
-from distill_jax.interop.diffusers import FolderError, read_safetensors
+from distill_jax.interop.core import FolderError, read_safetensors
 from distill_jax.models import autoencoder, kl_vae
 from distill_jax.trees import named_leaves
 

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from distill_jax import pipeline_text, safetensors_file, text_encoder
-from distill_jax.pipeline_text import PipelineTextEncoder
+from distill_jax import safetensors_file, text_encoder
+from distill_jax.interop import text_encoder as pipeline_text
+from distill_jax.interop.text_encoder import PipelineTextEncoder
 
 DATA = pathlib.Path(__file__).parent / "data" / "diffusers"
 GOLDEN = np.load(DATA / "text_golden.npz")

@@ -121,7 +121,8 @@ def test_truncated_real_file_is_refused(tmp_path):
 
 def test_import_refuses_a_damaged_weight_file_in_one_line(tmp_path):
     """A DiT folder whose weights hold a NaN: the import names the file and the tensor."""
-    from distill_jax.interop import diffusers as reader
+    from distill_jax.interop import core
+    from distill_jax.interop import dit as reader
 
     folder = tmp_path / "dit_tiny"
     shutil.copytree(DATA / "dit_tiny", folder)
@@ -131,7 +132,7 @@ def test_import_refuses_a_damaged_weight_file_in_one_line(tmp_path):
     tensors[name] = tensors[name].copy()
     tensors[name].flat[0] = np.nan
     save_file(tensors, str(weights))
-    with pytest.raises(reader.FolderError) as error:
+    with pytest.raises(core.FolderError) as error:
         reader.read_dit_folder(str(folder))
     message = str(error.value)
     assert "\n" not in message and os.fspath(weights) in message

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from distill_jax.diffusion import discrete, guidance, samplers
-from distill_jax.interop import diffusers
+from distill_jax.interop import core
 from distill_jax.interop import pipeline as reader
 from distill_jax.interop import vae as vae_reader
 from distill_jax.models import autoencoder, denoiser
@@ -60,7 +60,7 @@ def test_guided_ddim_equals_stable_diffusion_pipeline(tiny, case):
         steps, num_timesteps=1000, spacing="leading", steps_offset=schedule["steps_offset"]
     )
     np.testing.assert_array_equal(timesteps, golden["timesteps"])
-    table = np.asarray(denoiser.discrete_logsnrs(diffusers.model_config(imported.model)))
+    table = np.asarray(denoiser.discrete_logsnrs(core.model_config(imported.model)))
     times = discrete.times_of_timesteps(timesteps, table, logsnr_min=lo, logsnr_max=hi)[::-1]
     conditions, _ = encoder.encode(PROMPTS)
     null, _ = encoder.encode(NEGATIVE if case == "negative" else [""] * len(PROMPTS))
@@ -104,30 +104,28 @@ def _edit(path: str, **changes) -> None:
 def test_missing_part_refused(tmp_path):
     folder = _copy(tmp_path)
     shutil.rmtree(os.path.join(folder, "tokenizer"))
-    with pytest.raises(diffusers.FolderError, match=r"not a complete .*tokenizer/ missing"):
+    with pytest.raises(core.FolderError, match=r"not a complete .*tokenizer/ missing"):
         reader.read_sd_folder(folder, weights=False)
     folder = _copy(tmp_path / "b")
     shutil.rmtree(os.path.join(folder, "vae"))  # model_index.json names it
-    with pytest.raises(diffusers.FolderError, match=r"vae/ missing"):
+    with pytest.raises(core.FolderError, match=r"vae/ missing"):
         reader.read_sd_folder(folder, weights=False)
 
 
 def test_parts_that_do_not_fit_refused(tmp_path):
     folder = _copy(tmp_path)
     _edit(os.path.join(folder, "vae", "config.json"), latent_channels=8)
-    with pytest.raises(
-        diffusers.FolderError, match="latents have 8 channels but the U-Net takes 4"
-    ):
+    with pytest.raises(core.FolderError, match="latents have 8 channels but the U-Net takes 4"):
         reader.read_sd_folder(folder, weights=False)
     folder = _copy(tmp_path / "b")
     _edit(os.path.join(folder, "unet", "config.json"), cross_attention_dim=48)
     with pytest.raises(
-        diffusers.FolderError, match="states are 32 wide but .*cross_attention_dim is 48"
+        core.FolderError, match="states are 32 wide but .*cross_attention_dim is 48"
     ):
         reader.read_sd_folder(folder, weights=False)
     folder = _copy(tmp_path / "c")
     _edit(os.path.join(folder, "text_encoder", "config.json"), vocab_size=500)
     with pytest.raises(
-        diffusers.FolderError, match="tokenizer .* has 756 tokens but .*vocab_size is 500"
+        core.FolderError, match="tokenizer .* has 756 tokens but .*vocab_size is 500"
     ):
         reader.text_encoder(folder)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_jax.interop import diffusers
+from distill_jax.interop import core
 from distill_jax.interop import unet as reader
 from distill_jax.models import denoiser
 from distill_jax.trees import named_leaves
@@ -25,7 +25,7 @@ FOLDERS = {"v1": "sd_tiny/unet", "v2": "sd_tiny_v2_unet"}
 
 def _build(keys: dict, shape: tuple, *, use_guidance: bool = False):
     model = denoiser.build_model(
-        diffusers.model_config(keys),
+        core.model_config(keys),
         data_shape=shape,
         num_classes=0,
         use_guidance=use_guidance,
@@ -66,8 +66,13 @@ def test_real_unet_manifest_fully_mapped(version, params):
     keys = reader.unet_model_config(dict(manifest["config"], _class_name=reader.UNET_CLASS))
     _, abstract = _build(keys, (64, 64, 4))
     tensors = {k: np.broadcast_to(np.float32(0), s) for k, s in manifest["tensors"].items()}
-    converted = diffusers.convert_params(
-        tensors, abstract, version, name_of=reader.diffusers_unet_name, layout=reader.to_sd_layout
+    converted = core.convert_params(
+        tensors,
+        abstract,
+        version,
+        name_of=reader.diffusers_unet_name,
+        layout=reader.to_sd_layout,
+        what="a U-Net",
     )
     assert len(named_leaves(converted)) == len(tensors) == 686
     assert sum(int(np.prod(s)) for s in manifest["tensors"].values()) == params
@@ -128,7 +133,7 @@ def _edited_config(tmp_path, **changes) -> str:
     ],
 )
 def test_unsupported_config_refused_in_one_line(tmp_path, changes, message):
-    with pytest.raises(diffusers.FolderError, match=message) as error:
+    with pytest.raises(core.FolderError, match=message) as error:
         reader.read_unet_config(_edited_config(tmp_path, **changes))
     assert "\n" not in str(error.value)
 
@@ -136,11 +141,11 @@ def test_unsupported_config_refused_in_one_line(tmp_path, changes, message):
 def test_config_that_does_not_fit_the_weights_is_refused(tmp_path):
     """A config whose sizes differ from the tensors: missing, left over, misshapen tensors."""
     folder = _edited_config(tmp_path, layers_per_block=2)
-    with pytest.raises(diffusers.FolderError, match=r"does not hold a U-Net .*missing \d+ "):
+    with pytest.raises(core.FolderError, match=r"does not hold a U-Net .*missing \d+ "):
         _read("v2", folder)
     folder = _edited_config(tmp_path / "b", cross_attention_dim=16)
     with pytest.raises(
-        diffusers.FolderError,
+        core.FolderError,
         match=r"attn2.to_k.weight has shape \(16, 24\), .*expected \(16, 2, 8\)",
     ):
         _read("v2", folder)

@@ -4,10 +4,10 @@ A folder as `StableDiffusionPipeline.save_pretrained` writes it (SD 1.x, SD 2.x 
 fine-tunes):
 - `unet/`: UNet2DConditionModel (`interop.unet`);
 - `text_encoder/` + `tokenizer/`: CLIPTextModel with its BPE tokenizer, or a BERT-family
-  encoder (`pipeline_text`);
+  encoder (`interop.text_encoder`);
 - `vae/`: AutoencoderKL (`interop.vae`); a folder without one (and without a 'vae' entry in
   model_index.json) is a pixel-space pipeline;
-- `scheduler/`: a discrete DDPM-family schedule (`interop.diffusers.schedule_config`).
+- `scheduler/`: a discrete DDPM-family schedule (`interop.scheduler`).
 A part model_index.json names, or any of unet/scheduler/text_encoder/tokenizer, that is
 missing is refused in one line. So are parts that do not fit each other: a VAE whose latent
 channels are not the U-Net's input channels, a text encoder whose width is not the U-Net's
@@ -28,19 +28,18 @@ import os
 import jax
 from etils import epath
 
-from distill_jax import pipeline_text
+from distill_jax.interop import text_encoder as text_reader
 from distill_jax.interop import unet as unet_reader
 from distill_jax.interop import vae as vae_reader
-from distill_jax.interop.diffusers import (
+from distill_jax.interop.core import (
     FolderError,
     ImportedTeacher,
     model_config,
-    read_dit_folder,
-    read_dit_weights,
     read_json,
-    read_schedule,
     weights_checksum,
 )
+from distill_jax.interop.dit import read_dit_folder, read_dit_weights
+from distill_jax.interop.scheduler import read_schedule
 from distill_jax.models import denoiser
 
 REQUIRED = ("unet", "scheduler", "text_encoder", "tokenizer")
@@ -88,14 +87,11 @@ def _parts(folder: str) -> tuple[str, ...]:
     return wanted + (("vae",) if has_vae and "vae" not in wanted else ())
 
 
-def text_encoder(folder: str, clip_skip: int | None = None) -> pipeline_text.PipelineTextEncoder:
-    """The pipeline's prompt encoder (tokenizer + text encoder), refusals as FolderError."""
-    try:
-        return pipeline_text.PipelineTextEncoder(
-            os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"), clip_skip
-        )
-    except pipeline_text.TextFolderError as error:
-        raise FolderError(str(error)) from None
+def text_encoder(folder: str, clip_skip: int | None = None) -> text_reader.PipelineTextEncoder:
+    """The pipeline's prompt encoder (tokenizer + text encoder); refusals are FolderErrors."""
+    return text_reader.PipelineTextEncoder(
+        os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"), clip_skip
+    )
 
 
 def _check_text(folder: str, text: dict, cross_attention_dim: int) -> None:
@@ -109,11 +105,8 @@ def _check_text(folder: str, text: dict, cross_attention_dim: int) -> None:
 def _text_record(folder: str) -> dict:
     """Width, length and kind of the text encoder, from its configs (no weights read)."""
     cfg = read_json(os.path.join(folder, "text_encoder", "config.json"), "the text encoder config")
-    try:
-        kind, sizes = pipeline_text.encoder_sizes(cfg)
-        _, max_tokens, _ = pipeline_text.load_tokenizer(os.path.join(folder, "tokenizer"))
-    except pipeline_text.TextFolderError as error:
-        raise FolderError(str(error)) from None
+    kind, sizes = text_reader.encoder_sizes(cfg)
+    _, max_tokens, _ = text_reader.load_tokenizer(os.path.join(folder, "tokenizer"))
     return dict(kind=kind, width=int(sizes.width), max_tokens=int(max_tokens), vocab=sizes.vocab)
 
 

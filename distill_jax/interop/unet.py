@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from distill_jax.interop.diffusers import (
+from distill_jax.interop.core import (
     FolderError,
     convert_params,
     model_config,

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from distill_jax.interop.diffusers import (
+from distill_jax.interop.core import (
     FolderError,
     convert_params,
     match_params,

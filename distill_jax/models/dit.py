@@ -1,7 +1,7 @@
 """DiT (Peebles and Xie 2023): a class-conditional diffusion transformer with adaLN-Zero blocks.
 
 The layout follows diffusers' `DiTTransformer2DModel` (and the older `Transformer2DModel` with
-norm_type 'ada_norm_zero'), so its weights load by name (`distill_jax.interop.diffusers`):
+norm_type 'ada_norm_zero'), so its weights load by name (`distill_jax.interop.dit`):
 - patchify: a p x p convolution with stride p, then fixed 2-D sine-cosine positional
   embeddings (recomputed, never stored, as diffusers does);
 - conditioning: a timestep embedding (256 sinusoidal features, cos first, through

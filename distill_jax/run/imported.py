@@ -1,6 +1,6 @@
 """Teachers trained elsewhere: import a diffusers folder once into a run's `teacher/` stage.
 
-`import_teacher(config, workdir, "diffusers:DIR")` reads the folder (`interop.diffusers`), takes
+`import_teacher(config, workdir, "diffusers:DIR")` reads the folder (`interop.pipeline`), takes
 the network's config keys from it (the student architecture is the teacher's DiT plus the
 guidance branch), clips the run's log-SNR range to the teacher's trained range, checks the
 config's data against the network, and writes `workdir/teacher` as a finished stage: one Orbax
@@ -27,7 +27,8 @@ from etils import epath
 
 from distill_jax import checkpoints, config_checks
 from distill_jax.diffusion import discrete
-from distill_jax.interop import diffusers, pipeline
+from distill_jax.interop import core as interop_core
+from distill_jax.interop import pipeline
 from distill_jax.interop import vae as vae_reader
 from distill_jax.models import autoencoder, denoiser
 from distill_jax.run import latents as latents_lib
@@ -57,7 +58,7 @@ def with_import(
         for key in ("student_parameterisation", "student_both_shift")
         if key in config.model
     }
-    config.model = diffusers.model_config(model_keys)
+    config.model = interop_core.model_config(model_keys)
     config.model.update(students)
     text = (record or {}).get("text")
     if text:
@@ -122,7 +123,7 @@ def teacher_times(run: Run, steps: int) -> np.ndarray:
     return discrete.times_of_timesteps(timesteps, table, **run.bounds)
 
 
-def _check_fits(run: Run, imported: diffusers.ImportedTeacher, source: str) -> None:
+def _check_fits(run: Run, imported: interop_core.ImportedTeacher, source: str) -> None:
     """Refuse a config whose data the imported network cannot take."""
     if run.latent and not imported.record.get("vae"):
         raise ValueError(
@@ -275,7 +276,7 @@ def plan_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collectio
     return config
 
 
-def _write_import(run: Run, imported: diffusers.ImportedTeacher) -> None:
+def _write_import(run: Run, imported: interop_core.ImportedTeacher) -> None:
     """Write the teacher stage (and a latent pipeline's VAE first) and the kept files."""
     imported = dataclasses.replace(imported, params=pipeline.read_teacher_weights(imported))
     spec = run.stage("teacher")
@@ -305,7 +306,7 @@ def import_teacher(
     interrupted starts again.
 
     Raises:
-      ValueError: an unsupported folder (`interop.diffusers.FolderError`), a config that does
+      ValueError: an unsupported folder (`interop.core.FolderError`), a config that does
         not fit the network, a workdir that has another teacher, or the same weights under
         changed conventions; nothing is written then.
     """

@@ -22,7 +22,7 @@ import ml_collections
 
 from distill_jax import config_checks, text_encoder
 from distill_jax.data import sources
-from distill_jax.interop import diffusers
+from distill_jax.interop import core as interop_core
 from distill_jax.interop import vae as vae_reader
 from distill_jax.models import autoencoder, denoiser, student_head
 
@@ -72,7 +72,7 @@ def _denoiser_factory(use_guidance: bool, finetuned: bool = False) -> ModelFacto
 
 @functools.lru_cache(maxsize=4)
 def _read_vae_config(folder: str) -> dict:
-    return diffusers.read_json(os.path.join(folder, "vae", "config.json"), "the VAE config")
+    return interop_core.read_json(os.path.join(folder, "vae", "config.json"), "the VAE config")
 
 
 def imported_vae_config(config: ml_collections.ConfigDict) -> dict:

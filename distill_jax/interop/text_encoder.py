@@ -33,15 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.interop.core import FolderError, match_named_tensors
+from distill_jax.models.clip_text import ClipText
 from distill_jax.safetensors_file import read_safetensors_file
-from distill_jax.tensor_map import match_named_tensors
 from distill_jax.text_encoder import (
     ACTIVATIONS,
     EncoderSizes,
     MiniLM,
-    SelfAttention,
     bert_tensor_names,
-    padding_bias,
     params_from_tensors,
     tokenize,
     torch_names,
@@ -73,48 +72,8 @@ _CLIP_SPLIT = (
 )
 
 
-class TextFolderError(ValueError):
+class TextFolderError(FolderError):
     """A text_encoder/ or tokenizer/ folder that does not hold what its config says."""
-
-
-class ClipText(nn.Module):
-    """transformers' CLIPTextModel: ids [B, L], mask [B, L] -> token states [B, L, width].
-
-    The states are final_layer_norm of layer `sizes.layers - skip`'s output (skip = diffusers'
-    clip_skip; 0 = the last layer, = last_hidden_state).
-    """
-
-    sizes: EncoderSizes
-    skip: int = 0
-
-    @nn.compact
-    def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        """Causal, and attending only where mask [B, L] is 1."""
-        sizes, length = self.sizes, ids.shape[1]
-        h = nn.Embed(sizes.vocab, sizes.width, name="token_embedding")(ids)
-        h = h + nn.Embed(sizes.positions, sizes.width, name="position_embedding")(
-            jnp.arange(length)[None, :]
-        )
-        causal = jnp.where(jnp.tri(length, dtype=bool), 0.0, jnp.finfo(jnp.float32).min)
-        bias = jnp.minimum(causal[None, None], padding_bias(mask))
-        for i in range(sizes.layers - self.skip):
-            h = _ClipLayer(sizes, name=f"layer_{i}")(h, bias)
-        return nn.LayerNorm(sizes.eps, name="final_layer_norm")(h)
-
-
-class _ClipLayer(nn.Module):
-    """One pre-LayerNorm CLIP layer."""
-
-    sizes: EncoderSizes
-
-    @nn.compact
-    def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
-        sizes = self.sizes
-        h = h + SelfAttention(sizes.heads, name="self_attn")(
-            nn.LayerNorm(sizes.eps, name="layer_norm1")(h), bias
-        )
-        mlp = nn.Dense(sizes.ffn, name="fc1")(nn.LayerNorm(sizes.eps, name="layer_norm2")(h))
-        return h + nn.Dense(sizes.width, name="fc2")(ACTIVATIONS[sizes.activation](mlp))
 
 
 def clip_tensor_names(sizes: EncoderSizes) -> dict[str, str]:

@@ -1,0 +1,251 @@
+"""The shared core of every reader of models trained elsewhere: files, tensors, refusals.
+
+What each part's reader (`interop.dit`, `interop.unet`, `interop.vae`, `interop.text_encoder`,
+`interop.scheduler`, and `interop.pipeline` for whole folders) builds on:
+- `FolderError`, the one-line refusal every reader raises, and `ImportedTeacher`, what a
+  teacher folder gives;
+- `read_json`, `require`: a config file and its accepted values;
+- `read_safetensors`, `read_safetensors_shapes`, `weights_checksum`: a model folder's weight
+  files (one file, or shards listed by an index), each checked by `safetensors_file`;
+- `match_named_tensors`, `match_params`, `convert_params`: PyTorch tensors mapped onto our
+  parameters by name and shape, every tensor used and every parameter found, or a refusal
+  naming them;
+- `model_config`: the schema's config.model with an import's keys.
+No PyTorch: JSON and safetensors only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from distill_jax import config as config_lib
+from distill_jax import trees
+from distill_jax.safetensors_file import read_safetensors_file
+from distill_jax.safetensors_file import read_safetensors_shapes as read_safetensors_shapes_file
+
+PyTree = Any
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+INDEX_FILE = WEIGHTS_FILE + ".index.json"
+
+
+class FolderError(ValueError):
+    """A diffusers folder that cannot be imported; the message is one line for the user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportedTeacher:
+    """What a diffusers folder gives: the model's config keys, its weights and its record.
+
+    Attributes:
+      model: config.model keys that build the same network here (kind 'dit').
+      logsnr_range: (lambda_{K-1}, lambda_0) of its discrete schedule, the trained range.
+      data_shape: one example (H, W, C) the network takes.
+      num_classes: its real classes (the null class is label num_classes).
+      params: the weights as this library's DiT params (numpy float32); None when read with
+        weights=False.
+      record: source folder, checksum, schedule and conventions, for FINISHED.json.
+    """
+
+    model: dict
+    logsnr_range: tuple[float, float]
+    data_shape: tuple[int, int, int]
+    num_classes: int
+    params: PyTree
+    record: dict
+
+
+def read_json(path: str, what: str) -> dict:
+    """The JSON object in `path`; FolderError naming `what` when it is missing or malformed."""
+    if not os.path.isfile(path):
+        raise FolderError(f"{what}: {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise FolderError(f"{what}: {path} is not readable JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise FolderError(f"{what}: {path} holds no JSON object")
+    return value
+
+
+def require(cfg: dict, key: str, accepted: tuple, where: str) -> None:
+    """Refuse `cfg[key]` unless it is one of `accepted`, naming the file (`where`)."""
+    if cfg.get(key) not in accepted:
+        raise FolderError(
+            f"{where} has {key}={cfg.get(key)!r}: accepted {', '.join(map(repr, accepted))}"
+        )
+
+
+def _weight_files(folder: str) -> list[str]:
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+        shards = sorted(set(read_json(index, "the weights index").get("weight_map", {}).values()))
+        return [os.path.join(folder, name) for name in shards]
+    single = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(single):
+        raise FolderError(f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE})")
+    return [single]
+
+
+def _read_each_weight_file(folder: str, read_file) -> dict:
+    """read_file(path) of every weight file of a model folder, merged; a refusal names it."""
+    merged = {}
+    for path in _weight_files(folder):
+        try:
+            merged.update(read_file(path))
+        except (OSError, ValueError) as error:
+            raise FolderError(f"{path}: {error}") from None
+    return merged
+
+
+def read_safetensors_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor of a model folder, from the files' headers alone."""
+    return _read_each_weight_file(folder, read_safetensors_shapes_file)
+
+
+def read_safetensors(folder: str) -> dict[str, np.ndarray]:
+    """Every tensor of a diffusers model folder, as float32 numpy arrays (no PyTorch)."""
+    return _read_each_weight_file(folder, read_safetensors_file)
+
+
+def weights_checksum(folder: str) -> str:
+    """sha256 over the model folder's weight files, in name order."""
+    digest = hashlib.sha256()
+    for path in _weight_files(folder):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def match_named_tensors(
+    found: Mapping[str, Sequence[int]],
+    wanted: Mapping[str, Sequence[int]],
+    where: str,
+    *,
+    what: str,
+    our_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] | None = None,
+    hint: str | None = None,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Refuse unless `found` {name: PyTorch shape} holds exactly the tensors `wanted` names.
+
+    `wanted` maps each tensor name to its expected shape: in our layout when `our_shape`
+    (name, PyTorch shape -> that shape in our layout) is given, else PyTorch's. `hint` is added
+    to the message when names are missing or left over.
+
+    Raises:
+      error: one line, '{where} does not hold {what} of its config.json's size: missing N (...);
+        M not mapped (...)', or '{where}: tensor {name} has shape ..., which does not fit its
+        config.json (expected ...)', the first misshapen tensor in `wanted`'s order.
+    """
+    missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
+    if missing or extra:
+        parts = [f"missing {len(missing)} ({', '.join(missing[:3])})"] if missing else []
+        parts += [f"{len(extra)} not mapped ({', '.join(extra[:3])})"] if extra else []
+        parts += [hint] if hint else []
+        raise error(f"{where} does not hold {what} of its config.json's size: {'; '.join(parts)}")
+    for name, want in wanted.items():
+        shape = tuple(int(d) for d in found[name])
+        got = shape if our_shape is None else tuple(our_shape(name, shape))
+        if got != tuple(want):
+            layout = "" if our_shape is None else " in our layout"
+            raise error(
+                f"{where}: tensor {name} has shape {shape}, which does not fit its config.json "
+                f"(expected {tuple(want)}{layout})"
+            )
+
+
+def to_flax_layout(tensor: np.ndarray, flax_name: str, shape: tuple = ()) -> np.ndarray:
+    """A PyTorch tensor in our layout: Linear [out, in] -> [in, out], Conv2d OIHW -> HWIO."""
+    del shape  # kernels 2-D (Linear) or 4-D (Conv2d); a reader with others passes its own
+    if flax_name.endswith("/kernel"):
+        return tensor.T if tensor.ndim == 2 else tensor.transpose(2, 3, 1, 0)
+    return tensor
+
+
+def match_params(
+    shapes: dict[str, Sequence[int]],
+    abstract: PyTree,
+    where: str,
+    *,
+    name_of,
+    what: str,
+    layout=to_flax_layout,
+    hint: str | None = None,
+) -> dict[str, str]:
+    """{diffusers name: our parameter name} of tensors' {name: PyTorch shape}, all of them used.
+
+    `name_of(our name)` is the diffusers name of a parameter, `layout(tensor, our name, shape)`
+    puts a tensor in our layout (checked here on a stand-in of no memory). `hint` is added when
+    names are missing or left over.
+
+    Raises:
+      FolderError: tensors missing, left over, or of another shape, naming them.
+    """
+    named = trees.named_leaves(abstract)
+    wanted = {name_of(name): name for name in named}
+
+    def our_shape(torch_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        name = wanted[torch_name]
+        stand_in = np.broadcast_to(np.zeros((), np.float32), shape)
+        return layout(stand_in, name, tuple(named[name].shape)).shape
+
+    match_named_tensors(
+        shapes,
+        {torch_name: tuple(named[name].shape) for torch_name, name in wanted.items()},
+        where,
+        what=what,
+        our_shape=our_shape,
+        hint=hint,
+        error=FolderError,
+    )
+    return wanted
+
+
+def convert_params(
+    tensors: dict[str, np.ndarray],
+    abstract: PyTree,
+    where: str,
+    *,
+    layout=to_flax_layout,
+    **mapping,
+) -> PyTree:
+    """Our params (the structure of `abstract`) from diffusers tensors, all of them used.
+
+    `layout` and `mapping` (name_of, what, hint) as `match_params` takes them.
+
+    Raises:
+      FolderError: tensors missing, left over, or of another shape (`match_params`).
+    """
+    shapes = {name: tensor.shape for name, tensor in tensors.items()}
+    wanted = match_params(shapes, abstract, where, layout=layout, **mapping)
+    named = trees.named_leaves(abstract)
+    leaves = {
+        name: np.asarray(layout(tensors[torch_name], name, tuple(named[name].shape)), np.float32)
+        for torch_name, name in wanted.items()
+    }
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    return jax.tree_util.tree_unflatten(
+        treedef, [leaves[trees.leaf_name(path)] for path, _ in with_path]
+    )
+
+
+def model_config(model_keys: dict) -> ml_collections.ConfigDict:
+    """The schema's config.model with an import's keys applied."""
+    model = config_lib.base_config().model
+    for key, value in model_keys.items():
+        if isinstance(value, dict):
+            model[key].update(value)
+        else:
+            model[key] = value
+    return model
