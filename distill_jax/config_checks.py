@@ -14,8 +14,9 @@ import ml_collections
 from distill_jax.diffusion import guidance_schedule
 from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
 from distill_jax.diffusion.weighting import WEIGHTINGS
-from distill_jax.models.denoiser import DTYPES, MODEL_KINDS
+from distill_jax.models.denoiser import DTYPES
 from distill_jax.models.embeddings import GUIDANCE_HEADS
+from distill_jax.models.kinds import MODEL_KINDS
 from distill_jax.models.student_head import FINETUNE_TARGETS, STUDENT_PARAMETERISATIONS
 
 TEACHER_KINDS = ("trained", "exact_gmm")
@@ -25,7 +26,8 @@ AUTOENCODER_LOSSES = ("l1", "l2")
 # Captioned datasets and the token length of their stored text conditions (0: none stored, the
 # captions are encoded by an imported pipeline's text encoder: config.text.pipeline).
 TEXT_DATASETS = {"digits_text": 16, "image_captions": 0}
-LATENT_MODELS = ("unet", "sd_unet", "dit")  # the networks that take latents [h, w, c]
+LATENT_MODELS = tuple(k for k, kind in MODEL_KINDS.items() if kind.images)  # latents [h, w, c]
+TEXT_MODELS = tuple(k for k, kind in MODEL_KINDS.items() if kind.text)
 
 
 def _fail(key: str, value, accepted: str) -> None:
@@ -58,7 +60,7 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     """The named choices: model kind, parameterisation, dtype, weighting, teacher kind."""
     m = config.model
     if m.kind not in MODEL_KINDS:
-        _fail("model.kind", m.kind, f"one of {MODEL_KINDS}")
+        _fail("model.kind", m.kind, f"one of {tuple(MODEL_KINDS)}")
     if m.parameterisation not in PARAMETERISATIONS:
         _fail("model.parameterisation", m.parameterisation, f"one of {PARAMETERISATIONS}")
     if config.finetune.to not in FINETUNE_TARGETS:
@@ -127,11 +129,13 @@ def _check_run_sections(config: ml_collections.ConfigDict) -> None:
         _check_number(config, key, low=1, integer=True)
     _check_number(config, "model.emb_dim", low=0, integer=True)
     _check_number(config, "model.student_extra_blocks", low=0, integer=True)
-    if config.model.kind == "mlp" and config.model.student_extra_blocks:
+    kind = MODEL_KINDS.get(config.model.kind)
+    if kind and not kind.extra_blocks and config.model.student_extra_blocks:
+        grows = tuple(k for k, kind in MODEL_KINDS.items() if kind.extra_blocks)
         _fail(
             "model.student_extra_blocks",
             config.model.student_extra_blocks,
-            "0 with model.kind='mlp' (U-Net only)",
+            f"0 with model.kind={config.model.kind!r} (only {grows} grow extra blocks)",
         )
     _check_number(config, "eval.classifier.image_size", low=0, integer=True)
     _check_number(config, "model.dropout", low=0, high=1)
@@ -208,8 +212,8 @@ def _check_text(config: ml_collections.ConfigDict) -> None:
         return
     if config.data.name not in TEXT_DATASETS:
         _fail("text.enabled", True, f"True only with config.data.name in {tuple(TEXT_DATASETS)}")
-    if config.model.kind not in ("unet", "sd_unet"):
-        _fail("model.kind", config.model.kind, "'unet' or 'sd_unet' for a text-conditioned run")
+    if config.model.kind not in TEXT_MODELS:
+        _fail("model.kind", config.model.kind, f"one of {TEXT_MODELS} for a text-conditioned run")
     if not isinstance(text.pipeline, str):
         _fail("text.pipeline", text.pipeline, "'' or a diffusers pipeline folder")
     _check_number(config, "text.clip_skip", low=0, integer=True)

@@ -119,7 +119,7 @@ CASES = [
             "--workdir={new}",
             "--config.model.student_extra_blocks=1",
         ],
-        "U-Net only",
+        "only ('unet',) grow extra blocks",
     ),
     ("text_on_class_data", [*T, "--config.text.enabled=True"], "text.enabled=True"),
     ("unknown_dataset", [*T, "--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),

@@ -19,7 +19,7 @@ from distill_jax import text_encoder
 from distill_jax.diffusion import discrete, guidance, samplers
 from distill_jax.interop import core
 from distill_jax.interop import pipeline as reader
-from distill_jax.models import denoiser
+from distill_jax.models import denoiser, kinds
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "diffusers")
 
@@ -51,7 +51,7 @@ def test_same_images_as_diffusers_pipeline_loop(tmp_path, name):
         denoiser.make_denoise_fn(model, imported.params), null_label=jnp.asarray(null[0])
     )
     steps = int(golden["steps"])
-    table = np.asarray(denoiser.discrete_logsnrs(core.model_config(imported.model)))
+    table = np.asarray(kinds.discrete_logsnrs(core.model_config(imported.model)))
     times = discrete.times_of_timesteps(
         discrete.scheduler_timesteps(steps, num_timesteps=1000), table, logsnr_min=lo, logsnr_max=hi
     )

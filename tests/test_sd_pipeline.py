@@ -20,7 +20,7 @@ from distill_jax.diffusion import discrete, guidance, samplers
 from distill_jax.interop import core
 from distill_jax.interop import pipeline as reader
 from distill_jax.interop import vae as vae_reader
-from distill_jax.models import autoencoder, denoiser
+from distill_jax.models import autoencoder, denoiser, kinds
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "diffusers")
 TINY = os.path.join(DATA, "sd_tiny")
@@ -60,7 +60,7 @@ def test_guided_ddim_equals_stable_diffusion_pipeline(tiny, case):
         steps, num_timesteps=1000, spacing="leading", steps_offset=schedule["steps_offset"]
     )
     np.testing.assert_array_equal(timesteps, golden["timesteps"])
-    table = np.asarray(denoiser.discrete_logsnrs(core.model_config(imported.model)))
+    table = np.asarray(kinds.discrete_logsnrs(core.model_config(imported.model)))
     times = discrete.times_of_timesteps(timesteps, table, logsnr_min=lo, logsnr_max=hi)[::-1]
     conditions, _ = encoder.encode(PROMPTS)
     null, _ = encoder.encode(NEGATIVE if case == "negative" else [""] * len(PROMPTS))

@@ -20,27 +20,21 @@ import jax.numpy as jnp
 import ml_collections
 
 from distill_jax import trees
-from distill_jax.diffusion import discrete
 from distill_jax.diffusion.guidance import as_condition
 from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
-from distill_jax.models import student_head
-from distill_jax.models.dit import DiT, check_patch_size
+from distill_jax.models import kinds, student_head
 from distill_jax.models.embeddings import (
     GUIDANCE_BRANCH,
     GUIDANCE_HEAD,
     GUIDANCE_HEADS,
     STUDENT_EXTRA,
 )
-from distill_jax.models.mlp import MLPDenoiser
-from distill_jax.models.sd_unet import SDUNet
-from distill_jax.models.sd_unet import check_image_size as check_sd_image_size
-from distill_jax.models.unet import UNet, check_image_size
+from distill_jax.models.kinds import MODEL_KINDS
 
 Params = Any
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-MODEL_KINDS = ("unet", "mlp", "dit", "sd_unet")
 
 
 def build_model(
@@ -53,11 +47,11 @@ def build_model(
     logsnr_min: float = LOGSNR_MIN,
     logsnr_max: float = LOGSNR_MAX,
 ) -> nn.Module:
-    """Build the network named by `model_config.kind` ('unet', 'mlp', 'dit' or 'sd_unet').
+    """Build the network named by `model_config.kind` (a key of `kinds.MODEL_KINDS`).
 
     Args:
       model_config: `config.model` (see distill_jax.config.base_config).
-      data_shape: one example's shape, (H, W, C) for 'unet' and 'dit', or (D,) for 'mlp'.
+      data_shape: one example's shape, (H, W, C) for the image kinds, or (D,) for 'mlp'.
       num_classes: real classes; the embedding gets one more row for the NULL class.
       use_guidance: True for a distilled student (adds the guidance-weight branch).
       text_dim: width of a text condition's token states (a text-conditioned U-Net); 0 for
@@ -66,20 +60,20 @@ def build_model(
       logsnr_max: `config.diffusion.logsnr_max`, the schedule's upper bound.
 
     Raises:
-      ValueError: unknown kind, dtype or parameterisation, a data_shape that does not fit the
-        kind, or an image size the U-Net cannot halve between its levels.
+      ValueError: unknown kind, dtype or parameterisation, a data_shape or conditioning that
+        the kind does not take, or sizes that do not fit it (an image size the U-Net cannot
+        halve between its levels).
     """
     m = model_config
-    if m.kind not in MODEL_KINDS:
-        raise ValueError(f"config.model.kind={m.kind!r} is unknown: accepted {MODEL_KINDS}.")
-    if m.dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype={m.dtype!r} is unknown: accepted {tuple(DTYPES)}.")
-    check_parameterisation(m.parameterisation)
-    if m.guidance_head not in GUIDANCE_HEADS:
-        raise ValueError(
-            f"config.model.guidance_head={m.guidance_head!r} is unknown: accepted {GUIDANCE_HEADS}."
-        )
+    kind = _check_model_keys(m)
     data_shape = tuple(int(d) for d in data_shape)
+    wanted = "(H, W, C)" if kind.images else "(D,)"
+    if len(data_shape) != (3 if kind.images else 1):
+        raise ValueError(
+            f"config.model.kind={m.kind!r} needs data_shape {wanted}; got {data_shape}."
+        )
+    if text_dim and not kind.text:
+        raise ValueError(f"config.model.kind={m.kind!r} conditions on class labels only, not text.")
     common = dict(
         num_classes=int(num_classes),
         use_guidance=bool(use_guidance),
@@ -93,128 +87,21 @@ def build_model(
         logsnr_max=float(logsnr_max),
         both_shift=float(m.get("both_shift", 0.0)),
     )
-    if m.kind == "mlp":
-        if len(data_shape) != 1:
-            raise ValueError(f"config.model.kind='mlp' needs data_shape (D,); got {data_shape}.")
-        if text_dim:
-            raise ValueError("config.model.kind='mlp' conditions on class labels only, not text.")
-        return MLPDenoiser(hidden=int(m.mlp_hidden), depth=int(m.mlp_depth), **common)
-    if len(data_shape) != 3:
-        raise ValueError(
-            f"config.model.kind={m.kind!r} needs data_shape (H, W, C); got {data_shape}."
-        )
-    if m.kind == "dit":
-        return _build_dit(m, data_shape, text_dim, common)
-    if m.kind == "sd_unet":
-        return _build_sd_unet(m, data_shape, text_dim, common)
-    # Tuples, not lists: the module is hashed when it rides as static data under jit.
-    channel_mult = tuple(int(c) for c in m.channel_mult)
-    check_image_size(data_shape[0], data_shape[1], channel_mult)
-    return UNet(
-        channels=int(m.channels),
-        channel_mult=channel_mult,
-        num_res_blocks=int(m.num_res_blocks),
-        attn_resolutions=tuple(int(r) for r in m.attn_resolutions),
-        num_heads=int(m.num_heads),
-        student_extra_blocks=int(m.student_extra_blocks),
-        text_dim=int(text_dim),
-        **common,
-    )
+    return kind.build(m, data_shape, int(text_dim), common)
 
 
-def discrete_logsnrs(model_config: ml_collections.ConfigDict) -> tuple[float, ...]:
-    """lambda_k of `model.discrete_schedule` (() for a network on continuous time)."""
-    schedule = model_config.discrete_schedule
-    if not schedule.beta_schedule:
-        return ()
-    table = discrete.logsnr_table(
-        schedule.beta_schedule,
-        num_timesteps=int(schedule.num_train_timesteps),
-        beta_start=float(schedule.beta_start),
-        beta_end=float(schedule.beta_end),
-    )
-    return tuple(float(v) for v in table)
-
-
-def _build_dit(
-    m: ml_collections.ConfigDict, data_shape: tuple[int, ...], text_dim: int, common: dict
-) -> DiT:
-    if text_dim:
-        raise ValueError("config.model.kind='dit' conditions on class labels only, not text.")
-    if m.guidance_head != "none":
+def _check_model_keys(m: ml_collections.ConfigDict) -> kinds.ModelKind:
+    """The kind of `m`, after the keys every kind shares are checked."""
+    if m.kind not in MODEL_KINDS:
+        raise ValueError(f"config.model.kind={m.kind!r} is unknown: accepted {tuple(MODEL_KINDS)}.")
+    if m.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={m.dtype!r} is unknown: accepted {tuple(DTYPES)}.")
+    check_parameterisation(m.parameterisation)
+    if m.guidance_head not in GUIDANCE_HEADS:
         raise ValueError(
-            f"config.model.guidance_head={m.guidance_head!r} is not available for "
-            "model.kind='dit': accepted 'none'."
+            f"config.model.guidance_head={m.guidance_head!r} is unknown: accepted {GUIDANCE_HEADS}."
         )
-    if int(m.dit_hidden) % int(m.num_heads):
-        raise ValueError(
-            f"config.model.dit_hidden={m.dit_hidden} must be a multiple of "
-            f"config.model.num_heads={m.num_heads}."
-        )
-    check_patch_size(data_shape[0], data_shape[1], int(m.dit_patch_size))
-    common = {k: v for k, v in common.items() if k not in ("emb_dim", "guidance_head")}
-    return DiT(
-        hidden=int(m.dit_hidden),
-        depth=int(m.dit_depth),
-        num_heads=int(m.num_heads),
-        patch_size=int(m.dit_patch_size),
-        out_channels=data_shape[2],
-        # A 'both' student reuses the learned-variance channels as its x head.
-        learned_sigma=bool(m.dit_learned_sigma) and m.parameterisation != "both",
-        per_block_embedders=bool(m.dit_per_block_embedders),
-        timestep_logsnrs=discrete_logsnrs(m),
-        mlp_ratio=int(m.dit_mlp_ratio),
-        attention_bias=bool(m.dit_attention_bias),
-        norm_eps=float(m.dit_norm_eps),
-        pos_interpolation_scale=float(m.dit_pos_interpolation_scale),
-        **common,
-    )
-
-
-def _build_sd_unet(
-    m: ml_collections.ConfigDict, data_shape: tuple[int, ...], text_dim: int, common: dict
-) -> SDUNet:
-    sd = m.sd_unet
-    if text_dim != int(sd.cross_attention_dim):
-        raise ValueError(
-            f"config.model.kind='sd_unet' cross-attends to text states of width "
-            f"{sd.cross_attention_dim} (model.sd_unet.cross_attention_dim), but the run's text "
-            f"condition is {text_dim} wide" + ("" if text_dim else " (a class-label run)") + "."
-        )
-    if m.guidance_head != "none":
-        raise ValueError(
-            f"config.model.guidance_head={m.guidance_head!r} is not available for "
-            "model.kind='sd_unet': accepted 'none'."
-        )
-    levels = len(sd.block_out_channels)
-    per_level = ("cross_attention", "heads", "transformer_layers")
-    if any(len(sd[key]) != levels for key in per_level):
-        raise ValueError(
-            f"config.model.sd_unet's {', '.join(per_level)} must have one entry per level "
-            f"({levels}, as block_out_channels)."
-        )
-    check_sd_image_size(data_shape[0], data_shape[1], levels)
-    common = {
-        k: v
-        for k, v in common.items()
-        if k not in ("emb_dim", "guidance_head", "dropout", "num_classes")
-    }
-    return SDUNet(
-        block_out_channels=tuple(int(c) for c in sd.block_out_channels),
-        cross_attention=tuple(bool(a) for a in sd.cross_attention),
-        heads=tuple(int(h) for h in sd.heads),
-        transformer_layers=tuple(int(n) for n in sd.transformer_layers),
-        layers_per_block=int(sd.layers_per_block),
-        out_channels=data_shape[2],
-        norm_groups=int(sd.norm_groups),
-        norm_eps=float(sd.norm_eps),
-        linear_projection=bool(sd.linear_projection),
-        flip_sin_to_cos=bool(sd.flip_sin_to_cos),
-        freq_shift=float(sd.freq_shift),
-        text_dim=int(text_dim),
-        timestep_logsnrs=discrete_logsnrs(m),
-        **common,
-    )
+    return MODEL_KINDS[m.kind]
 
 
 def _dummy_inputs(model: nn.Module, data_shape: Sequence[int]) -> tuple:

@@ -33,19 +33,13 @@ import ml_collections
 
 from distill_jax.diffusion import weighting
 from distill_jax.diffusion.parameterisation import PARAMETERISATIONS, output_channels
+from distill_jax.models.kinds import MODEL_KINDS
 
 STUDENT_PARAMETERISATIONS = ("auto", *PARAMETERISATIONS)
 FINETUNE_TARGETS = ("auto", "", "v", "x")
 # What 'auto' gives an epsilon teacher's run: the route that won (docs/teachers.md).
 EPS_TEACHER_FINETUNE = "v"
 EPS_TEACHER_STUDENT = "both"
-# The output layer of each model kind: its last axis is (positions x) output channels.
-OUTPUT_LAYERS = {
-    "unet": "out_conv",
-    "mlp": "output_dense",
-    "dit": "final_proj",
-    "sd_unet": "conv_out",
-}
 
 
 def finetune_target(config: ml_collections.ConfigDict) -> str:
@@ -172,7 +166,7 @@ def student_model_config(config: ml_collections.ConfigDict) -> ml_collections.Co
 def head_conversion(config: ml_collections.ConfigDict, channels: int) -> HeadConversion:
     """The conversion from `config`'s stage-one teacher to its students' head."""
     return HeadConversion(
-        layer=OUTPUT_LAYERS[str(config.model.kind)],
+        layer=MODEL_KINDS[str(config.model.kind)].output_layer,
         teacher=stage_one_teacher_parameterisation(config),
         student=student_parameterisation(config),
         channels=int(channels),

@@ -30,7 +30,7 @@ from distill_jax.diffusion import discrete
 from distill_jax.interop import core as interop_core
 from distill_jax.interop import pipeline
 from distill_jax.interop import vae as vae_reader
-from distill_jax.models import autoencoder, denoiser
+from distill_jax.models import autoencoder, kinds
 from distill_jax.run import latents as latents_lib
 from distill_jax.run import workdir as workdir_lib
 from distill_jax.run.run import Run
@@ -119,7 +119,7 @@ def teacher_times(run: Run, steps: int) -> np.ndarray:
         spacing=schedule.get("timestep_spacing", "leading"),
         steps_offset=int(schedule.get("steps_offset", 0)),
     )
-    table = np.asarray(denoiser.discrete_logsnrs(run.config.model))
+    table = np.asarray(kinds.discrete_logsnrs(run.config.model))
     return discrete.times_of_timesteps(timesteps, table, **run.bounds)
 
 

@@ -1,0 +1,178 @@
+"""The registry of network kinds (config.model.kind): each kind's builder and what it takes.
+
+`denoiser.build_model` checks what every kind shares (dtype, parameterisation, guidance head),
+then the kind's `ModelKind`: the data it takes (images [H, W, C], which an autoencoder's
+latents also are, or vectors [D]), its conditioning (class labels, text token states), the
+last layer a student head converts (`student_head`), whether it grows the students'
+extra blocks, and its builder. `config_checks` validates configs against the same entries. A
+new network kind is its module in models/ and one entry in `MODEL_KINDS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import ml_collections
+
+from distill_jax.diffusion import discrete
+from distill_jax.models.dit import DiT, check_patch_size
+from distill_jax.models.mlp import MLPDenoiser
+from distill_jax.models.sd_unet import SDUNet
+from distill_jax.models.sd_unet import check_image_size as check_sd_image_size
+from distill_jax.models.unet import UNet, check_image_size
+
+# (config.model, one example's shape, the text states' width or 0, the shared module keys)
+Builder = Callable[[ml_collections.ConfigDict, tuple[int, ...], int, dict], nn.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """One network kind.
+
+    Attributes:
+      build: the module from (config.model, data shape, text width, shared keys); it refuses
+        sizes that do not fit (ValueError naming the key).
+      images: takes images [H, W, C] (and so latents); else vectors [D].
+      labels: can condition on class labels (a null class for guidance's unconditional half).
+      text: can condition on text token states [L, D].
+      output_layer: its last layer's name; the layer's last axis is (positions x) channels.
+      extra_blocks: grows model.student_extra_blocks in the students.
+    """
+
+    build: Builder
+    images: bool
+    labels: bool
+    text: bool
+    output_layer: str
+    extra_blocks: bool = False
+
+
+def discrete_logsnrs(model_config: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """lambda_k of `model.discrete_schedule` (() for a network on continuous time)."""
+    schedule = model_config.discrete_schedule
+    if not schedule.beta_schedule:
+        return ()
+    table = discrete.logsnr_table(
+        schedule.beta_schedule,
+        num_timesteps=int(schedule.num_train_timesteps),
+        beta_start=float(schedule.beta_start),
+        beta_end=float(schedule.beta_end),
+    )
+    return tuple(float(v) for v in table)
+
+
+def _build_mlp(m: ml_collections.ConfigDict, data_shape, text_dim: int, common: dict):
+    del data_shape, text_dim  # vectors, class labels: checked by build_model
+    return MLPDenoiser(hidden=int(m.mlp_hidden), depth=int(m.mlp_depth), **common)
+
+
+def _build_unet(m: ml_collections.ConfigDict, data_shape, text_dim: int, common: dict) -> UNet:
+    # Tuples, not lists: the module is hashed when it rides as static data under jit.
+    channel_mult = tuple(int(c) for c in m.channel_mult)
+    check_image_size(data_shape[0], data_shape[1], channel_mult)
+    return UNet(
+        channels=int(m.channels),
+        channel_mult=channel_mult,
+        num_res_blocks=int(m.num_res_blocks),
+        attn_resolutions=tuple(int(r) for r in m.attn_resolutions),
+        num_heads=int(m.num_heads),
+        student_extra_blocks=int(m.student_extra_blocks),
+        text_dim=int(text_dim),
+        **common,
+    )
+
+
+def _build_dit(
+    m: ml_collections.ConfigDict, data_shape: tuple[int, ...], text_dim: int, common: dict
+) -> DiT:
+    del text_dim  # class labels: checked by build_model
+    if m.guidance_head != "none":
+        raise ValueError(
+            f"config.model.guidance_head={m.guidance_head!r} is not available for "
+            "model.kind='dit': accepted 'none'."
+        )
+    if int(m.dit_hidden) % int(m.num_heads):
+        raise ValueError(
+            f"config.model.dit_hidden={m.dit_hidden} must be a multiple of "
+            f"config.model.num_heads={m.num_heads}."
+        )
+    check_patch_size(data_shape[0], data_shape[1], int(m.dit_patch_size))
+    common = {k: v for k, v in common.items() if k not in ("emb_dim", "guidance_head")}
+    return DiT(
+        hidden=int(m.dit_hidden),
+        depth=int(m.dit_depth),
+        num_heads=int(m.num_heads),
+        patch_size=int(m.dit_patch_size),
+        out_channels=data_shape[2],
+        # A 'both' student reuses the learned-variance channels as its x head.
+        learned_sigma=bool(m.dit_learned_sigma) and m.parameterisation != "both",
+        per_block_embedders=bool(m.dit_per_block_embedders),
+        timestep_logsnrs=discrete_logsnrs(m),
+        mlp_ratio=int(m.dit_mlp_ratio),
+        attention_bias=bool(m.dit_attention_bias),
+        norm_eps=float(m.dit_norm_eps),
+        pos_interpolation_scale=float(m.dit_pos_interpolation_scale),
+        **common,
+    )
+
+
+def _build_sd_unet(
+    m: ml_collections.ConfigDict, data_shape: tuple[int, ...], text_dim: int, common: dict
+) -> SDUNet:
+    sd = m.sd_unet
+    if text_dim != int(sd.cross_attention_dim):
+        raise ValueError(
+            f"config.model.kind='sd_unet' cross-attends to text states of width "
+            f"{sd.cross_attention_dim} (model.sd_unet.cross_attention_dim), but the run's text "
+            f"condition is {text_dim} wide" + ("" if text_dim else " (a class-label run)") + "."
+        )
+    if m.guidance_head != "none":
+        raise ValueError(
+            f"config.model.guidance_head={m.guidance_head!r} is not available for "
+            "model.kind='sd_unet': accepted 'none'."
+        )
+    levels = len(sd.block_out_channels)
+    per_level = ("cross_attention", "heads", "transformer_layers")
+    if any(len(sd[key]) != levels for key in per_level):
+        raise ValueError(
+            f"config.model.sd_unet's {', '.join(per_level)} must have one entry per level "
+            f"({levels}, as block_out_channels)."
+        )
+    check_sd_image_size(data_shape[0], data_shape[1], levels)
+    common = {
+        k: v
+        for k, v in common.items()
+        if k not in ("emb_dim", "guidance_head", "dropout", "num_classes")
+    }
+    return SDUNet(
+        block_out_channels=tuple(int(c) for c in sd.block_out_channels),
+        cross_attention=tuple(bool(a) for a in sd.cross_attention),
+        heads=tuple(int(h) for h in sd.heads),
+        transformer_layers=tuple(int(n) for n in sd.transformer_layers),
+        layers_per_block=int(sd.layers_per_block),
+        out_channels=data_shape[2],
+        norm_groups=int(sd.norm_groups),
+        norm_eps=float(sd.norm_eps),
+        linear_projection=bool(sd.linear_projection),
+        flip_sin_to_cos=bool(sd.flip_sin_to_cos),
+        freq_shift=float(sd.freq_shift),
+        text_dim=int(text_dim),
+        timestep_logsnrs=discrete_logsnrs(m),
+        **common,
+    )
+
+
+MODEL_KINDS = {
+    "unet": ModelKind(
+        _build_unet, images=True, labels=True, text=True, output_layer="out_conv", extra_blocks=True
+    ),
+    "mlp": ModelKind(
+        _build_mlp, images=False, labels=True, text=False, output_layer="output_dense"
+    ),
+    "dit": ModelKind(_build_dit, images=True, labels=True, text=False, output_layer="final_proj"),
+    "sd_unet": ModelKind(
+        _build_sd_unet, images=True, labels=False, text=True, output_layer="conv_out"
+    ),
+}
