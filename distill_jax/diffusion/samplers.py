@@ -282,24 +282,10 @@ def run_sampler(
     Returns:
       [B, ...] samples, the x-hat of the last step.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is unknown: accepted {', '.join(SAMPLERS)}.")
-    _check_steps(steps)
-    t_start = _check_t_start(t_start)
     z_init = jnp.asarray(z_init)
-    if z_init.ndim < 1:
-        raise ValueError(f"z_init must have a batch axis: got shape {z_init.shape}.")
-    known, mask = _check_inpainting(z_init, known, mask)
-    w = per_step_weights(w, steps=steps, batch=z_init.shape[0])
-    needs_rng = sampler != "ddim" or known is not None
-    if needs_rng and rng is None:
-        raise ValueError(f"rng is required by the {sampler} sampler (or for inpainting).")
-    if not needs_rng:
-        rng = None
-    batch = z_init.shape[0]
-    labels = as_condition(labels)
-    if labels.ndim < 2:  # class labels (a scalar broadcasts); text conditions are [B, L, D]
-        labels = jnp.broadcast_to(labels, (batch,))
+    labels, w, rng, known, mask = _checked_inputs(
+        sampler, z_init, labels, w, rng, known, mask, steps=steps
+    )
     return _sample(
         as_partial(denoise_fn),
         z_init,
@@ -308,12 +294,34 @@ def run_sampler(
         rng,
         known,
         mask,
-        _time_grid(sampler, steps, t_start, times),
+        _time_grid(sampler, steps, _check_t_start(t_start), times),
         sampler=sampler,
         steps=int(steps),
         logsnr_min=float(logsnr_min),
         logsnr_max=float(logsnr_max),
     )
+
+
+def _checked_inputs(sampler, z_init, labels, w, rng, known, mask, *, steps: int) -> tuple:
+    """`run_sampler`'s inputs checked and broadcast: (labels, w [steps, B], rng, known, mask).
+
+    rng is None where the sampler does not draw noise (plain DDIM without inpainting).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is unknown: accepted {', '.join(SAMPLERS)}.")
+    _check_steps(steps)
+    if z_init.ndim < 1:
+        raise ValueError(f"z_init must have a batch axis: got shape {z_init.shape}.")
+    known, mask = _check_inpainting(z_init, known, mask)
+    batch = z_init.shape[0]
+    w = per_step_weights(w, steps=steps, batch=batch)
+    needs_rng = sampler != "ddim" or known is not None
+    if needs_rng and rng is None:
+        raise ValueError(f"rng is required by the {sampler} sampler (or for inpainting).")
+    labels = as_condition(labels)
+    if labels.ndim < 2:  # class labels (a scalar broadcasts); text conditions are [B, L, D]
+        labels = jnp.broadcast_to(labels, (batch,))
+    return labels, w, rng if needs_rng else None, known, mask
 
 
 def _named_sampler(sampler: str, doc: str) -> functools.partial:
