@@ -28,6 +28,7 @@ like transformers' padding="max_length", truncation=True). The weights are read 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import importlib.util
@@ -249,7 +250,29 @@ def pooled_text(condition: jax.Array) -> jax.Array:
     return jnp.sum(condition * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
-class TextEncoder:
+class TextConditioner(abc.ABC):
+    """The one interface of a text run's frozen encoder: prompts -> conditions [B, L, width].
+
+    `TextEncoder` (the bundled MiniLM) and `interop.text_encoder.PipelineTextEncoder` (an
+    imported pipeline's CLIP or BERT) implement it; samplers, datasets and the run use nothing
+    else. What the padding positions hold is each encoder's own convention: MiniLM's are zero
+    (the U-Net masks them), a pipeline's are what its encoder computes there (as diffusers
+    passes them to its U-Net).
+    """
+
+    max_tokens: int  # L: every prompt is padded or cut to this many tokens
+    width: int  # the token states' width
+
+    @abc.abstractmethod
+    def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+        """(ids int32 [B, L], mask int32 [B, L], truncated [B])."""
+
+    @abc.abstractmethod
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """(conditions float32 [B, L, width], truncated [B]): callers warn about cut prompts."""
+
+
+class TextEncoder(TextConditioner):
     """Tokeniser + frozen MiniLM: prompts -> text conditions [B, max_tokens, 384] float32.
 
     Prompts longer than `max_tokens` tokens ([CLS] and [SEP] included) are cut to that length
@@ -271,7 +294,7 @@ class TextEncoder:
                 )
         if max_tokens < 2:
             raise ValueError(f"config.text.max_tokens={max_tokens} must be at least 2.")
-        self.max_tokens = int(max_tokens)
+        self.max_tokens, self.width = int(max_tokens), WIDTH
         self.tokenizer = Tokenizer.from_file(vocab)
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()

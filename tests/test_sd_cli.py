@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, snapshot
 from test_dit_cli import _cli, _refused
 
+from distill_jax import text_encoder
 from distill_jax.interop import pipeline
 from distill_jax.run import Run
 
@@ -49,6 +50,9 @@ def test_import_makes_a_run_of_the_pipelines_text(sd_workdir):
     np.testing.assert_array_equal(source.take(rows)["condition"], want)
     assert source.arrays["condition"].shape[1:] == (16, 32)
     assert run.null_condition.shape == (16, 32)
+    # One interface for the pipeline's encoder and the bundled MiniLM.
+    assert isinstance(run.text_encoder(), text_encoder.TextConditioner)
+    assert (run.text_encoder().max_tokens, run.text_encoder().width) == (16, 32)
 
 
 def test_pipelines_that_do_not_fit_the_run_refused(tmp_path):

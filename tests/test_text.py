@@ -40,6 +40,8 @@ def test_flax_minilm_matches_the_reference_implementation(encoder):
     assert np.all(cosine > 0.999), cosine
     first = encoder.token_states(ids, mask)[:, 0]
     np.testing.assert_allclose(first, reference["first_token_states"], atol=1e-4)
+    assert isinstance(encoder, text_encoder.TextConditioner)
+    assert encoder.encode(sentences)[0].shape == (len(sentences), 32, encoder.width)
 
 
 def test_conditions_are_zero_at_padding_and_long_prompts_are_cut(encoder):

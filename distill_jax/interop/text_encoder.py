@@ -40,6 +40,7 @@ from distill_jax.text_encoder import (
     ACTIVATIONS,
     EncoderSizes,
     MiniLM,
+    TextConditioner,
     bert_tensor_names,
     params_from_tensors,
     tokenize,
@@ -326,7 +327,7 @@ def load_tokenizer(folder: str) -> tuple[Tokenizer, int, int]:
     return tokenizer, length, pad_id
 
 
-class PipelineTextEncoder:
+class PipelineTextEncoder(TextConditioner):
     """A diffusers pipeline's tokenizer + text encoder: prompts -> prompt_embeds.
 
     prompt_embeds float32 [B, max_tokens, width] as StableDiffusionPipeline.encode_prompt

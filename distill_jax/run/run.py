@@ -115,7 +115,7 @@ class Run:
         """Whether the run conditions on text (prompts) instead of class labels."""
         return bool(self.config.text.enabled)
 
-    def text_encoder(self) -> text_encoder.TextEncoder:
+    def text_encoder(self) -> text_encoder.TextConditioner:
         """The frozen text encoder of a text run (loaded once per process).
 
         An imported text-to-image teacher's own (config.text.pipeline), else the bundled MiniLM.
