@@ -6,6 +6,7 @@ pixel-space UNet2DConditionModel on 8x8x1 with a tiny BERT text encoder, v-predi
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -69,6 +70,15 @@ def test_pipelines_that_do_not_fit_the_run_refused(tmp_path):
             f"--teacher=diffusers:{TEACHER}",
         ),
         "has no captions",
+    )
+    # A damaged text encoder is refused at the import, not at stage one.
+    broken = tmp_path / "broken"
+    shutil.copytree(TEACHER, broken)
+    weights = broken / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _refused(
+        _cli("train", f"--config={CONFIG}", f"--workdir={fresh}", f"--teacher=diffusers:{broken}"),
+        "text_encoder/model.safetensors",
     )
     assert snapshot(fresh) is None
 

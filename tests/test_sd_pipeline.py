@@ -129,3 +129,43 @@ def test_parts_that_do_not_fit_refused(tmp_path):
         core.FolderError, match="tokenizer .* has 756 tokens but .*vocab_size is 500"
     ):
         reader.text_encoder(folder)
+
+
+# Config values of every part that are malformed, or that claim more layers than the weights
+# hold: each refused in one line naming the file and the key, before any model is built.
+BAD_CONFIGS = [
+    ("unet", "config.json", {"layers_per_block": "two"}, "layers_per_block='two': accepted an"),
+    ("unet", "config.json", {"layers_per_block": 1_000_000}, "but the weights hold 2"),
+    ("unet", "config.json", {"sample_size": 0}, "sample_size=0: accepted an integer >= 1"),
+    ("unet", "config.json", {"in_channels": 4.5}, "in_channels=4.5"),
+    ("unet", "config.json", {"attention_head_dim": None}, "attention_head_dim=None"),
+    ("unet", "config.json", {"down_block_types": None}, "block types None"),
+    ("unet", "config.json", {"norm_num_groups": 7}, "norm_num_groups=7, which does not divide"),
+    ("unet", "config.json", {"cross_attention_dim": -5}, "cross_attention_dim=-5"),
+    ("vae", "config.json", {"layers_per_block": 1_000_000}, "but the weights hold 1"),
+    ("vae", "config.json", {"scaling_factor": float("nan")}, "scaling_factor=nan"),
+    ("scheduler", "scheduler_config.json", {"num_train_timesteps": "many"}, "=many"),
+    ("scheduler", "scheduler_config.json", {"beta_start": "x"}, "beta_start='x'"),
+    ("scheduler", "scheduler_config.json", {"steps_offset": "x"}, "steps_offset='x'"),
+    ("scheduler", "scheduler_config.json", {"timestep_spacing": "sideways"}, "'sideways'"),
+    ("text_encoder", "config.json", {"hidden_size": -32}, "hidden_size=-32"),
+    ("text_encoder", "config.json", {"layer_norm_eps": "x"}, "layer_norm_eps='x'"),
+]
+
+
+@pytest.mark.parametrize("part, file, change, message", BAD_CONFIGS)
+def test_malformed_configs_refused_by_file_and_key(tmp_path, part, file, change, message):
+    folder = _copy(tmp_path)
+    _edit(os.path.join(folder, part, file), **change)
+    with pytest.raises(core.FolderError) as error:
+        reader.read_sd_folder(folder, weights=False)
+    assert message.replace("=many", "='many'") in str(error.value), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_text_encoders_claiming_more_layers_than_their_weights_refused(tmp_path):
+    """Read at import (`run.imported`): a million layers are refused from the header."""
+    folder = _copy(tmp_path)
+    _edit(os.path.join(folder, "text_encoder", "config.json"), num_hidden_layers=1_000_000)
+    with pytest.raises(core.FolderError, match="num_hidden_layers=1000000 but the weights hold"):
+        reader.text_encoder(folder)

@@ -4,7 +4,9 @@ What each part's reader (`interop.dit`, `interop.unet`, `interop.vae`, `interop.
 `interop.scheduler`, and `interop.pipeline` for whole folders) builds on:
 - `FolderError`, the one-line refusal every reader raises, and `ImportedTeacher`, what a
   teacher folder gives;
-- `read_json`, `require`: a config file and its accepted values;
+- `read_json`, `require`, `integer`, `integers`, `number`: a config file and its accepted
+  values, refused by file and key;
+- `check_layer_count`: a config's depth against the weights' headers, before anything is built;
 - `read_safetensors`, `read_safetensors_shapes`, `weights_checksum`: a model folder's weight
   files (one file, or shards listed by an index), each checked by `safetensors_file`;
 - `match_named_tensors`, `match_params`, `convert_params`: PyTorch tensors mapped onto our
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -82,6 +85,56 @@ def require(cfg: dict, key: str, accepted: tuple, where: str) -> None:
     if cfg.get(key) not in accepted:
         raise FolderError(
             f"{where} has {key}={cfg.get(key)!r}: accepted {', '.join(map(repr, accepted))}"
+        )
+
+
+def integer(cfg: dict, key: str, where: str, default=None, low: int = 1) -> int:
+    """cfg[key] (`default` when absent) as an integer >= low; refuses anything else by name."""
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise FolderError(f"{where} has {key}={value!r}: accepted an integer >= {low}")
+    return value
+
+
+def integers(cfg: dict, key: str, where: str, default=None, low: int = 1) -> tuple[int, ...]:
+    """cfg[key] as a non-empty list of integers >= low (one integer is not a list)."""
+    value = cfg.get(key, default)
+    if (
+        not isinstance(value, list | tuple)
+        or not value
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in value)
+    ):
+        raise FolderError(
+            f"{where} has {key}={value!r}: accepted a non-empty list of integers >= {low}"
+        )
+    return tuple(value)
+
+
+def number(cfg: dict, key: str, where: str, default=None, *, positive: bool = False) -> float:
+    """cfg[key] as a finite number (> 0 when `positive`); refuses anything else by name."""
+    value = cfg.get(key, default)
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
+    if not ok or not math.isfinite(value) or (positive and value <= 0):
+        accepted = "a positive finite number" if positive else "a finite number"
+        raise FolderError(f"{where} has {key}={value!r}: accepted {accepted}")
+    return float(value)
+
+
+def count_layers(shapes: dict, prefix: str) -> int:
+    """How many layers `prefix`N. the tensor names of a header hold (distinct N)."""
+    return len({name[len(prefix) :].split(".")[0] for name in shapes if name.startswith(prefix)})
+
+
+def check_layer_count(shapes: dict, prefix: str, claimed: int, key: str, where: str) -> None:
+    """Refuse a config whose layer count (`key`) is not the weights' (from the headers alone).
+
+    Before any module is built: a config claiming a million layers is refused, not traced.
+    """
+    held = count_layers(shapes, prefix)
+    if claimed != held:
+        raise FolderError(
+            f"{where} has {key}={claimed} but the weights hold {held} ({prefix}N): accepted the "
+            "weights' count"
         )
 
 

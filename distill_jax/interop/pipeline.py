@@ -34,6 +34,7 @@ from distill_jax.interop import vae as vae_reader
 from distill_jax.interop.core import (
     FolderError,
     ImportedTeacher,
+    integer,
     model_config,
     read_json,
     weights_checksum,
@@ -126,7 +127,9 @@ def read_vae_entry(
     if not os.path.isdir(vae_dir):
         return None
     cfg = read_json(os.path.join(vae_dir, "config.json"), "the VAE config")
-    vae_reader.vae_model(cfg, os.path.join(vae_dir, "config.json"))
+    model = vae_reader.vae_model(cfg, os.path.join(vae_dir, "config.json"))
+    if not configs_only:
+        vae_reader.check_vae_sizes(model, vae_dir)
     checksum = None if configs_only else weights_checksum(vae_dir)
     record = vae_reader.vae_record(cfg, vae_dir, checksum)
     if record["latent_channels"] != int(in_channels):
@@ -159,7 +162,13 @@ def read_sd_folder(
     text = _text_record(folder)
     _check_text(folder, text, model["sd_unet"]["cross_attention_dim"])
     vae = read_vae_entry(folder, int(unet_cfg["in_channels"]), configs_only=configs_only)
-    size, channels = int(unet_cfg["sample_size"]), int(unet_cfg["in_channels"])
+    where = os.path.join(folder, "unet", "config.json")
+    size, channels = (
+        integer(unet_cfg, "sample_size", where),
+        integer(unet_cfg, "in_channels", where),
+    )
+    if not configs_only:
+        unet_reader.check_unet_sizes(model, os.path.join(folder, "unet"))
     record = dict(
         source=folder,
         kind="text_to_image",

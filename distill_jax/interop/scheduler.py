@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from distill_jax.diffusion import discrete
-from distill_jax.interop.core import FolderError, read_json, require
+from distill_jax.interop.core import FolderError, integer, number, read_json, require
 
 # Discrete DDPM-family schedulers: they share the training schedule's keys (betas, steps,
 # prediction_type), whatever sampler they implement.
@@ -52,9 +52,9 @@ def schedule_config(cfg: dict, where: str = "scheduler/scheduler_config.json") -
         )
     schedule = dict(
         beta_schedule=cfg["beta_schedule"],
-        beta_start=float(cfg.get("beta_start", 0.0001)),
-        beta_end=float(cfg.get("beta_end", 0.02)),
-        num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+        beta_start=number(cfg, "beta_start", where, 0.0001, positive=True),
+        beta_end=number(cfg, "beta_end", where, 0.02, positive=True),
+        num_train_timesteps=integer(cfg, "num_train_timesteps", where, 1000, low=2),
     )
     return schedule, discrete.parameterisation_of(prediction)
 
@@ -70,10 +70,11 @@ def read_schedule(folder: str) -> tuple[dict, dict]:
     Raises:
       FolderError: a missing or unsupported scheduler config.
     """
-    scheduler = read_json(
-        os.path.join(folder, "scheduler", "scheduler_config.json"), "the scheduler config"
-    )
-    schedule, parameterisation = schedule_config(scheduler)
+    where = os.path.join(folder, "scheduler", "scheduler_config.json")
+    scheduler = read_json(where, "the scheduler config")
+    schedule, parameterisation = schedule_config(scheduler, where)
+    if "timestep_spacing" in scheduler:
+        require(scheduler, "timestep_spacing", discrete.TIMESTEP_SPACINGS, where)
     table = discrete.logsnr_table(
         schedule["beta_schedule"],
         num_timesteps=schedule["num_train_timesteps"],
@@ -86,7 +87,7 @@ def read_schedule(folder: str) -> tuple[dict, dict]:
             schedule,
             prediction_type=scheduler.get("prediction_type", "epsilon"),
             timestep_spacing=scheduler.get("timestep_spacing", "leading"),
-            steps_offset=int(scheduler.get("steps_offset", 0)),
+            steps_offset=integer(scheduler, "steps_offset", where, 0, low=0),
             set_alpha_to_one=bool(scheduler.get("set_alpha_to_one", True)),
             clip_sample=bool(scheduler.get("clip_sample", False)),
         ),

@@ -33,7 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_jax.interop.core import FolderError, match_named_tensors
+from distill_jax.interop.core import (
+    FolderError,
+    check_layer_count,
+    integer,
+    match_named_tensors,
+    number,
+)
 from distill_jax.models.clip_text import ClipText
 from distill_jax.safetensors_file import read_safetensors_file
 from distill_jax.text_encoder import (
@@ -106,9 +112,14 @@ def encoder_sizes(config: dict) -> tuple[str, EncoderSizes]:
             f"text encoder model_type {kind!r} is not supported (only 'clip_text_model', "
             "transformers' CLIPTextModel, and 'bert', BertModel)"
         )
-    if missing := [key for key in _SIZES if not isinstance(config.get(key), int)]:
+    if missing := [key for key in _SIZES if key not in config]:
         raise TextFolderError(f"text encoder config.json has no {', '.join(missing)}")
+    where = "text encoder config.json"
+    for key in _SIZES:
+        integer(config, key, where)
     c = _DEFAULTS[kind] | config
+    number(c, "layer_norm_eps", where, positive=True)
+    integer(c, "type_vocab_size", where, low=0)
     sizes = EncoderSizes(
         width=c["hidden_size"],
         heads=c["num_attention_heads"],
@@ -385,6 +396,9 @@ def _read_params(folder: str, config: dict, kind: str, sizes: EncoderSizes) -> d
         tensors = read_safetensors_file(path)
     except (OSError, ValueError) as error:
         raise TextFolderError(f"{path}: {error}") from None
+    shapes = {k.removeprefix(CLIP_PREFIX): v.shape for k, v in tensors.items()}
+    prefix = "encoder.layers." if kind == "clip_text_model" else "encoder.layer."
+    check_layer_count(shapes, prefix, sizes.layers, "num_hidden_layers", f"{folder}/config.json")
     names = match_tensors(config, {k: v.shape for k, v in tensors.items()}, path)
     renamed = {name: tensors[file_name] for file_name, name in names.items()}
     return params_from_tensors(renamed, _names(kind, sizes))

@@ -23,10 +23,15 @@ import numpy as np
 
 from distill_jax.interop.core import (
     FolderError,
+    check_layer_count,
     convert_params,
+    integer,
+    integers,
     model_config,
+    number,
     read_json,
     read_safetensors,
+    read_safetensors_shapes,
 )
 
 UNET_CLASS = "UNet2DConditionModel"
@@ -69,11 +74,16 @@ def diffusers_unet_name(flax_name: str) -> str:
     return ".".join(parts) + "." + ("bias" if param == "bias" else "weight")
 
 
-def _per_level(cfg: dict, key: str, levels: int, where: str) -> tuple:
+def _per_level(cfg: dict, key: str, levels: int, where: str) -> tuple[int, ...]:
+    """A positive integer per level (one integer stands for every level)."""
     value = cfg[key]
     values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
-    if len(values) != levels:
-        raise FolderError(f"{where} has {key}={value!r}: expected one value or {levels}")
+    if len(values) != levels or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
+    ):
+        raise FolderError(
+            f"{where} has {key}={value!r}: accepted a positive integer or {levels} of them"
+        )
     return values
 
 
@@ -97,37 +107,42 @@ def unet_model_config(cfg: dict, where: str = "unet/config.json") -> dict:
       FolderError: a block type or option this U-Net does not implement.
     """
     _check_fixed(cfg, where)
-    channels = tuple(int(c) for c in cfg["block_out_channels"])
+    channels = integers(cfg, "block_out_channels", where)
     levels = len(channels)
-    down = tuple(cfg.get("down_block_types", ()))
-    up = tuple(cfg.get("up_block_types", ()))
+    down, up = cfg.get("down_block_types", ()), cfg.get("up_block_types", ())
     for types, accepted in ((down, DOWN_TYPES), (up, UP_TYPES)):
-        unknown = [t for t in types if t not in accepted]
-        if unknown or len(types) != levels:
+        if (
+            not isinstance(types, list | tuple)
+            or len(types) != levels
+            or not all(t in accepted for t in types)
+        ):
             raise FolderError(
-                f"{where} has block types {list(types)}: accepted {levels} of "
+                f"{where} has block types {types!r}: accepted {levels} of "
                 f"{', '.join(accepted)} (one per block_out_channels entry)"
             )
+    down, up = tuple(down), tuple(up)
     attention = tuple(DOWN_TYPES[t] for t in down)
     if tuple(UP_TYPES[t] for t in reversed(up)) != attention:
         raise FolderError(
             f"{where}: up_block_types {list(up)} do not mirror down_block_types {list(down)}"
         )
     heads_key = "num_attention_heads" if cfg.get("num_attention_heads") else "attention_head_dim"
-    heads = tuple(int(h) for h in _per_level(cfg, heads_key, levels, where))
+    heads = _per_level(cfg, heads_key, levels, where)
     layers = (
         _per_level(cfg, "transformer_layers_per_block", levels, where)
         if ("transformer_layers_per_block" in cfg)
         else (1,) * levels
     )
-    cross = cfg.get("cross_attention_dim", 1280)
-    if isinstance(cross, (list, tuple)):
-        raise FolderError(
-            f"{where} has a per-level cross_attention_dim {cross}: accepted one number"
-        )
+    cross = integer(cfg, "cross_attention_dim", where, 1280)
     for c, h in zip(channels, heads, strict=True):
         if c % h:
             raise FolderError(f"{where}: {c} channels do not split into {h} attention heads")
+    groups = integer(cfg, "norm_num_groups", where, 32)
+    if any(c % groups for c in channels):
+        raise FolderError(
+            f"{where} has norm_num_groups={groups}, which does not divide every one of "
+            f"block_out_channels={list(channels)}"
+        )
     return dict(
         kind="sd_unet",
         sd_unet=dict(
@@ -135,13 +150,13 @@ def unet_model_config(cfg: dict, where: str = "unet/config.json") -> dict:
             cross_attention=attention,
             heads=heads,
             transformer_layers=tuple(int(n) for n in layers),
-            layers_per_block=int(cfg.get("layers_per_block", 2)),
-            norm_groups=int(cfg.get("norm_num_groups", 32)),
-            norm_eps=float(cfg.get("norm_eps", 1e-5)),
+            layers_per_block=integer(cfg, "layers_per_block", where, 2),
+            norm_groups=groups,
+            norm_eps=number(cfg, "norm_eps", where, 1e-5, positive=True),
             linear_projection=bool(cfg.get("use_linear_projection", False)),
             flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
-            freq_shift=float(cfg.get("freq_shift", 0)),
-            cross_attention_dim=int(cross),
+            freq_shift=number(cfg, "freq_shift", where, 0),
+            cross_attention_dim=cross,
         ),
     )
 
@@ -158,6 +173,16 @@ def to_sd_layout(tensor: np.ndarray, flax_name: str, shape: tuple) -> np.ndarray
     if tensor.ndim == 2 and len(shape) == 3 and tensor.T.shape == (shape[0], shape[1] * shape[2]):
         return tensor.T.reshape(shape)
     return tensor.T
+
+
+def check_unet_sizes(model: dict, unet_dir: str) -> None:
+    """The config's depth against the weights' headers, before a model is built."""
+    where = os.path.join(unet_dir, "config.json")
+    sd, shapes = model["sd_unet"], read_safetensors_shapes(unet_dir)
+    levels = len(sd["block_out_channels"])
+    check_layer_count(shapes, "down_blocks.", levels, "block_out_channels (levels)", where)
+    layers = sd["layers_per_block"]
+    check_layer_count(shapes, "down_blocks.0.resnets.", layers, "layers_per_block", where)
 
 
 def read_unet(unet_dir: str, abstract) -> dict:

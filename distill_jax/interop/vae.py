@@ -27,10 +27,15 @@ import numpy as np
 
 from distill_jax.interop.core import (
     FolderError,
+    check_layer_count,
     convert_params,
+    count_layers,
+    integer,
     match_params,
+    number,
     read_json,
     read_safetensors,
+    read_safetensors_shapes,
     weights_checksum,
 )
 from distill_jax.models import kl_vae
@@ -58,10 +63,7 @@ _PARAMS = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
 def _positive_int(cfg: dict, key: str, where: str) -> int:
-    value = cfg.get(key, DEFAULTS[key])
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FolderError(f"{where} has {key}={value!r}: accepted a positive integer")
-    return value
+    return integer(cfg, key, where, DEFAULTS[key])
 
 
 def _flag(cfg: dict, key: str, where: str) -> bool:
@@ -105,12 +107,9 @@ def _block_channels(cfg: dict, where: str) -> tuple[int, ...]:
 
 def _check_latent_convention(cfg: dict, where: str) -> None:
     """Refuse latent conventions `make_codec` does not apply."""
-    scale = cfg.get("scaling_factor", DEFAULTS["scaling_factor"])
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or scale <= 0:
-        raise FolderError(f"{where} has scaling_factor={scale!r}: accepted a positive number")
-    shift = cfg.get("shift_factor")
-    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, int | float)):
-        raise FolderError(f"{where} has shift_factor={shift!r}: accepted null or a number")
+    number(cfg, "scaling_factor", where, DEFAULTS["scaling_factor"], positive=True)
+    if cfg.get("shift_factor") is not None:
+        number(cfg, "shift_factor", where)
     for key in ("latents_mean", "latents_std"):
         if cfg.get(key) is not None:
             raise FolderError(
@@ -269,6 +268,22 @@ def abstract_vae_params(model: kl_vae.AutoencoderKL) -> PyTree:
     return jax.eval_shape(lambda: kl_vae.init_params(model, jax.random.PRNGKey(0)))
 
 
+def check_vae_sizes(model: kl_vae.AutoencoderKL, vae_dir: str) -> None:
+    """The config's depth against the weights' headers, before a model is built.
+
+    Weights in another naming (the original LDM checkpoint's) hold no encoder.down_blocks:
+    their refusal, with its hint, comes from the tensor matching.
+    """
+    shapes = read_safetensors_shapes(vae_dir)
+    if not count_layers(shapes, "encoder.down_blocks."):
+        return
+    where = os.path.join(vae_dir, "config.json")
+    levels = len(model.block_out_channels)
+    check_layer_count(shapes, "encoder.down_blocks.", levels, "block_out_channels (levels)", where)
+    layers = model.layers_per_block
+    check_layer_count(shapes, "encoder.down_blocks.0.resnets.", layers, "layers_per_block", where)
+
+
 def read_vae_folder(vae_dir: str) -> tuple[kl_vae.AutoencoderKL, PyTree, dict]:
     """(model, params, record) of a diffusers AutoencoderKL folder (a pipeline's vae/).
 
@@ -289,5 +304,6 @@ def read_vae_folder(vae_dir: str) -> tuple[kl_vae.AutoencoderKL, PyTree, dict]:
         )
     cfg = read_json(config_path, "the VAE config")
     model = vae_model(cfg, config_path)
+    check_vae_sizes(model, folder)
     params = convert_vae_params(read_safetensors(folder), abstract_vae_params(model), folder)
     return model, params, vae_record(cfg, folder, weights_checksum(folder))

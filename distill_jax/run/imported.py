@@ -325,6 +325,8 @@ def import_teacher(
     else:
         run = Run.create(run_config, workdir)
         _check_fits(run, imported, folder)
+        if imported.record.get("kind") == "text_to_image":  # its weights checked, not just read
+            pipeline.text_encoder(imported.record["source"], int(config.text.clip_skip) or None)
     kept = workdir / workdir_lib.IMPORTED_DIR
     with workdir_lib.locked(workdir):
         if not done:
