@@ -1,5 +1,6 @@
 """The CPU XLA flags distill_jax sets: how they are added, and that they keep the math."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -25,6 +26,30 @@ def test_apply_adds_missing_flags_keeps_the_users_and_can_be_turned_off():
     assert xla_flags.apply(users) == [] and users["XLA_FLAGS"] == f"{FLAG}=individual_dot"
     off = {"DISTILL_JAX_XLA_FLAGS": "off"}
     assert xla_flags.apply(off) == [] and "XLA_FLAGS" not in off
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu (the test extra) not installed"
+)
+def test_jax_runs_on_the_cpu_without_probing_libtpu_where_no_accelerator_is(tmp_path):
+    environ = {}
+    assert xla_flags.cpu_without_accelerators(environ, device_files=())
+    assert environ == {"JAX_PLATFORMS": "cpu"}
+    users = {"JAX_PLATFORMS": "tpu,cpu"}  # the user's choice stands
+    assert not xla_flags.cpu_without_accelerators(users, device_files=())
+    assert users == {"JAX_PLATFORMS": "tpu,cpu"}
+    (tmp_path / "accel0").touch()  # a TPU VM: JAX finds its chips itself
+    on_tpu = {}
+    assert not xla_flags.cpu_without_accelerators(on_tpu, device_files=(f"{tmp_path}/accel*",))
+    assert on_tpu == {}
+    # A command on this machine starts without libtpu's initialisation errors.
+    result = subprocess.run(
+        [sys.executable, "-c", "import distill_jax, jax; print(jax.devices()[0].platform)"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+    )
+    assert result.stdout.strip() == "cpu" and "INVALID_ARGUMENT" not in result.stderr
 
 
 def _losses(workdir: pathlib.Path, flags_setting: str | None) -> np.ndarray:
