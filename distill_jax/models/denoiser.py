@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from distill_jax import trees
+from distill_jax.attention import check_implementation
 from distill_jax.diffusion.guidance import as_condition
 from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
@@ -97,6 +98,7 @@ def _check_model_keys(m: ml_collections.ConfigDict) -> kinds.ModelKind:
     if m.dtype not in DTYPES:
         raise ValueError(f"config.model.dtype={m.dtype!r} is unknown: accepted {tuple(DTYPES)}.")
     check_parameterisation(m.parameterisation)
+    check_implementation(str(m.get("attention", "xla")))
     if m.guidance_head not in GUIDANCE_HEADS:
         raise ValueError(
             f"config.model.guidance_head={m.guidance_head!r} is unknown: accepted {GUIDANCE_HEADS}."

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.attention import attention
 from distill_jax.diffusion.discrete import timestep_from_logsnr
 from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
@@ -124,6 +125,7 @@ class DiTBlock(nn.Module):
     attention_bias: bool = True
     norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # distill_jax.attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, cond: jax.Array, train: bool) -> jax.Array:
@@ -145,7 +147,8 @@ class DiTBlock(nn.Module):
             )
             for name in ("to_q", "to_k", "to_v")
         )
-        attended = jax.nn.dot_product_attention(q, k, v).reshape(batch, tokens, self.hidden)
+        attended = attention(q, k, v, implementation=self.attention)
+        attended = attended.reshape(batch, tokens, self.hidden)
         attended = nn.Dense(self.hidden, name="to_out", **dense)(attended)
         attended = nn.Dropout(self.dropout, deterministic=not train)(attended)
         x = x + gate_msa[:, None] * attended
@@ -177,6 +180,7 @@ class DiT(nn.Module):
       attention_bias: the q, k, v projections have biases.
       norm_eps: epsilon of the LayerNorm before the MLP (diffusers' norm_eps).
       pos_interpolation_scale: positional embeddings at patch index / this.
+      attention: the attention implementation (`distill_jax.attention`).
       mlp_ratio, dropout, dtype, logsnr_min, logsnr_max: as for the U-Net.
     """
 
@@ -195,6 +199,7 @@ class DiT(nn.Module):
     attention_bias: bool = True
     norm_eps: float = 1e-5
     pos_interpolation_scale: float = 1.0
+    attention: str = "xla"
     mlp_ratio: int = 4
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
@@ -280,6 +285,7 @@ class DiT(nn.Module):
                 self.attention_bias,
                 self.norm_eps,
                 self.dtype,
+                self.attention,
                 name=f"block_{i}",
             )(x, conds[i], train)
         shift, scale = jnp.split(

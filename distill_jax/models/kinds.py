@@ -80,6 +80,7 @@ def _build_unet(m: ml_collections.ConfigDict, data_shape, text_dim: int, common:
         num_heads=int(m.num_heads),
         student_extra_blocks=int(m.student_extra_blocks),
         text_dim=int(text_dim),
+        attention=str(m.attention),
         **common,
     )
 
@@ -114,6 +115,7 @@ def _build_dit(
         attention_bias=bool(m.dit_attention_bias),
         norm_eps=float(m.dit_norm_eps),
         pos_interpolation_scale=float(m.dit_pos_interpolation_scale),
+        attention=str(m.attention),
         **common,
     )
 
@@ -160,6 +162,7 @@ def _build_sd_unet(
         freq_shift=float(sd.freq_shift),
         text_dim=int(text_dim),
         timestep_logsnrs=discrete_logsnrs(m),
+        attention=str(m.attention),
         **common,
     )
 

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax.attention import attention
 from distill_jax.models.norm import GroupNorm
 
 Params = Any
@@ -77,9 +78,9 @@ class _Attention(nn.Module):
         q = nn.Dense(c, name="to_q")(tokens)
         k = nn.Dense(c, name="to_k")(tokens)
         v = nn.Dense(c, name="to_v")(tokens)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k) * (c**-0.5)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = nn.Dense(c, name="to_out_0")(jnp.einsum("bqk,bkc->bqc", weights, v))
+        one_head = lambda a: a[:, :, None, :]  # noqa: E731
+        out = attention(one_head(q), one_head(k), one_head(v))[:, :, 0]
+        out = nn.Dense(c, name="to_out_0")(out)
         return x + out.reshape(b, height, width, c)
 
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax.attention import attention
 from distill_jax.diffusion.discrete import timestep_from_logsnr
 from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
@@ -89,6 +90,7 @@ class Attention(nn.Module):
 
     heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # distill_jax.attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -100,9 +102,7 @@ class Attention(nn.Module):
             (self.heads, head), use_bias=False, dtype=self.dtype, name=name
         )
         q, k, v = dense("to_q")(x), dense("to_k")(context), dense("to_v")(context)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:-1], dim)
+        out = attention(q, k, v, implementation=self.attention).reshape(*x.shape[:-1], dim)
         return nn.Dense(dim, dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -136,13 +136,15 @@ class TransformerBlock(nn.Module):
 
     heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """Tokens [B, N, C] attending to themselves and to context [B, L, D]."""
         norm = lambda name: nn.LayerNorm(1e-5, dtype=self.dtype, name=name)  # noqa: E731
-        x = x + Attention(self.heads, self.dtype, name="attn1")(norm("norm1")(x))
-        x = x + Attention(self.heads, self.dtype, name="attn2")(norm("norm2")(x), context)
+        attend = lambda name: Attention(self.heads, self.dtype, self.attention, name=name)  # noqa: E731
+        x = x + attend("attn1")(norm("norm1")(x))
+        x = x + attend("attn2")(norm("norm2")(x), context)
         return x + FeedForward(self.dtype, name="ff")(norm("norm3")(x))
 
 
@@ -154,6 +156,7 @@ class SpatialTransformer(nn.Module):
     groups: int
     linear_projection: bool
     dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -167,7 +170,10 @@ class SpatialTransformer(nn.Module):
         )
         h = proj("proj_in")(h).reshape(batch, height * width, c)
         for i in range(self.layers):
-            h = TransformerBlock(self.heads, self.dtype, name=f"transformer_blocks_{i}")(h, context)
+            block = TransformerBlock(
+                self.heads, self.dtype, self.attention, name=f"transformer_blocks_{i}"
+            )
+            h = block(h, context)
         return x + proj("proj_out")(h.reshape(batch, height, width, c))
 
 
@@ -294,6 +300,7 @@ class SDUNet(nn.Module):
     guidance_fourier_dim: int = 32
     parameterisation: str = "eps"
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # distill_jax.attention.IMPLEMENTATIONS
     logsnr_min: float = LOGSNR_MIN
     logsnr_max: float = LOGSNR_MAX
     both_shift: float = 0.0  # log-SNR where a 'both' head weighs x and eps equally
@@ -336,6 +343,7 @@ class SDUNet(nn.Module):
             heads=self.heads[level],
             layers=self.transformer_layers[level],
             linear_projection=self.linear_projection,
+            attention=self.attention,
         )
 
     @nn.compact

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from distill_jax.attention import attention
 from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN
 from distill_jax.models.embeddings import (
@@ -92,6 +93,7 @@ class AttentionBlock(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # distill_jax.attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,7 +109,7 @@ class AttentionBlock(nn.Module):
         h = h.reshape(b, height * width, c)
         qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype, name="qkv")(h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        h = nn.dot_product_attention(q, k, v, dtype=self.dtype, force_fp32_for_softmax=True)
+        h = attention(q, k, v, implementation=self.attention)
         h = nn.DenseGeneral(
             c, axis=(-2, -1), dtype=self.dtype, kernel_init=_zeros, name="proj_out"
         )(h)
@@ -123,6 +125,7 @@ class CrossAttentionBlock(nn.Module):
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "xla"  # distill_jax.attention.IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array) -> jax.Array:
@@ -135,9 +138,7 @@ class CrossAttentionBlock(nn.Module):
         )
         kv = nn.DenseGeneral((2, self.num_heads, head_dim), dtype=self.dtype, name="kv")(context)
         mask = mask[:, None, None, :]  # [B, 1, 1, L]: query x key
-        h = nn.dot_product_attention(
-            q, kv[:, :, 0], kv[:, :, 1], mask=mask, dtype=self.dtype, force_fp32_for_softmax=True
-        )
+        h = attention(q, kv[:, :, 0], kv[:, :, 1], mask=mask, implementation=self.attention)
         h = nn.DenseGeneral(
             c, axis=(-2, -1), dtype=self.dtype, kernel_init=_zeros, name="proj_out"
         )(h)
@@ -176,6 +177,7 @@ class UNet(nn.Module):
     dropout: float = 0.0
     num_classes: int = 10
     text_dim: int = 0
+    attention: str = "xla"  # distill_jax.attention.IMPLEMENTATIONS
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
     guidance_head: str = "none"
@@ -199,9 +201,11 @@ class UNet(nn.Module):
 
     def _attn(self, h: jax.Array, context: tuple | None, name: str) -> jax.Array:
         """Self-attention, then (text U-Net) cross-attention to the prompt's tokens."""
-        h = AttentionBlock(self.num_heads, dtype=self.dtype, name=name)(h)
+        h = AttentionBlock(self.num_heads, self.dtype, self.attention, name=name)(h)
         if context is not None:
-            cross = CrossAttentionBlock(self.num_heads, dtype=self.dtype, name=f"{name}_cross")
+            cross = CrossAttentionBlock(
+                self.num_heads, self.dtype, self.attention, name=f"{name}_cross"
+            )
             h = cross(h, *context)
         return h
 

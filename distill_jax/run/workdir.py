@@ -65,6 +65,9 @@ MODEL_DEFINING_PREFIXES = (
     "autoencoder.latent_channels",
 )
 
+# Keys under those prefixes that change how a network is computed, not the network.
+COMPUTE_ONLY_KEYS = ("model.attention",)
+
 
 class ConfigMismatchError(ValueError):
     """The workdir was made with a config that builds a different model or dataset."""
@@ -171,6 +174,7 @@ def config_differences(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
         key: (flat_old.get(key), flat_new.get(key))
         for key in sorted(set(flat_old) | set(flat_new))
         if key.startswith((*MODEL_DEFINING_PREFIXES, *_state_structure({})))
+        and key not in COMPUTE_ONLY_KEYS
         and flat_old.get(key) != flat_new.get(key)
     }
 

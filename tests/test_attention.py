@@ -1,0 +1,129 @@
+"""distill_jax.attention: every implementation computes the formula, in every network.
+
+'xla' against the formula written out ('plain') with a bias and a mask, in float32 and
+bfloat16; then the text U-Net, the DiT and the SD U-Net built with each implementation give the
+same predictions from the same (perturbed) weights. 'cudnn' needs an NVIDIA GPU: it is checked
+only where one is present.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from distill_jax import attention as attention_lib
+from distill_jax import config_checks
+from distill_jax.config import base_config, load_config
+from distill_jax.models import denoiser
+from distill_jax.run import workdir
+
+IMPLEMENTATIONS = [
+    name
+    for name in attention_lib.IMPLEMENTATIONS
+    if name != "cudnn" or jax.devices()[0].platform == "gpu"
+]
+
+
+def _qkv(dtype, batch=2, queries=5, keys=7, heads=3, width=8):
+    rng = np.random.default_rng(0)
+    q, k, v = (
+        jnp.asarray(rng.normal(size=(batch, n, heads, width)), dtype) for n in (queries, keys, keys)
+    )
+    bias = jnp.asarray(rng.normal(size=(1, heads, queries, keys)), jnp.float32)
+    mask = jnp.asarray(rng.random((batch, 1, 1, keys)) > 0.3).at[:, :, :, 0].set(True)
+    return q, k, v, bias, mask
+
+
+def _formula(q, k, v, bias, mask):
+    """softmax(q k^T / sqrt(D) + bias, where mask) v in float64 numpy."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]) + np.asarray(bias)
+    logits = np.where(np.asarray(mask), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_each_implementation_computes_the_formula(implementation, dtype, tolerance):
+    q, k, v, bias, mask = _qkv(dtype)
+    out = attention_lib.attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
+    assert out.shape == q.shape and out.dtype == dtype
+    np.testing.assert_allclose(
+        np.asarray(out, np.float64), _formula(q, k, v, bias, mask), atol=tolerance
+    )
+
+
+def _perturbed(params, seed=1):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    moved = [
+        leaf + 0.05 * jax.random.normal(key, leaf.shape)
+        for leaf, key in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, moved)
+
+
+def _network(kind: str) -> tuple[object, tuple, int]:
+    """(config.model, data shape, text width) of a tiny network of `kind` with attention."""
+    m = base_config().model
+    m.update(channels=16, channel_mult=(1, 2), num_res_blocks=1, num_heads=2, emb_dim=32)
+    if kind == "unet":  # self-attention and masked cross-attention to text
+        m.update(kind="unet", attn_resolutions=(4,))
+        return m, (8, 8, 1), 12
+    if kind == "dit":
+        m.update(kind="dit", dit_hidden=32, dit_depth=2, dit_patch_size=2, guidance_head="none")
+        return m, (8, 8, 1), 0
+    m.update(kind="sd_unet", guidance_head="none")
+    m.sd_unet.update(
+        block_out_channels=(16, 32),
+        cross_attention=(True, False),
+        heads=(2, 2),
+        transformer_layers=(1, 1),
+        layers_per_block=1,
+        norm_groups=8,
+        cross_attention_dim=12,
+    )
+    return m, (8, 8, 1), 12
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit", "sd_unet"])
+def test_networks_predict_the_same_with_every_implementation(kind):
+    m, shape, text = _network(kind)
+    batch = 2
+    z = jax.random.normal(jax.random.key(2), (batch, *shape))
+    t = jnp.array([0.3, 0.8])
+    if text:
+        labels = jax.random.normal(jax.random.key(3), (batch, 6, text))
+        labels = labels.at[:, 4:].set(0.0)  # padding: masked by the U-Net's cross-attention
+    else:
+        labels = jnp.array([1, 10])
+    outputs, params = {}, None
+    for implementation in IMPLEMENTATIONS:
+        m.attention = implementation
+        model = denoiser.build_model(
+            m, data_shape=shape, num_classes=10, use_guidance=False, text_dim=text
+        )
+        if params is None:
+            params = _perturbed(denoiser.init_params(model, jax.random.key(0), data_shape=shape))
+        outputs[implementation] = np.asarray(
+            model.apply({"params": params}, z, t, labels, None, train=False)
+        )
+    reference = outputs["plain"]
+    assert np.abs(reference).max() > 1e-3  # the attention layers are live
+    for implementation, out in outputs.items():
+        np.testing.assert_allclose(out, reference, rtol=1e-4, atol=1e-5, err_msg=implementation)
+
+
+def test_the_implementation_is_a_checked_key_that_a_workdir_may_change():
+    config = load_config("configs/digits.py:smoke")
+    config.model.attention = "flash"
+    with pytest.raises(ValueError, match="model.attention='flash'.*accepted one of"):
+        config_checks.validate_config(config)
+    old = base_config().to_dict()
+    new = base_config()
+    new.model.attention = "plain"
+    assert workdir.config_differences(old, new.to_dict()) == {}
