@@ -78,6 +78,10 @@ def _model_config() -> ml_collections.ConfigDict:
     # any backend, 'plain' (the formula, for reference), 'cudnn' (NVIDIA GPUs, half precision).
     # It does not change the network: a workdir may switch it.
     model.attention = "xla"
+    # What the backward pass recomputes instead of keeping (distill_jax.models.remat): 'none',
+    # 'full', 'dots_saveable' or 'offload', per block of the U-Nets and the DiT. Gradients do
+    # not change; a workdir may switch it.
+    model.remat = "none"
     model.channels = 64
     model.channel_mult = (1, 2)
     model.num_res_blocks = 2

@@ -18,6 +18,7 @@ from distill_jax.diffusion.weighting import WEIGHTINGS
 from distill_jax.models.denoiser import DTYPES
 from distill_jax.models.embeddings import GUIDANCE_HEADS
 from distill_jax.models.kinds import MODEL_KINDS
+from distill_jax.models.remat import POLICIES as REMAT_POLICIES
 from distill_jax.models.student_head import FINETUNE_TARGETS, STUDENT_PARAMETERISATIONS
 
 TEACHER_KINDS = ("trained", "exact_gmm")
@@ -64,6 +65,8 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
         _fail("model.kind", m.kind, f"one of {tuple(MODEL_KINDS)}")
     if m.attention not in ATTENTION_IMPLEMENTATIONS:
         _fail("model.attention", m.attention, f"one of {ATTENTION_IMPLEMENTATIONS}")
+    if m.remat not in REMAT_POLICIES:
+        _fail("model.remat", m.remat, f"one of {tuple(REMAT_POLICIES)}")
     if m.parameterisation not in PARAMETERISATIONS:
         _fail("model.parameterisation", m.parameterisation, f"one of {PARAMETERISATIONS}")
     if config.finetune.to not in FINETUNE_TARGETS:

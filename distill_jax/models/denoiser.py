@@ -32,6 +32,7 @@ from distill_jax.models.embeddings import (
     STUDENT_EXTRA,
 )
 from distill_jax.models.kinds import MODEL_KINDS
+from distill_jax.models.remat import check_policy
 
 Params = Any
 
@@ -99,6 +100,7 @@ def _check_model_keys(m: ml_collections.ConfigDict) -> kinds.ModelKind:
         raise ValueError(f"config.model.dtype={m.dtype!r} is unknown: accepted {tuple(DTYPES)}.")
     check_parameterisation(m.parameterisation)
     check_implementation(str(m.get("attention", "xla")))
+    check_policy(str(m.get("remat", "none")))
     if m.guidance_head not in GUIDANCE_HEADS:
         raise ValueError(
             f"config.model.guidance_head={m.guidance_head!r} is unknown: accepted {GUIDANCE_HEADS}."

@@ -44,6 +44,7 @@ from distill_jax.models.embeddings import (
     logsnr_to_unit_interval,
     sinusoidal_embedding,
 )
+from distill_jax.models.remat import rematted
 
 Dtype = Any
 TIMESTEP_FEATURES = 256  # diffusers' CombinedTimestepLabelEmbeddings: Timesteps(256)
@@ -181,6 +182,7 @@ class DiT(nn.Module):
       norm_eps: epsilon of the LayerNorm before the MLP (diffusers' norm_eps).
       pos_interpolation_scale: positional embeddings at patch index / this.
       attention: the attention implementation (`distill_jax.attention`).
+      remat: each block's rematerialisation policy (`models.remat`).
       mlp_ratio, dropout, dtype, logsnr_min, logsnr_max: as for the U-Net.
     """
 
@@ -200,6 +202,7 @@ class DiT(nn.Module):
     norm_eps: float = 1e-5
     pos_interpolation_scale: float = 1.0
     attention: str = "xla"
+    remat: str = "none"
     mlp_ratio: int = 4
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
@@ -276,8 +279,9 @@ class DiT(nn.Module):
             )[None]
         )
         conds = self._conditions(timestep, labels, w)
+        block = rematted(DiTBlock, self.remat, static_argnums=(3,))
         for i in range(self.depth):
-            x = DiTBlock(
+            x = block(
                 self.hidden,
                 self.num_heads,
                 self.mlp_ratio,

@@ -81,6 +81,7 @@ def _build_unet(m: ml_collections.ConfigDict, data_shape, text_dim: int, common:
         student_extra_blocks=int(m.student_extra_blocks),
         text_dim=int(text_dim),
         attention=str(m.attention),
+        remat=str(m.remat),
         **common,
     )
 
@@ -116,6 +117,7 @@ def _build_dit(
         norm_eps=float(m.dit_norm_eps),
         pos_interpolation_scale=float(m.dit_pos_interpolation_scale),
         attention=str(m.attention),
+        remat=str(m.remat),
         **common,
     )
 
@@ -163,6 +165,7 @@ def _build_sd_unet(
         text_dim=int(text_dim),
         timestep_logsnrs=discrete_logsnrs(m),
         attention=str(m.attention),
+        remat=str(m.remat),
         **common,
     )
 

@@ -45,6 +45,7 @@ from distill_jax.models.embeddings import (
     GuidanceEmbedding,
     logsnr_to_unit_interval,
 )
+from distill_jax.models.remat import rematted
 
 Dtype = Any
 
@@ -157,6 +158,7 @@ class SpatialTransformer(nn.Module):
     linear_projection: bool
     dtype: Dtype = jnp.float32
     attention: str = "xla"
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -170,7 +172,7 @@ class SpatialTransformer(nn.Module):
         )
         h = proj("proj_in")(h).reshape(batch, height * width, c)
         for i in range(self.layers):
-            block = TransformerBlock(
+            block = rematted(TransformerBlock, self.remat)(
                 self.heads, self.dtype, self.attention, name=f"transformer_blocks_{i}"
             )
             h = block(h, context)
@@ -205,6 +207,7 @@ class Block(nn.Module):
     eps: float
     up: bool
     dtype: Dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, h, emb, context, skips=None) -> tuple[jax.Array, list[jax.Array]]:
@@ -213,7 +216,7 @@ class Block(nn.Module):
         for j in range(self.num_resnets):
             if self.up:
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = ResnetBlock(
+            h = rematted(ResnetBlock, self.remat)(
                 self.out_channels, self.groups, self.eps, self.dtype, name=f"resnets_{j}"
             )(h, emb)
             if self.transformer is not None:
@@ -258,7 +261,7 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, h, emb, context) -> jax.Array:
         """Features [B, h, w, C] -> [B, h, w, C]."""
-        resnet = lambda j: ResnetBlock(  # noqa: E731
+        resnet = lambda j: rematted(ResnetBlock, self.transformer["remat"])(  # noqa: E731
             self.out_channels, self.groups, self.eps, self.dtype, name=f"resnets_{j}"
         )
         h = resnet(0)(h, emb)
@@ -301,6 +304,7 @@ class SDUNet(nn.Module):
     parameterisation: str = "eps"
     dtype: Dtype = jnp.float32
     attention: str = "xla"  # distill_jax.attention.IMPLEMENTATIONS
+    remat: str = "none"  # models.remat.POLICIES, for each ResNet and transformer block
     logsnr_min: float = LOGSNR_MIN
     logsnr_max: float = LOGSNR_MAX
     both_shift: float = 0.0  # log-SNR where a 'both' head weighs x and eps equally
@@ -335,6 +339,7 @@ class SDUNet(nn.Module):
             eps=self.norm_eps,
             up=up,
             dtype=self.dtype,
+            remat=self.remat,
             name=f"{'up' if up else 'down'}_blocks_{index}",
         )
 
@@ -344,6 +349,7 @@ class SDUNet(nn.Module):
             layers=self.transformer_layers[level],
             linear_projection=self.linear_projection,
             attention=self.attention,
+            remat=self.remat,
         )
 
     @nn.compact

@@ -35,6 +35,7 @@ from distill_jax.models.embeddings import (
     affine_guidance_output,
 )
 from distill_jax.models.norm import GroupNorm
+from distill_jax.models.remat import rematted
 from distill_jax.text_encoder import text_mask
 
 Dtype = Any
@@ -69,7 +70,7 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         """Apply the block; dropout only when `train` (needs a 'dropout' rng)."""
         c = self.out_channels
         h = GroupNorm(num_groups(x.shape[-1]), dtype=self.dtype, name="norm_0")(x)
@@ -178,6 +179,7 @@ class UNet(nn.Module):
     num_classes: int = 10
     text_dim: int = 0
     attention: str = "xla"  # distill_jax.attention.IMPLEMENTATIONS
+    remat: str = "none"  # models.remat.POLICIES, for each ResNet and attention block
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
     guidance_head: str = "none"
@@ -191,19 +193,21 @@ class UNet(nn.Module):
 
     def _res(self, h: jax.Array, emb: jax.Array, channels: int, name: str, train: bool):
         """A ResBlock, then a student's `student_extra_blocks` (identity until trained)."""
-        h = ResBlock(channels, self.dropout, dtype=self.dtype, name=name)(h, emb, train=train)
+        block = rematted(ResBlock, self.remat, static_argnums=(3,))
+        h = block(channels, self.dropout, dtype=self.dtype, name=name)(h, emb, train)
         for i in range(self.student_extra_blocks if self.use_guidance else 0):
-            extra = ResBlock(
+            extra = block(
                 channels, self.dropout, dtype=self.dtype, name=f"{name}_{STUDENT_EXTRA}_{i}"
             )
-            h = extra(h, emb, train=train)
+            h = extra(h, emb, train)
         return h
 
     def _attn(self, h: jax.Array, context: tuple | None, name: str) -> jax.Array:
         """Self-attention, then (text U-Net) cross-attention to the prompt's tokens."""
-        h = AttentionBlock(self.num_heads, self.dtype, self.attention, name=name)(h)
+        block = rematted(AttentionBlock, self.remat)
+        h = block(self.num_heads, self.dtype, self.attention, name=name)(h)
         if context is not None:
-            cross = CrossAttentionBlock(
+            cross = rematted(CrossAttentionBlock, self.remat)(
                 self.num_heads, self.dtype, self.attention, name=f"{name}_cross"
             )
             h = cross(h, *context)

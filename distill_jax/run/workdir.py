@@ -66,7 +66,7 @@ MODEL_DEFINING_PREFIXES = (
 )
 
 # Keys under those prefixes that change how a network is computed, not the network.
-COMPUTE_ONLY_KEYS = ("model.attention",)
+COMPUTE_ONLY_KEYS = ("model.attention", "model.remat")
 
 
 class ConfigMismatchError(ValueError):
