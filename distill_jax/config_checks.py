@@ -28,6 +28,7 @@ AUTOENCODER_LOSSES = ("l1", "l2")
 # Captioned datasets and the token length of their stored text conditions (0: none stored, the
 # captions are encoded by an imported pipeline's text encoder: config.text.pipeline).
 TEXT_DATASETS = {"digits_text": 16, "image_captions": 0}
+FROZEN_DTYPES = ("float32", "bfloat16")  # the frozen teacher's (training.loop.frozen)
 LATENT_MODELS = tuple(k for k, kind in MODEL_KINDS.items() if kind.images)  # latents [h, w, c]
 TEXT_MODELS = tuple(k for k, kind in MODEL_KINDS.items() if kind.text)
 
@@ -67,6 +68,8 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
         _fail("model.attention", m.attention, f"one of {ATTENTION_IMPLEMENTATIONS}")
     if m.remat not in REMAT_POLICIES:
         _fail("model.remat", m.remat, f"one of {tuple(REMAT_POLICIES)}")
+    if config.train.frozen_dtype not in FROZEN_DTYPES:
+        _fail("train.frozen_dtype", config.train.frozen_dtype, f"one of {FROZEN_DTYPES}")
     if m.parameterisation not in PARAMETERISATIONS:
         _fail("model.parameterisation", m.parameterisation, f"one of {PARAMETERISATIONS}")
     if config.finetune.to not in FINETUNE_TARGETS:

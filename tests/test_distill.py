@@ -472,3 +472,31 @@ def test_final_rounds_train_at_their_own_learning_rate(smoke_workdir):
     assert ratio != 1
     assert logged[round_name(2)] == pytest.approx(logged[round_name(4)], rel=1e-6)
     assert logged[round_name(1)] == pytest.approx(ratio * logged[round_name(2)], rel=1e-6)
+
+
+def test_a_bfloat16_frozen_teacher_halves_its_memory_and_keeps_its_predictions(smoke_workdir):
+    """train.frozen_dtype='bfloat16': the teacher enters stage one's steps in bfloat16, the
+    student still starts from its float32 weights, and the teacher's x-hat barely moves."""
+    from distill_jax.training import loop
+    from distill_jax.trees import named_leaves
+
+    run = Run.open(smoke_workdir)
+    run.config.train.frozen_dtype = "bfloat16"
+    spec, mesh = run.stage("stage1"), parallel.make_mesh()
+    teacher = pipeline.load_teacher(run, spec, mesh, None)
+    stage = pipeline.BUILDERS[spec.kind](run, spec, teacher)
+    state, frozen, compiled = loop.initial_state(stage, mesh)
+    assert {leaf.dtype for leaf in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+    student = named_leaves(state.params)
+    for name, leaf in named_leaves(teacher).items():  # copied from float32, not rounded
+        np.testing.assert_array_equal(np.asarray(student[name]), np.asarray(leaf))
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
+    t, labels = np.linspace(0.05, 0.95, 16, dtype=np.float32), np.arange(16) % 10
+    teacher_spec = run.stage(spec.teacher)
+    full = np.asarray(run.denoise_fn(teacher_spec, teacher)(z, t, labels, None))
+    rounded = np.asarray(run.denoise_fn(teacher_spec, frozen)(z, t, labels, None))
+    assert rounded.dtype == np.float32 and 0 < np.abs(rounded - full).max() < 0.05
+    batch = {"x": np.clip(z, -1, 1), "label": labels.astype(np.int32)}
+    _, metrics = compiled.step(state, batch, frozen)
+    assert np.isfinite(float(metrics["loss"]))

@@ -122,7 +122,7 @@ def train_program(run: Run, spec: StageSpec, mesh: jax.sharding.Mesh) -> Program
         "label": _conditions(run, stage.batch_size),
     }
     batch = jax.tree.map(lambda a: a.update(sharding=compiled.batch_sharding), batch)
-    teacher = _abstract(stage.teacher, compiled.teacher_sharding)
+    teacher = _abstract(loop.frozen(stage.teacher, stage.frozen_dtype), compiled.teacher_sharding)
     arguments = (compiled.abstract_state, batch, teacher)
     program.lowered = compiled.step.lower(*arguments)
     program.argument_bytes = per_device_bytes(arguments)

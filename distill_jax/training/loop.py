@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import signal
 import threading
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
@@ -48,6 +50,8 @@ class Stage:
       abstract_params: the shapes/dtypes of the params (jax.ShapeDtypeStruct pytree).
       teacher: the frozen teacher pytree passed to every step (None for the teacher stage):
         an argument of the step, never in the optimiser, never re-saved.
+      frozen_dtype: the dtype of the teacher's floating leaves in the steps (config.train.
+        frozen_dtype): 'bfloat16' halves its memory; the student starts from the float32 copy.
       finish: final state -> more entries for FINISHED.json, run after the last save and
         before the stage is marked finished (so an interruption in it reruns it on resume).
     """
@@ -60,6 +64,23 @@ class Stage:
     abstract_params: PyTree
     teacher: PyTree = None
     finish: Callable[[state_lib.TrainState], dict] | None = None
+    frozen_dtype: str = "float32"
+
+
+def frozen(teacher: PyTree, dtype: str) -> PyTree:
+    """`teacher` with its floating leaves in `dtype` (arrays, or ShapeDtypeStructs to plan)."""
+    if dtype == "float32" or teacher is None:
+        return teacher
+    target = jnp.dtype(dtype)  # one of config_checks.FROZEN_DTYPES
+
+    def cast(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, target, sharding=leaf.sharding)
+        return leaf.astype(target)
+
+    return jax.tree.map(cast, teacher)
 
 
 class NonFiniteError(FloatingPointError):
@@ -156,6 +177,9 @@ def initial_state(
         logging.info("[%s] resumed from step %d.", stage.spec.name, step)
     else:
         state = compiled.init(teacher)
+    if stage.frozen_dtype != "float32":  # after the init: the student copies float32 weights
+        to_frozen = functools.partial(frozen, dtype=stage.frozen_dtype)
+        teacher = jax.jit(to_frozen, out_shardings=compiled.teacher_sharding)(teacher)
     return state, teacher, compiled
 
 

@@ -41,6 +41,7 @@ def _stage(run: Run, spec: StageSpec, loss_fn, init_params, teacher: PyTree = No
     if spec.final_round and float(section.final_learning_rate) > 0:
         optimizer = optimizer.copy_and_resolve_references()
         optimizer.learning_rate = float(section.final_learning_rate)
+    networked = spec.teacher is not None and run.stage(spec.teacher).stage_kind.model is not None
     return loop.Stage(
         spec=spec,
         batch_size=int(section.batch_size),
@@ -49,6 +50,8 @@ def _stage(run: Run, spec: StageSpec, loss_fn, init_params, teacher: PyTree = No
         init_params=init_params,
         abstract_params=run.abstract_params(spec),
         teacher=teacher,
+        # An exact teacher (the Gaussian mixture) keeps its float32 parameters.
+        frozen_dtype=str(run.config.train.frozen_dtype) if networked else "float32",
     )
 
 
