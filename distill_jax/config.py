@@ -288,6 +288,9 @@ def _train_config() -> ml_collections.ConfigDict:
     # The frozen teacher's weights in the distillation steps: 'float32', or 'bfloat16' (half
     # the memory; the teacher still computes in model.dtype, from rounded weights).
     train.frozen_dtype = "float32"
+    # Gradient accumulation: every step sums the gradients of this many slices of its batch,
+    # so a batch larger than the chips' memory trains (each stage's batch_size must divide).
+    train.microbatches = 1
     train.keep_checkpoints = 2
     train.mesh_data_axis = -1  # devices on the 'data' axis; -1 means all of them
     # Devices on the 'fsdp' axis: params, EMA and optimiser state are split over it (FSDP);

@@ -98,8 +98,16 @@ def _check_choices(config: ml_collections.ConfigDict) -> None:
 
 def _check_stage_sections(config: ml_collections.ConfigDict) -> None:
     """Counts and optimiser settings of the teacher, stage one and stage two."""
+    _check_number(config, "train.microbatches", low=1, integer=True)
+    microbatches = int(config.train.microbatches)
     for stage in ("autoencoder", "teacher", "finetune", "stage1", "stage2"):
         _check_number(config, f"{stage}.batch_size", low=1, integer=True)
+        if config[stage].batch_size % microbatches:
+            _fail(
+                f"{stage}.batch_size",
+                config[stage].batch_size,
+                f"a multiple of train.microbatches={microbatches}",
+            )
         opt = f"{stage}.optimizer"
         _check_number(config, f"{opt}.learning_rate", low=0, low_open=True)
         _check_number(config, f"{opt}.warmup_steps", low=0, integer=True)

@@ -112,6 +112,8 @@ def train_program(run: Run, spec: StageSpec, mesh: jax.sharding.Mesh) -> Program
     program = Program(spec.name, "train", stage.batch_size, spec.num_steps)
     try:
         loader.check_batch_size(stage.batch_size, devices=mesh.size, key=f"{spec.name} batch")
+        micro = stage.batch_size // stage.microbatches
+        loader.check_batch_size(micro, devices=mesh.size, key=f"{spec.name} microbatch")
     except ValueError as error:
         program.problem = str(error).split(":")[0]
         return program

@@ -52,6 +52,8 @@ class Stage:
         an argument of the step, never in the optimiser, never re-saved.
       frozen_dtype: the dtype of the teacher's floating leaves in the steps (config.train.
         frozen_dtype): 'bfloat16' halves its memory; the student starts from the float32 copy.
+      microbatches: the batch's slices whose gradients each step sums (config.train.
+        microbatches): the activations of batch_size / microbatches examples at a time.
       finish: final state -> more entries for FINISHED.json, run after the last save and
         before the stage is marked finished (so an interruption in it reruns it on resume).
     """
@@ -65,6 +67,7 @@ class Stage:
     teacher: PyTree = None
     finish: Callable[[state_lib.TrainState], dict] | None = None
     frozen_dtype: str = "float32"
+    microbatches: int = 1
 
 
 def frozen(teacher: PyTree, dtype: str) -> PyTree:
@@ -148,7 +151,11 @@ def compile_stage(stage: Stage, mesh: jax.sharding.Mesh) -> CompiledStage:
         lambda teacher: fresh_state(stage.init_params(teacher)), out_shardings=state_sharding
     )
     train_step = state_lib.make_train_step(
-        stage.loss_fn, optimizer, ema_decay=float(stage.optimizer.ema_decay), schedule=schedule
+        stage.loss_fn,
+        optimizer,
+        ema_decay=float(stage.optimizer.ema_decay),
+        schedule=schedule,
+        microbatches=stage.microbatches,
     )
     step = jax.jit(
         train_step,
@@ -201,6 +208,11 @@ def run_stage(
         return None
     data_loader.check_batch_size(
         stage.batch_size, devices=mesh.size, processes=jax.process_count(), key=f"{name} batch_size"
+    )
+    data_loader.check_batch_size(  # every microbatch is spread over every device
+        stage.batch_size // stage.microbatches,
+        devices=mesh.size,
+        key=f"{name} batch_size / train.microbatches",
     )
     data_iter = data_loader.make_train_loader(
         run.config.data,

@@ -52,6 +52,7 @@ def _stage(run: Run, spec: StageSpec, loss_fn, init_params, teacher: PyTree = No
         teacher=teacher,
         # An exact teacher (the Gaussian mixture) keeps its float32 parameters.
         frozen_dtype=str(run.config.train.frozen_dtype) if networked else "float32",
+        microbatches=int(run.config.train.microbatches),
     )
 
 

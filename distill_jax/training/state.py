@@ -93,24 +93,58 @@ def create_state(
     )
 
 
+def microbatch_gradients(
+    loss_fn: LossFn, params: PyTree, batch: dict, rng: jax.Array, teacher: PyTree, count: int
+) -> tuple[jax.Array, dict, PyTree]:
+    """(loss, metrics, gradients) of the batch's mean loss, from `count` microbatches.
+
+    The batch [B, ...] is cut into `count` slices of B / count examples (example i goes to
+    slice i mod count, so each slice keeps the batch's sharding over the data axis), and a scan
+    sums the slices' gradients: only one slice's activations are alive at a time. Slice j
+    draws its noise from fold_in(rng, j). With count = 1 this is value_and_grad itself.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if count == 1:
+        (loss, aux), grads = grad_fn(params, batch, rng, teacher)
+        return loss, aux, grads
+
+    def slices(leaf):
+        return jnp.swapaxes(leaf.reshape(leaf.shape[0] // count, count, *leaf.shape[1:]), 0, 1)
+
+    def one(index, micro):
+        (loss, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), teacher)
+        return loss, aux, grads
+
+    def body(total, inputs):
+        return jax.tree.map(jnp.add, total, one(*inputs)), None
+
+    first = jax.tree.map(lambda leaf: leaf[0], jax.tree.map(slices, batch))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, jnp.int32(0), first))
+    inputs = (jnp.arange(count), jax.tree.map(slices, batch))
+    total, _ = jax.lax.scan(body, zeros, inputs)
+    return jax.tree.map(lambda x: x / count, total)
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     *,
     ema_decay: float,
     schedule: optax.Schedule | None = None,
+    microbatches: int = 1,
 ) -> Callable[[TrainState, dict, PyTree], tuple[TrainState, dict]]:
     """Build the pure step (state, batch, teacher) -> (state, metrics).
 
     metrics holds scalars: loss, grad_norm, param_norm (of the updated params), learning_rate
-    (when `schedule` is given) and the loss function's own metrics. The caller jits it with
+    (when `schedule` is given) and the loss function's own metrics, the means over
+    `microbatches` (gradient accumulation: `microbatch_gradients`). The caller jits it with
     shardings and donates the state.
     """
 
     def step(state: TrainState, batch: dict, teacher: PyTree) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, rng, teacher
+        loss, aux, grads = microbatch_gradients(
+            loss_fn, state.params, batch, rng, teacher, microbatches
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
