@@ -2,12 +2,15 @@
 activations.
 
 The accumulation is checked exactly on a loss without noise; the real teacher step of the
-digits smoke config is compiled for this CPU (`plan --topology=cpu`) at 1 and 4 microbatches,
-and its temporaries must shrink. (For the TPU v5e the compiler reports about the same
-temporaries either way on a network this small: it already schedules the step within them.)
+digits smoke config, at a batch larger than this machine's memory, is planned for this CPU
+(`plan --topology=cpu`) and the plan must advise the microbatches it compiled and found fitting.
 """
 
 from __future__ import annotations
+
+import math
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +50,39 @@ def test_a_batch_that_microbatches_do_not_divide_is_refused():
         validate_config(config)
 
 
-def test_microbatches_shrink_the_compiled_steps_temporaries():
-    temps = {}
-    for count in (1, 4):
-        config = load_config("configs/digits.py:smoke")
-        config.teacher.batch_size, config.train.microbatches = 256, count
-        plan = planning.plan_run(config, "cpu", stages=("teacher",), log=lambda line: None)
-        (teacher,) = plan["programs"]
-        temps[count] = teacher["temp_bytes"]
-    assert temps[4] < 0.5 * temps[1], temps
+def test_a_step_larger_than_memory_is_planned_with_the_fewest_microbatches_that_fit():
+    """The digits teacher step on this CPU (`plan --topology=cpu`, its RAM as the chip's
+    memory) at a batch whose activations need about twice the RAM: it does not fit, and the
+    plan's advice is the microbatches it compiled and found fitting, with their temporaries
+    shrunk in proportion."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    batch = 2 ** math.ceil(math.log2(2 * ram / (0.45 * 2**20)))  # ~0.45 MiB per example
+    config = load_config("configs/digits.py:smoke")
+    config.teacher.batch_size = batch
+    logged = []
+    plan = planning.plan_run(config, "cpu", stages=("teacher",), log=logged.append)
+    (teacher,) = plan["programs"]
+    assert not teacher["fits"] and teacher["temp_bytes"] > ram
+    found = re.fullmatch(
+        r"fits with --config\.train\.microbatches=(\d+): (.*) per chip", teacher["advice"]
+    )
+    assert found and int(found.group(1)) >= 2, teacher["advice"]
+    assert any("compiled" in line for line in logged[1:])  # the advice was compiled, not guessed
+
+
+def test_plans_try_the_fewest_microbatches_then_recomputation():
+    from distill_jax.planning import estimate
+
+    gib = 1024**3
+    result = estimate.Estimate(
+        "teacher", "train", 2**20, 1, total_bytes=69 * gib, temp_bytes=68 * gib, hbm_bytes=16 * gib
+    )
+    # 15 GiB free for 68 GiB of temporaries: 5 slices at least, so 8, then 16; then remat.
+    assert estimate.saver_candidates(
+        result, batch=2**20, chips=4, microbatches=1, remat="none"
+    ) == [(8, "none"), (16, "none"), (16, "dots_saveable"), (16, "full")]
+    # A batch of 64 on 4 chips allows at most 16 slices of 4.
+    assert estimate.saver_candidates(result, batch=64, chips=4, microbatches=1, remat="full") == [
+        (8, "full"),
+        (16, "full"),
+    ]

@@ -177,3 +177,27 @@ def human_seconds(value: float) -> str:
         if value < limit:
             return f"{value * scale:.3g} {unit}"
     return f"{value / 3600:.3g} h" if value < 86400 * 2 else f"{value / 86400:.3g} d"
+
+
+def saver_candidates(
+    result: Estimate, *, batch: int, chips: int, microbatches: int, remat: str
+) -> list[tuple[int, str]]:
+    """(microbatches, remat policy) to compile for a step that does not fit, cheapest first.
+
+    Microbatches cost no compute: the fewest whose temporaries the free memory allows (they
+    shrink about in proportion to the microbatch), and twice that; then recomputation
+    ('dots_saveable', then 'full') at the most microbatches the batch allows. Each
+    microbatch must still spread over every chip.
+    """
+    free = result.hbm_bytes - (result.total_bytes - result.temp_bytes)
+    if not free > 0 or not result.temp_bytes > 0:
+        return []
+    counts = []
+    need = max(2, math.ceil(result.temp_bytes / free))
+    count = microbatches * 2 ** math.ceil(math.log2(need))
+    while batch % (count * chips) == 0 and len(counts) < 2:
+        counts.append(count)
+        count *= 2
+    most = counts[-1] if counts else microbatches
+    policies = [p for p in ("dots_saveable", "full") if p != remat and remat != "full"]
+    return [(m, remat) for m in counts] + [(most, p) for p in policies]

@@ -29,8 +29,10 @@ from distill_jax.planning import estimate as estimate_lib
 from distill_jax.planning import programs as programs_lib
 from distill_jax.run import Run
 
-# How many larger 'fsdp' sizes a stage that does not fit is compiled at before giving up.
+# How many larger 'fsdp' sizes, then (microbatches, remat) settings, a stage that does not
+# fit is compiled at before giving up.
 MAX_FSDP_TRIES = 2
+MAX_SAVER_TRIES = 3
 
 
 def parse_mesh(text: str | None, config: ml_collections.ConfigDict, chips: int) -> tuple[int, int]:
@@ -131,7 +133,40 @@ def _advise(run, result, spec_name, devices, fsdp, chip, log) -> str:
                 f"{estimate_lib.human_bytes(again.total_bytes)} per chip"
             )
     sizes = ", ".join(str(s) for s in tried) or "none that divides the chips"
-    return f"does not fit with fsdp sizes tried ({sizes}); use a larger slice or a smaller batch"
+    return _advise_savers(run, result, spec_name, devices, fsdp, chip, log) or (
+        f"does not fit with fsdp sizes tried ({sizes}) nor with more microbatches or "
+        "rematerialisation; use a larger slice or a smaller batch"
+    )
+
+
+def _advise_savers(run, result, spec_name, devices, fsdp, chip, log) -> str:
+    """The fewest microbatches (then the cheapest remat policy) with which the step fits."""
+    chips, config = len(devices), run.config
+    candidates = estimate_lib.saver_candidates(
+        result,
+        batch=result.batch,
+        chips=chips,
+        microbatches=int(config.train.microbatches),
+        remat=str(config.model.remat),
+    )[:MAX_SAVER_TRIES]
+    mesh = parallel.make_mesh(chips // fsdp, fsdp=fsdp, devices=devices)
+    for microbatches, remat in candidates:
+        changed = ml_collections.ConfigDict(config.to_dict())
+        changed.train.microbatches, changed.model.remat = microbatches, remat
+        try:
+            other = Run.describe(changed)
+        except ValueError:  # another stage's batch that these microbatches do not divide
+            continue
+        log(f"[plan] {spec_name}: trying {microbatches} microbatches, remat {remat!r}")
+        program = programs_lib.train_program(other, other.stage(spec_name), mesh)
+        if program.lowered is None:
+            continue
+        again = _compile(program, chip, chips, log)
+        if again.fits:
+            flags = f"--config.train.microbatches={microbatches}"
+            flags += f" --config.model.remat={remat}" if remat != config.model.remat else ""
+            return f"fits with {flags}: {estimate_lib.human_bytes(again.total_bytes)} per chip"
+    return ""
 
 
 def _estimates(run, programs, devices, fsdp, chip, log, *, advise: bool) -> list:
