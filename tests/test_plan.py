@@ -157,7 +157,7 @@ def test_an_imported_pipeline_is_planned_from_its_json_files(tmp_path):
     config = load_config(str(ROOT / "configs" / "sd_digits.py") + ":smoke")
     config = imported.plan_config(config, f"diffusers:{folder}")
     assert config.model.kind == "sd_unet" and config.text.max_tokens == 16
-    plan = planning.plan_run(config, SLICE, stages=("teacher", "stage1"), log=lambda line: None)
+    plan = planning.plan_run(config, "cpu", stages=("teacher", "stage1"), log=lambda line: None)
     (stage1,) = plan["programs"]
     assert stage1["name"] == "stage1" and stage1["fits"] and stage1["flops"] > 0
 
