@@ -106,7 +106,9 @@ def _check_text(folder: str, text: dict, cross_attention_dim: int) -> None:
 def _text_record(folder: str) -> dict:
     """Width, length and kind of the text encoder, from its configs (no weights read)."""
     cfg = read_json(os.path.join(folder, "text_encoder", "config.json"), "the text encoder config")
-    kind, sizes = text_reader.encoder_sizes(cfg)
+    kind, sizes = text_reader.encoder_sizes(
+        cfg, os.path.join(folder, "text_encoder", "config.json")
+    )
     _, max_tokens, _ = text_reader.load_tokenizer(os.path.join(folder, "tokenizer"))
     return dict(kind=kind, width=int(sizes.width), max_tokens=int(max_tokens), vocab=sizes.vocab)
 

@@ -104,17 +104,20 @@ def clip_tensor_names(sizes: EncoderSizes) -> dict[str, str]:
     return names
 
 
-def encoder_sizes(config: dict) -> tuple[str, EncoderSizes]:
+def encoder_sizes(
+    config: dict, where: str = "text encoder config.json"
+) -> tuple[str, EncoderSizes]:
     """(model_type, sizes) of a text_encoder/config.json; refuses what cannot be built."""
     kind = config.get("model_type")
     if kind not in _DEFAULTS:
         raise TextFolderError(
-            f"text encoder model_type {kind!r} is not supported (only 'clip_text_model', "
-            "transformers' CLIPTextModel, and 'bert', BertModel)"
+            f"{where} has model_type={kind!r}: accepted 'clip_text_model' ("
+            "transformers' CLIPTextModel) or 'bert' (BertModel)"
         )
     if missing := [key for key in _SIZES if key not in config]:
-        raise TextFolderError(f"text encoder config.json has no {', '.join(missing)}")
-    where = "text encoder config.json"
+        raise TextFolderError(
+            f"{where} has no {', '.join(missing)}: accepted a transformers config"
+        )
     for key in _SIZES:
         integer(config, key, where)
     c = _DEFAULTS[kind] | config
@@ -348,7 +351,7 @@ class PipelineTextEncoder(TextConditioner):
 
     def __init__(self, text_encoder_dir: str, tokenizer_dir: str, clip_skip: int | None = None):
         config = _read_json(os.path.join(text_encoder_dir, "config.json"))
-        kind, sizes = encoder_sizes(config)
+        kind, sizes = encoder_sizes(config, os.path.join(text_encoder_dir, "config.json"))
         self.tokenizer, self.max_tokens, self.pad_id = load_tokenizer(tokenizer_dir)
         self.width, self.vocab_size = sizes.width, sizes.vocab
         tokens = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
