@@ -280,6 +280,14 @@ def _student_weights(run: Run, spec) -> tuple[list[str], list[np.ndarray], tuple
     return names, arrays + decoder_arrays, (treedef, decoder_def), decode
 
 
+def _image_student(run: Run, steps: int):
+    """The run's finished `steps`-step student; refuses a run that is not on images."""
+    shape = tuple(int(d) for d in run.info.shape)
+    if len(shape) != 3:
+        raise ValueError(f"Only image students [H, W, C] can be exported; this run has {shape}.")
+    return run.student(steps)
+
+
 def export_sampler(
     workdir: epath.PathLike,
     *,
@@ -318,10 +326,7 @@ def export_sampler(
     out = epath.Path(out).absolute()
     _check_arguments(platforms, batch_size, out, overwrite)
     run = Run.open(workdir)
-    shape = tuple(int(d) for d in run.info.shape)
-    if len(shape) != 3:
-        raise ValueError(f"Only image students [H, W, C] can be exported; this run has {shape}.")
-    spec = run.student(int(steps))
+    spec = _image_student(run, int(steps))
     bar = tqdm(total=3, unit="phase", desc="export: restoring weights", disable=not progress)
     names, arrays, treedefs, decode = _student_weights(run, spec)
     bar.update()

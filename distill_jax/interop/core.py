@@ -66,6 +66,14 @@ class ImportedTeacher:
     record: dict
 
 
+def existing_folder(path) -> str:
+    """`path` made absolute; FolderError unless it is a directory."""
+    folder = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(folder):
+        raise FolderError(f"{folder} is not a directory")
+    return folder
+
+
 def read_json(path: str, what: str) -> dict:
     """The JSON object in `path`; FolderError naming `what` when it is missing or malformed."""
     if not os.path.isfile(path):

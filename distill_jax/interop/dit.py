@@ -33,6 +33,7 @@ from distill_jax.interop.core import (
     ImportedTeacher,
     PyTree,
     convert_params,
+    existing_folder,
     model_config,
     read_json,
     read_safetensors,
@@ -196,9 +197,7 @@ def read_dit_folder(
     Raises:
       FolderError: the first thing that is missing or not supported, in one line.
     """
-    folder = os.path.abspath(os.fspath(folder))
-    if not os.path.isdir(folder):
-        raise FolderError(f"{folder} is not a directory")
+    folder = existing_folder(folder)
     transformer = os.path.join(folder, "transformer")
     if not os.path.isdir(transformer):
         raise FolderError(

@@ -34,6 +34,7 @@ from distill_jax.interop import vae as vae_reader
 from distill_jax.interop.core import (
     FolderError,
     ImportedTeacher,
+    existing_folder,
     integer,
     model_config,
     read_json,
@@ -154,9 +155,7 @@ def read_sd_folder(
     Raises:
       FolderError: the first thing that is missing, unsupported or mismatched, in one line.
     """
-    folder = os.path.abspath(os.fspath(folder))
-    if not os.path.isdir(folder):
-        raise FolderError(f"{folder} is not a directory")
+    folder = existing_folder(folder)
     parts = _parts(folder)
     model, unet_cfg = unet_reader.read_unet_config(os.path.join(folder, "unet"))
     schedule_keys, schedule_record = read_schedule(folder)

@@ -30,6 +30,7 @@ from distill_jax.interop.core import (
     check_layer_count,
     convert_params,
     count_layers,
+    existing_folder,
     integer,
     match_params,
     number,
@@ -294,9 +295,7 @@ def read_vae_folder(vae_dir: str) -> tuple[kl_vae.AutoencoderKL, PyTree, dict]:
     Raises:
       FolderError: the first thing that is missing or not supported, in one line.
     """
-    folder = os.path.abspath(os.fspath(vae_dir))
-    if not os.path.isdir(folder):
-        raise FolderError(f"{folder} is not a directory")
+    folder = existing_folder(vae_dir)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path) and os.path.isdir(os.path.join(folder, "vae")):
         raise FolderError(

@@ -202,6 +202,18 @@ class UNet(nn.Module):
             h = extra(h, emb, train)
         return h
 
+    def _text_context(self, labels: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+        """(the prompt's tokens normalised and projected to `width`, their mask).
+
+        Projected once; each cross-attention block reads them from there (cheaper than from
+        the encoder's 384 dimensions).
+        """
+        tokens = jnp.asarray(labels, jnp.float32)
+        projected = nn.Dense(width, dtype=self.dtype, name="context_proj")(
+            nn.LayerNorm(dtype=self.dtype, name="context_norm")(tokens)
+        )
+        return projected, text_mask(tokens)
+
     def _attn(self, h: jax.Array, context: tuple | None, name: str) -> jax.Array:
         """Self-attention, then (text U-Net) cross-attention to the prompt's tokens."""
         block = rematted(AttentionBlock, self.remat)
@@ -291,16 +303,7 @@ class UNet(nn.Module):
             dtype=self.dtype,
             name="cond",
         )(t, labels, w)
-        context = None
-        if self.text_dim:
-            # The tokens are normalised and projected to the conditioning width once; each
-            # cross-attention block reads them from there (cheaper than from 384 dimensions).
-            tokens = jnp.asarray(labels, jnp.float32)
-            projected = nn.Dense(emb_dim, dtype=self.dtype, name="context_proj")(
-                nn.LayerNorm(dtype=self.dtype, name="context_norm")(tokens)
-            )
-            context = (projected, text_mask(tokens))
-
+        context = self._text_context(labels, emb_dim) if self.text_dim else None
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="input_conv")(
             z.astype(self.dtype)
         )

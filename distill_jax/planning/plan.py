@@ -195,6 +195,18 @@ def _estimates(run, programs, devices, fsdp, chip, log, *, advise: bool) -> list
     return results
 
 
+def _selected_programs(run, device_mesh, device, sample_batch: int, stages: tuple) -> list:
+    """The train steps (on `device_mesh`) and samplers (on one `device`) `stages` selects."""
+    programs = programs_lib.train_programs(run, device_mesh, stages)
+    programs += programs_lib.sampler_programs(run, device, sample_batch, stages)
+    if not programs:
+        raise ValueError(
+            f"--stages={','.join(stages)} selects none of this run's programs: accepted "
+            f"prefixes of {', '.join(s.name for s in run.stages)} or 'sample'."
+        )
+    return programs
+
+
 def plan_run(
     config: ml_collections.ConfigDict,
     topology_name: str,
@@ -215,7 +227,8 @@ def plan_run(
       sample_batch: images per sampler call on one chip.
       stages: plan only the programs whose names start with one of these ('teacher',
         'stage2', 'sample'); empty: every program.
-      advise: compile a stage that does not fit again at larger 'fsdp' sizes.
+      advise: compile a stage that does not fit again at larger 'fsdp' sizes, then with
+        microbatches and rematerialisation (`_advise`).
       log: where progress lines go.
 
     Raises:
@@ -231,14 +244,7 @@ def plan_run(
     devices = topologies.abstract_devices(target)
     chip = target.chip or measured_cpu_chip()
     device_mesh = parallel.make_mesh(data, fsdp=fsdp, devices=devices)
-    stages = tuple(stages)
-    programs = programs_lib.train_programs(run, device_mesh, stages)
-    programs += programs_lib.sampler_programs(run, devices[0], sample_batch, stages)
-    if not programs:
-        raise ValueError(
-            f"--stages={','.join(stages)} selects none of this run's programs: accepted "
-            f"prefixes of {', '.join(s.name for s in run.stages)} or 'sample'."
-        )
+    programs = _selected_programs(run, device_mesh, devices[0], sample_batch, tuple(stages))
     results = _estimates(run, programs, devices, fsdp, chip, log, advise=advise)
     train = [r for r in results if r.kind == "train"]
     distill = [r for r in train if r.name.startswith(("stage1", "stage2"))]
