@@ -199,8 +199,16 @@ def _edit_tensors(folder, edit):
             lambda f: _edit_json(
                 f / "scheduler" / "scheduler_config.json",
                 _class_name="FlowMatchEulerDiscreteScheduler",
+                use_karras_sigmas=True,
             ),
-            "_class_name=",
+            "use_karras_sigmas=True: accepted false or null",
+        ),
+        (
+            lambda f: _edit_json(
+                f / "scheduler" / "scheduler_config.json",
+                _class_name="FlowMatchHeunDiscreteScheduler",
+            ),
+            "_class_name='FlowMatchHeunDiscreteScheduler': accepted",
         ),
         (
             lambda f: _edit_json(

@@ -38,7 +38,13 @@ def test_round_trips(batch):
 def test_xhat_from_output_every_parameterisation(batch):
     x, eps, z, logsnr = batch
     v = par.v_from_x_eps(x, eps, logsnr)
-    outputs = {"x": x, "eps": eps, "v": v, "both": jnp.concatenate([x, eps], axis=-1)}
+    outputs = {
+        "x": x,
+        "eps": eps,
+        "v": v,
+        "both": jnp.concatenate([x, eps], axis=-1),
+        "flow": eps - x,  # the flow's velocity, for the same x and eps
+    }
     assert set(outputs) == set(par.PARAMETERISATIONS)
     for name, output in outputs.items():
         got = par.xhat_from_output(output, z, logsnr, parameterisation=name)

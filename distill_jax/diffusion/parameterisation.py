@@ -6,6 +6,8 @@ x = alpha z - sigma v, eps = sigma z + alpha v, x = (z - sigma eps) / alpha.
 axis; they are mixed as x = sigma^2 x_direct + alpha^2 x_from_eps, which trusts the direct x
 where noise dominates and the eps route where signal dominates (as in progressive distillation);
 `both_shift` moves the crossing from log-SNR 0 to another lambda_0.
+"flow" is a flow-matching network's velocity v = eps - x, fed z / (alpha + sigma) (the flow's
+own z, `network_input`): x = (z - sigma v) / (alpha + sigma) (`diffusion.flow`).
 All samplers and losses work on x-hat, so `xhat_from_output` is the single entry point.
 """
 
@@ -14,9 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from distill_jax.diffusion.flow import flow_input, x_from_velocity
 from distill_jax.diffusion.schedule import alpha_sigma, expand_to
 
-PARAMETERISATIONS = ("eps", "x", "v", "both")
+PARAMETERISATIONS = ("eps", "x", "v", "both", "flow")
 
 
 def check_parameterisation(name: str) -> str:
@@ -32,6 +35,11 @@ def output_channels(name: str, data_channels: int) -> int:
     """Channels the network must output for `name` ('both' needs x and eps)."""
     check_parameterisation(name)
     return 2 * data_channels if name == "both" else data_channels
+
+
+def network_input(z: jax.Array, logsnr: jax.Array, *, parameterisation: str) -> jax.Array:
+    """What the network is fed for the VP z: z itself, or a flow network's z / (alpha + sigma)."""
+    return flow_input(z, logsnr) if parameterisation == "flow" else z
 
 
 def x_from_eps(z: jax.Array, eps: jax.Array, logsnr: jax.Array) -> jax.Array:
@@ -75,10 +83,11 @@ def xhat_from_output(
     """Turn a network output into x-hat.
 
     Args:
-      output: [B, ..., C] for 'eps', 'x', 'v'; [B, ..., 2C] for 'both' (x first, then eps).
+      output: [B, ..., C] for 'eps', 'x', 'v', 'flow'; [B, ..., 2C] for 'both' (x first, then
+        eps).
       z: the noisy input [B, ..., C].
       logsnr: [B] or scalar log-SNR of z.
-      parameterisation: one of 'eps', 'x', 'v', 'both'.
+      parameterisation: one of PARAMETERISATIONS.
       both_shift: the log-SNR lambda_0 where 'both' weighs its two halves equally: x =
         sigmoid(lambda_0 - lambda) x_direct + sigmoid(lambda - lambda_0) x_from_eps. 0 is
         Salimans & Ho's sigma^2 / alpha^2 mixture; below 0 trusts the eps half to higher noise.
@@ -91,6 +100,8 @@ def xhat_from_output(
         return x_from_eps(z, output, logsnr)
     if parameterisation == "v":
         return x_from_v(z, output, logsnr)
+    if parameterisation == "flow":
+        return x_from_velocity(z, output, logsnr)
     x_direct, eps = jnp.split(output, 2, axis=-1)
     logsnr = jnp.asarray(logsnr, jnp.float32)
     # Each weight from its own sigmoid: 1 - sigmoid(-lambda) rounds to 0 in float32 where

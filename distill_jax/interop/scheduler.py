@@ -1,15 +1,24 @@
-"""A diffusers scheduler/ folder: the discrete DDPM-family schedule in this library's terms.
+"""A diffusers scheduler/ folder: its schedule in this library's terms.
 
-`read_schedule(folder)` gives the config.model keys (the discrete schedule of log-SNRs and the
-network's parameterisation) and the record of what was read (the sampling settings diffusers'
-DDIM uses, the trained log-SNR range). Flow-matching and zero-terminal-SNR schedules are refused.
+`read_schedule(folder)` gives the config.model keys and the record of what was read:
+- a discrete DDPM-family scheduler: the discrete schedule of log-SNRs and the network's
+  parameterisation; recorded, the sampling settings diffusers' DDIM uses and the trained
+  log-SNR range [lambda_{K-1}, lambda_0]. Zero-terminal-SNR schedules are refused;
+- FlowMatchEulerDiscreteScheduler (SD3, SD3.5, FLUX): the flow's time input
+  (flow_schedule.num_train_timesteps) and the 'flow' parameterisation (velocity eps - x,
+  `diffusion.flow`); recorded, the shift (static, or use_dynamic_shifting's base_shift,
+  max_shift, token counts and time_shift_type) its sampler uses, and the trained range: from
+  the noise end (s = 1; FLOW_LOGSNR_MIN stands for its -infinity) to the least noisy training
+  sigma. Settings that change which noise levels the sampler visits beyond the shift (Karras,
+  exponential or beta sigmas, shift_terminal, invert_sigmas, stochastic_sampling) are refused.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
-from distill_jax.diffusion import discrete
+from distill_jax.diffusion import discrete, flow
 from distill_jax.interop.core import FolderError, integer, number, read_json, require
 
 # Discrete DDPM-family schedulers: they share the training schedule's keys (betas, steps,
@@ -35,7 +44,7 @@ def schedule_config(cfg: dict, where: str = "scheduler/scheduler_config.json") -
     Raises:
       FolderError: a scheduler, beta schedule or prediction type that is not supported.
     """
-    require(cfg, "_class_name", SCHEDULERS, where)
+    require(cfg, "_class_name", (*SCHEDULERS, FLOW_SCHEDULER), where)  # flow: read_schedule
     if cfg.get("trained_betas") is not None:
         raise FolderError(f"{where} has trained_betas: accepted null (a named beta_schedule)")
     if cfg.get("rescale_betas_zero_snr"):
@@ -59,19 +68,87 @@ def schedule_config(cfg: dict, where: str = "scheduler/scheduler_config.json") -
     return schedule, discrete.parameterisation_of(prediction)
 
 
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# The noise end of a flow's trained range (s = 1, lambda = -infinity) as a finite log-SNR: that
+# of the largest float32 s below 1 (1 - 2^-24). A run clips it to its own logsnr_min.
+FLOW_LOGSNR_MIN = 2.0 * math.log(2.0**-24)
+# FlowMatchEulerDiscreteScheduler settings this reader does not reproduce: each must be false.
+_FLOW_REFUSED = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+    "shift_terminal",
+)
+
+
+def flow_schedule_config(cfg: dict, where: str) -> dict:
+    """The record's schedule of a FlowMatchEulerDiscreteScheduler config (kind 'flow').
+
+    Raises:
+      FolderError: a setting this reader does not reproduce, or a value of the wrong type.
+    """
+    for key in _FLOW_REFUSED:
+        if cfg.get(key):
+            raise FolderError(
+                f"{where} has {key}={cfg[key]!r}: accepted false or null (distill_jax "
+                "reproduces the shifted linear sigmas of SD3, SD3.5 and FLUX only)"
+            )
+    schedule = dict(
+        kind="flow",
+        num_train_timesteps=integer(cfg, "num_train_timesteps", where, 1000, low=2),
+        shift=number(cfg, "shift", where, 1.0, positive=True),
+        use_dynamic_shifting=bool(cfg.get("use_dynamic_shifting", False)),
+    )
+    if schedule["use_dynamic_shifting"]:
+        if "time_shift_type" in cfg:
+            require(cfg, "time_shift_type", flow.TIME_SHIFT_TYPES, where)
+        schedule.update(
+            base_shift=number(cfg, "base_shift", where, 0.5),
+            max_shift=number(cfg, "max_shift", where, 1.15),
+            base_image_seq_len=integer(cfg, "base_image_seq_len", where, 256),
+            max_image_seq_len=integer(cfg, "max_image_seq_len", where, 4096),
+            time_shift_type=cfg.get("time_shift_type", "exponential"),
+        )
+        if schedule["max_image_seq_len"] == schedule["base_image_seq_len"]:
+            raise FolderError(
+                f"{where} has max_image_seq_len equal to base_image_seq_len: accepted two "
+                "different token counts (the shift is linear between them)"
+            )
+    return schedule
+
+
+def _read_flow_schedule(scheduler: dict, where: str) -> tuple[dict, dict]:
+    schedule = flow_schedule_config(scheduler, where)
+    k = schedule["num_train_timesteps"]
+    # With dynamic shifting diffusers trains on the unshifted sigmas (the shift follows the
+    # resolution); the least noisy is then 1 / K.
+    shift = 1.0 if schedule["use_dynamic_shifting"] else schedule["shift"]
+    record = dict(
+        scheduler_class=scheduler["_class_name"],
+        schedule=schedule,
+        logsnr_range=[FLOW_LOGSNR_MIN, flow.trained_logsnr_max(k, shift)],
+    )
+    keys = dict(flow_schedule=dict(num_train_timesteps=k), parameterisation="flow")
+    return keys, record
+
+
 def read_schedule(folder: str) -> tuple[dict, dict]:
     """(config.model keys, record entries) of a pipeline folder's scheduler/.
 
-    The keys are the discrete schedule and the parameterisation; the record holds the
-    scheduler's class, the schedule with the sampling settings diffusers' DDIM reads
-    (prediction type, timestep spacing, steps offset, set_alpha_to_one, clip_sample) and the
-    trained log-SNR range [lambda_{K-1}, lambda_0].
+    The keys are the time input's schedule and the parameterisation; the record holds the
+    scheduler's class, the schedule with the sampling settings diffusers' sampler reads
+    (discrete: prediction type, timestep spacing, steps offset, set_alpha_to_one, clip_sample;
+    flow: the shift) and the trained log-SNR range (see the module docstring).
 
     Raises:
       FolderError: a missing or unsupported scheduler config.
     """
     where = os.path.join(folder, "scheduler", "scheduler_config.json")
     scheduler = read_json(where, "the scheduler config")
+    if scheduler.get("_class_name") == FLOW_SCHEDULER:
+        return _read_flow_schedule(scheduler, where)
     schedule, parameterisation = schedule_config(scheduler, where)
     if "timestep_spacing" in scheduler:
         require(scheduler, "timestep_spacing", discrete.TIMESTEP_SPACINGS, where)

@@ -22,7 +22,11 @@ import ml_collections
 from distill_jax import trees
 from distill_jax.attention import check_implementation
 from distill_jax.diffusion.guidance import as_condition
-from distill_jax.diffusion.parameterisation import check_parameterisation, xhat_from_output
+from distill_jax.diffusion.parameterisation import (
+    check_parameterisation,
+    network_input,
+    xhat_from_output,
+)
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
 from distill_jax.models import kinds, student_head
 from distill_jax.models.embeddings import (
@@ -150,9 +154,12 @@ class _DenoiserApply:
         labels = as_condition(labels)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), labels.shape[:1])
         rngs = {"dropout": dropout_rng} if self.train else None
-        output = self.model.apply({"params": params}, z, t, labels, w, train=self.train, rngs=rngs)
         logsnr = logsnr_schedule_cosine(
             t, logsnr_min=self.model.logsnr_min, logsnr_max=self.model.logsnr_max
+        )
+        net_z = network_input(z, logsnr, parameterisation=self.model.parameterisation)
+        output = self.model.apply(
+            {"params": params}, net_z, t, labels, w, train=self.train, rngs=rngs
         )
         return xhat_from_output(
             output,

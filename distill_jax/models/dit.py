@@ -35,13 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_jax.attention import attention
-from distill_jax.diffusion.discrete import timestep_from_logsnr
 from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
 from distill_jax.models.embeddings import (
     GUIDANCE_BRANCH,
     GuidanceEmbedding,
-    logsnr_to_unit_interval,
+    network_timestep,
     sinusoidal_embedding,
 )
 from distill_jax.models.remat import rematted
@@ -195,6 +194,7 @@ class DiT(nn.Module):
     learned_sigma: bool = False
     per_block_embedders: bool = False
     timestep_logsnrs: tuple[float, ...] = ()
+    flow_timesteps: int = 0  # a flow-matching teacher's num_train_timesteps (its time input)
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
     parameterisation: str = "eps"
@@ -213,9 +213,9 @@ class DiT(nn.Module):
     def timestep(self, t: jax.Array) -> jax.Array:
         """The network's time input for t [B] in [0, 1] (see the module docstring)."""
         logsnr = logsnr_schedule_cosine(t, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
-        if self.timestep_logsnrs:
-            return timestep_from_logsnr(logsnr, np.asarray(self.timestep_logsnrs))
-        return 1000.0 * logsnr_to_unit_interval(logsnr)
+        return network_timestep(
+            logsnr, timestep_logsnrs=self.timestep_logsnrs, flow_timesteps=self.flow_timesteps
+        )
 
     def _conditions(self, timestep, labels, w) -> list[jax.Array]:
         """One conditioning vector per block (all equal without per-block embedders)."""

@@ -25,7 +25,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from distill_jax.diffusion.discrete import timestep_from_logsnr
+from distill_jax.diffusion.flow import flow_timestep
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
 from distill_jax.text_encoder import pooled_text
 
@@ -51,6 +54,23 @@ def logsnr_to_unit_interval(logsnr: jax.Array) -> jax.Array:
     """
     logsnr = jnp.asarray(logsnr, jnp.float32)
     return jnp.arctan(jnp.exp(-0.5 * logsnr)) / (0.5 * jnp.pi)
+
+
+def network_timestep(
+    logsnr: jax.Array, *, timestep_logsnrs: tuple[float, ...] = (), flow_timesteps: int = 0
+) -> jax.Array:
+    """A network's time input at log-SNR lambda [B].
+
+    A flow-matching teacher's (`flow_timesteps` = its num_train_timesteps): that many times
+    its noise level (`diffusion.flow`); a discrete teacher's (`timestep_logsnrs`, its
+    lambda_k): the fractional timestep k(lambda) (`diffusion.discrete`); otherwise, a network
+    trained here: 1000 * `logsnr_to_unit_interval`.
+    """
+    if flow_timesteps:
+        return flow_timestep(logsnr, flow_timesteps)
+    if timestep_logsnrs:
+        return timestep_from_logsnr(logsnr, np.asarray(timestep_logsnrs))
+    return 1000.0 * logsnr_to_unit_interval(logsnr)
 
 
 def sinusoidal_embedding(

@@ -34,16 +34,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from distill_jax.attention import attention
-from distill_jax.diffusion.discrete import timestep_from_logsnr
 from distill_jax.diffusion.parameterisation import output_channels
 from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, logsnr_schedule_cosine
 from distill_jax.models.embeddings import (
     GUIDANCE_BRANCH,
     GuidanceEmbedding,
-    logsnr_to_unit_interval,
+    network_timestep,
 )
 from distill_jax.models.remat import rematted
 
@@ -299,6 +297,7 @@ class SDUNet(nn.Module):
     freq_shift: float = 0.0
     text_dim: int = 768  # cross_attention_dim: the width of the text states
     timestep_logsnrs: tuple[float, ...] = ()
+    flow_timesteps: int = 0  # a flow-matching teacher's num_train_timesteps (its time input)
     use_guidance: bool = False
     guidance_fourier_dim: int = 32
     parameterisation: str = "eps"
@@ -316,9 +315,9 @@ class SDUNet(nn.Module):
         to [0, 1], as the other networks here.
         """
         logsnr = logsnr_schedule_cosine(t, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
-        if self.timestep_logsnrs:
-            return timestep_from_logsnr(logsnr, np.asarray(self.timestep_logsnrs))
-        return 1000.0 * logsnr_to_unit_interval(logsnr)
+        return network_timestep(
+            logsnr, timestep_logsnrs=self.timestep_logsnrs, flow_timesteps=self.flow_timesteps
+        )
 
     def __call__(self, z, t, context, w=None, train: bool = False) -> jax.Array:
         """The prediction [B, H, W, C] at times t [B] in [0, 1] for text states [B, L, D]."""

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from distill_jax.diffusion import guidance, parameterisation, schedule, weighting
+from distill_jax.diffusion import guidance, schedule, weighting
+from distill_jax.models import denoiser
 from distill_jax.training.state import LossFn
 
 PyTree = Any
@@ -45,17 +46,9 @@ def make_teacher_loss(
         dropped = jax.random.bernoulli(drop_rng, p_uncond, (batch_size,))
         dropped = dropped.reshape(dropped.shape + (1,) * (labels.ndim - 1))
         labels = jnp.where(dropped, guidance.null_like(labels, null_condition), labels)
-        output = model.apply(
-            {"params": params}, z, t, labels, train=True, rngs={"dropout": dropout_rng}
-        )
+        denoise = denoiser.make_denoise_fn(model, params, train=True, dropout_rng=dropout_rng)
+        xhat = denoise(z, t, labels)
         logsnr = schedule.logsnr_schedule_cosine(t, **bounds)
-        xhat = parameterisation.xhat_from_output(
-            output,
-            z,
-            logsnr,
-            parameterisation=model.parameterisation,
-            both_shift=model.both_shift,
-        )
         per_example = weighting.weighted_mse(xhat, x, logsnr, weighting=weighting_name)
         return jnp.mean(per_example), {"x_mse": jnp.mean((xhat - x) ** 2)}
 
