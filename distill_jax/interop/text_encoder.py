@@ -354,12 +354,7 @@ class PipelineTextEncoder(TextConditioner):
         kind, sizes = encoder_sizes(config, os.path.join(text_encoder_dir, "config.json"))
         self.tokenizer, self.max_tokens, self.pad_id = load_tokenizer(tokenizer_dir)
         self.width, self.vocab_size = sizes.width, sizes.vocab
-        tokens = max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-        if tokens > sizes.vocab:
-            raise TextFolderError(
-                f"the tokenizer in {tokenizer_dir} has {tokens} tokens but the text encoder's "
-                f"vocab_size is {sizes.vocab}: they are not from the same model"
-            )
+        check_vocabulary(self.tokenizer, tokenizer_dir, sizes.vocab)
         if self.max_tokens > sizes.positions:
             raise TextFolderError(
                 f"the tokenizer's model_max_length {self.max_tokens} exceeds the text encoder's "
@@ -391,17 +386,46 @@ class PipelineTextEncoder(TextConditioner):
         return np.asarray(states, np.float32), truncated
 
 
-def _read_params(folder: str, config: dict, kind: str, sizes: EncoderSizes) -> dict:
+def check_vocabulary(tokenizer: Tokenizer, tokenizer_dir, vocab_size: int) -> None:
+    """Refuse a tokenizer with ids beyond the text encoder's vocab_size (another model's)."""
+    tokens = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    if tokens > vocab_size:
+        raise TextFolderError(
+            f"the tokenizer in {tokenizer_dir} has {tokens} tokens but the text encoder's "
+            f"vocab_size is {vocab_size}: they are not from the same model"
+        )
+
+
+def read_text_tensors(folder: str) -> dict[str, np.ndarray]:
+    """Every tensor of a text encoder folder's model.safetensors, float32 numpy (checked first).
+
+    TextFolderError (one line) when the file is absent or not a valid safetensors file.
+    """
     path = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(path):
         raise TextFolderError(f"{folder} has no model.safetensors (only safetensors is read)")
     try:
-        tensors = read_safetensors_file(path)
+        return read_safetensors_file(path)
     except (OSError, ValueError) as error:
         raise TextFolderError(f"{path}: {error}") from None
+
+
+def encoder_params(
+    tensors: dict[str, np.ndarray], folder: str, config: dict, kind: str, sizes: EncoderSizes
+) -> dict:
+    """The Flax params of `_module(kind, sizes)` from a text encoder folder's tensors.
+
+    Every tensor but IGNORED_TENSORS must be one of the encoder's, with its shape, and every
+    parameter present (`match_tensors`), or TextFolderError names them.
+    """
+    path = os.path.join(folder, "model.safetensors")
     shapes = {k.removeprefix(CLIP_PREFIX): v.shape for k, v in tensors.items()}
     prefix = "encoder.layers." if kind == "clip_text_model" else "encoder.layer."
     check_layer_count(shapes, prefix, sizes.layers, "num_hidden_layers", f"{folder}/config.json")
     names = match_tensors(config, {k: v.shape for k, v in tensors.items()}, path)
     renamed = {name: tensors[file_name] for file_name, name in names.items()}
     return params_from_tensors(renamed, _names(kind, sizes))
+
+
+def _read_params(folder: str, config: dict, kind: str, sizes: EncoderSizes) -> dict:
+    return encoder_params(read_text_tensors(folder), folder, config, kind, sizes)
