@@ -60,10 +60,12 @@ def _model_config() -> ml_collections.ConfigDict:
     """The network (teacher and students share it; students add the w branch)."""
     model = ml_collections.ConfigDict()
     model.kind = "unet"
-    model.parameterisation = "v"  # the teacher's (an imported teacher's comes from its folder)
+    # The teacher's output: 'eps', 'x', 'v', 'both' (x and eps heads), or 'flow' (a
+    # flow-matching velocity eps - x); an imported teacher's comes from its folder.
+    model.parameterisation = "v"
     # The students': 'auto' is stage one's teacher's (v after an epsilon teacher's default
     # fine-tune), or 'both' where that teacher predicts epsilon (finetune.to=''); or one of
-    # 'eps', 'x', 'v', 'both' (distill_jax/models/student_head.py, docs/teachers.md).
+    # 'eps', 'x', 'v', 'both', 'flow' (distill_jax/models/student_head.py, docs/teachers.md).
     model.student_parameterisation = "auto"
     # True in a config whose network comes only from an import: train, distill and run refuse
     # a workdir without one (--teacher=diffusers:DIR) instead of building a network it lacks.
@@ -106,7 +108,12 @@ def _model_config() -> ml_collections.ConfigDict:
     model.discrete_schedule = ml_collections.ConfigDict(
         dict(beta_schedule="", beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000)
     )
+    # A flow-matching teacher's time input (num_train_timesteps > 0): that many times its
+    # noise level s = sigmoid(-lambda / 2), as diffusers' SD3 pipeline feeds it
+    # (distill_jax/diffusion/flow.py); 0 for every other network.
+    model.flow_schedule = ml_collections.ConfigDict(dict(num_train_timesteps=0))
     model.sd_unet = _sd_unet_config()
+    model.mmdit = _mmdit_config()
     return model
 
 
@@ -146,6 +153,29 @@ def _sd_unet_config() -> ml_collections.ConfigDict:
             flip_sin_to_cos=True,
             freq_shift=0.0,
             cross_attention_dim=768,
+        )
+    )
+
+
+def _mmdit_config() -> ml_collections.ConfigDict:
+    """model.mmdit: the keys of model.kind == 'mmdit'."""
+    # model.kind == 'mmdit' (distill_jax/models/mmdit.py): diffusers' SD3Transformer2DModel of
+    # SD3 / SD3.5, set from an imported folder's transformer/config.json
+    # (distill_jax/interop/sd3.py). Defaults: SD3-medium's. qk_norm '' is none, 'rms_norm'
+    # SD3.5's; dual_attention_layers the blocks with SD3.5's second attention.
+    return ml_collections.ConfigDict(
+        dict(
+            sample_size=128,
+            patch_size=2,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=192,
+            dual_attention_layers=(),
+            qk_norm="",
         )
     )
 
@@ -208,6 +238,9 @@ def _text_config() -> ml_collections.ConfigDict:
     # With a CLIP pipeline: condition on the layer this many before the last, through the final
     # LayerNorm (diffusers' clip_skip; some fine-tunes are trained so); 0 is the last layer.
     text.clip_skip = 0
+    # An imported SD3 pipeline's T5 tokens per prompt (encode_prompt's max_sequence_length);
+    # its conditions are CLIP's tokens, then these, then the pooled row.
+    text.max_sequence_length = 256
     return text
 
 

@@ -121,7 +121,7 @@ def test_ddim_on_flow_times_is_the_euler_loop(steps, shift):
             "ddim", denoise, noise, labels, w, steps=steps, times=times, **bounds
         )
         theirs = _euler(network, noise, labels, 1.0 + w, sigmas)
-        np.testing.assert_allclose(ours, theirs, atol=2e-5, err_msg=f"w={w}")
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=f"w={w}")  # 1.4e-6 measured
 
 
 def test_times_of_flow_sigmas_map_the_ends():

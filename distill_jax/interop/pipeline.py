@@ -23,11 +23,13 @@ attended by the U-Net).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 
 import jax
 from etils import epath
 
+from distill_jax.interop import sd3_pipeline
 from distill_jax.interop import text_encoder as text_reader
 from distill_jax.interop import unet as unet_reader
 from distill_jax.interop import vae as vae_reader
@@ -46,7 +48,10 @@ from distill_jax.models import denoiser
 
 REQUIRED = ("unet", "scheduler", "text_encoder", "tokenizer")
 NOT_READ = ("safety_checker", "feature_extractor", "image_encoder")
-# What a run reads of a folder after its import, by part (None: every file of the part). The
+TEXT_ENCODER_FILES = ("config.json", "model.safetensors")
+SHARDS_INDEX = "model.safetensors.index.json"
+# What a run reads of a folder after its import, by part: names or fnmatch patterns (None:
+# every file of the part). The
 # network's and the VAE's weights are not among them: the import converts them into the
 # workdir's checkpoints.
 KEPT = {
@@ -55,8 +60,13 @@ KEPT = {
     "unet": ("config.json",),
     "transformer": ("config.json",),
     "vae": ("config.json",),
-    "text_encoder": ("config.json", "model.safetensors"),
+    "text_encoder": TEXT_ENCODER_FILES,
     "tokenizer": None,
+    # An SD3 pipeline's second CLIP and its T5 (whose weights may be sharded).
+    "text_encoder_2": TEXT_ENCODER_FILES,
+    "tokenizer_2": None,
+    "text_encoder_3": TEXT_ENCODER_FILES + (SHARDS_INDEX, "model-*.safetensors"),
+    "tokenizer_3": None,
 }
 
 
@@ -89,8 +99,13 @@ def _parts(folder: str) -> tuple[str, ...]:
     return wanted + (("vae",) if has_vae and "vae" not in wanted else ())
 
 
-def text_encoder(folder: str, clip_skip: int | None = None) -> text_reader.PipelineTextEncoder:
-    """The pipeline's prompt encoder (tokenizer + text encoder); refusals are FolderErrors."""
+def text_encoder(folder: str, clip_skip: int | None = None, max_tokens: int = 0):
+    """The pipeline's prompt encoder (tokenizer + text encoder); refusals are FolderErrors.
+
+    An SD3 pipeline's (`sd3_pipeline.text_encoder`) pads to `max_tokens` (config.text's).
+    """
+    if sd3_pipeline.is_sd3_folder(folder):
+        return sd3_pipeline.text_encoder(folder, clip_skip, max_tokens)
     return text_reader.PipelineTextEncoder(
         os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"), clip_skip
     )
@@ -114,35 +129,6 @@ def _text_record(folder: str) -> dict:
     return dict(kind=kind, width=int(sizes.width), max_tokens=int(max_tokens), vocab=sizes.vocab)
 
 
-def read_vae_entry(
-    folder: str, in_channels: int, network: str = "U-Net", configs_only: bool = False
-) -> dict | None:
-    """The record of a pipeline folder's vae/ (None without one); its latents must fit the net.
-
-    `in_channels` is what the `network` (the U-Net, or a DiT's transformer) takes; configs_only
-    leaves the weights' checksum out.
-
-    Raises:
-      FolderError: a VAE config that is missing, unsupported, or whose latent channels are
-        not `in_channels`.
-    """
-    vae_dir = os.path.join(folder, "vae")
-    if not os.path.isdir(vae_dir):
-        return None
-    cfg = read_json(os.path.join(vae_dir, "config.json"), "the VAE config")
-    model = vae_reader.vae_model(cfg, os.path.join(vae_dir, "config.json"))
-    if not configs_only:
-        vae_reader.check_vae_sizes(model, vae_dir)
-    checksum = None if configs_only else weights_checksum(vae_dir)
-    record = vae_reader.vae_record(cfg, vae_dir, checksum)
-    if record["latent_channels"] != int(in_channels):
-        raise FolderError(
-            f"{folder}: the VAE's latents have {record['latent_channels']} channels but the "
-            f"{network} takes {in_channels}: the parts are not from one pipeline"
-        )
-    return record
-
-
 def read_sd_folder(
     folder: str, *, weights: bool = True, configs_only: bool = False
 ) -> ImportedTeacher:
@@ -162,7 +148,7 @@ def read_sd_folder(
     model.update(schedule_keys)
     text = _text_record(folder)
     _check_text(folder, text, model["sd_unet"]["cross_attention_dim"])
-    vae = read_vae_entry(folder, int(unet_cfg["in_channels"]), configs_only=configs_only)
+    vae = vae_reader.read_vae_entry(folder, int(unet_cfg["in_channels"]), configs_only=configs_only)
     where = os.path.join(folder, "unet", "config.json")
     size, channels = (
         integer(unet_cfg, "sample_size", where),
@@ -257,6 +243,8 @@ def read_teacher_folder(
     configs_only reads the JSON files alone (see `read_sd_folder`, `read_dit_folder`).
     """
     _check_links(folder)
+    if sd3_pipeline.is_sd3_folder(folder):
+        return sd3_pipeline.read_sd3_folder(folder, weights=weights, configs_only=configs_only)
     if is_pipeline_folder(folder):
         return read_sd_folder(folder, weights=weights, configs_only=configs_only)
     if os.path.isdir(folder) and not os.path.isdir(os.path.join(folder, "transformer")):
@@ -267,12 +255,14 @@ def read_teacher_folder(
         )
     imported = read_dit_folder(folder, weights=weights, configs_only=configs_only)
     channels = imported.data_shape[-1]
-    vae = read_vae_entry(os.path.abspath(folder), channels, "transformer", configs_only)
+    vae = vae_reader.read_vae_entry(os.path.abspath(folder), channels, "transformer", configs_only)
     return dataclasses.replace(imported, record=dict(imported.record, vae=vae))
 
 
 def read_teacher_weights(imported: ImportedTeacher):
     """The network weights of a folder read with weights=False."""
+    if imported.record.get("pipeline") == sd3_pipeline.PIPELINE_CLASS:
+        return sd3_pipeline.read_sd3_weights(imported)
     if imported.record.get("kind") == "text_to_image":
         return read_sd_weights(imported)
     return read_dit_weights(imported)
@@ -293,9 +283,10 @@ def copy_kept_files(folder: str, destination: epath.PathLike) -> None:
         source = os.path.join(folder, part)
         if not os.path.isdir(source):
             continue
-        if names is None:
-            names = sorted(n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n)))
-        for name in names:
+        files = sorted(n for n in os.listdir(source) if os.path.isfile(os.path.join(source, n)))
+        if names is not None:  # file names or patterns (a sharded encoder's shards)
+            files = [n for n in files if any(fnmatch.fnmatchcase(n, p) for p in names)]
+        for name in files:
             path = os.path.join(source, name)
             if os.path.isfile(path):
                 (partial / part).mkdir(parents=True, exist_ok=True)

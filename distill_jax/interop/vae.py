@@ -306,3 +306,32 @@ def read_vae_folder(vae_dir: str) -> tuple[kl_vae.AutoencoderKL, PyTree, dict]:
     check_vae_sizes(model, folder)
     params = convert_vae_params(read_safetensors(folder), abstract_vae_params(model), folder)
     return model, params, vae_record(cfg, folder, weights_checksum(folder))
+
+
+def read_vae_entry(
+    folder: str, in_channels: int, network: str = "U-Net", configs_only: bool = False
+) -> dict | None:
+    """The record of a pipeline folder's vae/ (None without one); its latents must fit the net.
+
+    `in_channels` is what the `network` (the U-Net, or a DiT's transformer) takes; configs_only
+    leaves the weights' checksum out.
+
+    Raises:
+      FolderError: a VAE config that is missing, unsupported, or whose latent channels are
+        not `in_channels`.
+    """
+    vae_dir = os.path.join(folder, "vae")
+    if not os.path.isdir(vae_dir):
+        return None
+    cfg = read_json(os.path.join(vae_dir, "config.json"), "the VAE config")
+    model = vae_model(cfg, os.path.join(vae_dir, "config.json"))
+    if not configs_only:
+        check_vae_sizes(model, vae_dir)
+    checksum = None if configs_only else weights_checksum(vae_dir)
+    record = vae_record(cfg, vae_dir, checksum)
+    if record["latent_channels"] != int(in_channels):
+        raise FolderError(
+            f"{folder}: the VAE's latents have {record['latent_channels']} channels but the "
+            f"{network} takes {in_channels}: the parts are not from one pipeline"
+        )
+    return record

@@ -19,10 +19,24 @@ import ml_collections
 from distill_jax.diffusion import discrete
 from distill_jax.models.dit import DiT, check_patch_size
 from distill_jax.models.mlp import MLPDenoiser
+from distill_jax.models.mmdit import OUTPUT_LAYER as MMDIT_OUTPUT_LAYER
+from distill_jax.models.mmdit import MMDiT, condition_width
 from distill_jax.models.sd_unet import SDUNet
 from distill_jax.models.sd_unet import check_image_size as check_sd_image_size
 from distill_jax.models.unet import UNet, check_image_size
 
+# model.mmdit's integer sizes, passed to MMDiT as they are.
+MMDIT_SIZES = (
+    "sample_size",
+    "patch_size",
+    "num_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "caption_projection_dim",
+    "pooled_projection_dim",
+    "pos_embed_max_size",
+)
 # (config.model, one example's shape, the text states' width or 0, the shared module keys)
 Builder = Callable[[ml_collections.ConfigDict, tuple[int, ...], int, dict], nn.Module]
 
@@ -39,6 +53,8 @@ class ModelKind:
       text: can condition on text token states [L, D].
       output_layer: its last layer's name; the layer's last axis is (positions x) channels.
       extra_blocks: grows model.student_extra_blocks in the students.
+      text_width: the width of the text conditions it takes, from config.model (an imported
+        network's text side); None: the bundled MiniLM's.
     """
 
     build: Builder
@@ -47,6 +63,7 @@ class ModelKind:
     text: bool
     output_layer: str
     extra_blocks: bool = False
+    text_width: Callable[[ml_collections.ConfigDict], int] | None = None
 
 
 def discrete_logsnrs(model_config: ml_collections.ConfigDict) -> tuple[float, ...]:
@@ -112,6 +129,7 @@ def _build_dit(
         learned_sigma=bool(m.dit_learned_sigma) and m.parameterisation != "both",
         per_block_embedders=bool(m.dit_per_block_embedders),
         timestep_logsnrs=discrete_logsnrs(m),
+        flow_timesteps=int(m.flow_schedule.num_train_timesteps),
         mlp_ratio=int(m.dit_mlp_ratio),
         attention_bias=bool(m.dit_attention_bias),
         norm_eps=float(m.dit_norm_eps),
@@ -164,9 +182,48 @@ def _build_sd_unet(
         freq_shift=float(sd.freq_shift),
         text_dim=int(text_dim),
         timestep_logsnrs=discrete_logsnrs(m),
+        flow_timesteps=int(m.flow_schedule.num_train_timesteps),
         attention=str(m.attention),
         remat=str(m.remat),
         **common,
+    )
+
+
+def _build_mmdit(
+    m: ml_collections.ConfigDict, data_shape: tuple[int, ...], text_dim: int, common: dict
+) -> MMDiT:
+    mm = m.mmdit
+    width = condition_width(mm.joint_attention_dim, mm.pooled_projection_dim)
+    if text_dim != width:
+        raise ValueError(
+            f"config.model.kind='mmdit' takes packed text conditions {width} wide "
+            f"(model.mmdit's joint_attention_dim and pooled_projection_dim), but the run's text "
+            f"condition is {text_dim} wide" + ("" if text_dim else " (a class-label run)") + "."
+        )
+    for key, accepted in (("parameterisation", "both"), ("guidance_head", "affine")):
+        if m[key] == accepted:
+            raise ValueError(
+                f"config.model.{key}={accepted!r} is not available for model.kind='mmdit': "
+                "its output layer has the data's channels only."
+            )
+    if data_shape[0] % int(mm.patch_size) or data_shape[1] % int(mm.patch_size):
+        raise ValueError(
+            f"config.model.mmdit.patch_size={mm.patch_size} does not divide the data's "
+            f"{data_shape[0]}x{data_shape[1]}."
+        )
+    keep = ("use_guidance", "guidance_fourier_dim", "parameterisation", "dtype")
+    keep += ("logsnr_min", "logsnr_max", "both_shift")
+    return MMDiT(
+        **{key: int(mm[key]) for key in MMDIT_SIZES},
+        in_channels=data_shape[2],
+        out_channels=data_shape[2],
+        dual_attention_layers=tuple(int(i) for i in mm.dual_attention_layers),
+        qk_norm=str(mm.qk_norm) or None,
+        timestep_logsnrs=discrete_logsnrs(m),
+        flow_timesteps=int(m.flow_schedule.num_train_timesteps),
+        attention=str(m.attention),
+        remat=str(m.remat),
+        **{key: common[key] for key in keep},
     )
 
 
@@ -179,6 +236,21 @@ MODEL_KINDS = {
     ),
     "dit": ModelKind(_build_dit, images=True, labels=True, text=False, output_layer="final_proj"),
     "sd_unet": ModelKind(
-        _build_sd_unet, images=True, labels=False, text=True, output_layer="conv_out"
+        _build_sd_unet,
+        images=True,
+        labels=False,
+        text=True,
+        output_layer="conv_out",
+        text_width=lambda m: int(m.sd_unet.cross_attention_dim),
+    ),
+    "mmdit": ModelKind(
+        _build_mmdit,
+        images=True,
+        labels=False,
+        text=True,
+        output_layer=MMDIT_OUTPUT_LAYER,
+        text_width=lambda m: condition_width(
+            m.mmdit.joint_attention_dim, m.mmdit.pooled_projection_dim
+        ),
     ),
 }

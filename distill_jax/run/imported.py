@@ -26,7 +26,7 @@ from absl import logging
 from etils import epath
 
 from distill_jax import checkpoints, config_checks
-from distill_jax.diffusion import discrete
+from distill_jax.diffusion import discrete, flow
 from distill_jax.interop import core as interop_core
 from distill_jax.interop import pipeline
 from distill_jax.interop import vae as vae_reader
@@ -65,6 +65,9 @@ def with_import(
         config.text.enabled = True
         config.text.pipeline = str(record["source"])
         config.text.max_tokens = int(text["max_tokens"])
+        if text.get("kind") == "sd3":  # CLIP's tokens, then T5's (the run's choice), then pooled
+            length = int(config.text.get("max_sequence_length", 256))
+            config.text.max_tokens = int(text["clip_tokens"]) + length + 1
     if (record or {}).get("vae"):  # a latent pipeline: its VAE is the run's autoencoder
         config.autoencoder.enabled = True
         config.autoencoder.pipeline = str(record["source"])
@@ -98,10 +101,12 @@ def with_recorded_import(
 
 
 def teacher_times(run: Run, steps: int) -> np.ndarray:
-    """The DDIM time grid [steps + 1] on which an imported teacher's own diffusers DDIM steps.
+    """The DDIM time grid [steps + 1] on which an imported teacher's own diffusers sampler steps.
 
-    diffusers' DDIMScheduler.set_timesteps(steps) with the teacher's timestep spacing and
-    offset (`discrete.scheduler_timesteps`), mapped to this run's times.
+    A discrete teacher's: diffusers' DDIMScheduler.set_timesteps(steps) with the teacher's
+    timestep spacing and offset (`discrete.scheduler_timesteps`); a flow teacher's: the
+    noise levels of FlowMatchEulerDiscreteScheduler.set_timesteps(steps) with its shift
+    (`flow.scheduler_sigmas`), whose Euler steps are DDIM steps. Mapped to this run's times.
 
     Raises:
       ValueError: the run's teacher was not imported (its time is continuous).
@@ -113,6 +118,15 @@ def teacher_times(run: Run, steps: int) -> np.ndarray:
             "of its own: accepted grid='uniform' (t = i / N)."
         )
     schedule = record["schedule"]
+    if schedule.get("kind") == "flow":
+        sigmas = flow.scheduler_sigmas(
+            steps,
+            num_train_timesteps=int(schedule["num_train_timesteps"]),
+            shift=float(schedule["shift"]),
+            mu=_dynamic_shift_mu(run, schedule),
+            time_shift_type=schedule.get("time_shift_type", "exponential"),
+        )
+        return flow.times_of_flow_sigmas(sigmas, **run.bounds)
     timesteps = discrete.scheduler_timesteps(
         steps,
         num_timesteps=int(schedule["num_train_timesteps"]),
@@ -121,6 +135,24 @@ def teacher_times(run: Run, steps: int) -> np.ndarray:
     )
     table = np.asarray(kinds.discrete_logsnrs(run.config.model))
     return discrete.times_of_timesteps(timesteps, table, **run.bounds)
+
+
+def _dynamic_shift_mu(run: Run, schedule: dict) -> float | None:
+    """A dynamically shifted flow's mu at the run's token count (None for a static shift).
+
+    The tokens are the latent's patches, as diffusers' pipelines count them.
+    """
+    if not schedule.get("use_dynamic_shifting"):
+        return None
+    height, width = run.info.shape[:2]
+    patch = int(run.config.model.get("mmdit", {}).get("patch_size", 1) or 1)
+    return flow.dynamic_shift_mu(
+        (height // patch) * (width // patch),
+        base_image_seq_len=int(schedule["base_image_seq_len"]),
+        max_image_seq_len=int(schedule["max_image_seq_len"]),
+        base_shift=float(schedule["base_shift"]),
+        max_shift=float(schedule["max_shift"]),
+    )
 
 
 def _check_fits(run: Run, imported: interop_core.ImportedTeacher, source: str) -> None:
@@ -326,7 +358,11 @@ def import_teacher(
         run = Run.create(run_config, workdir)
         _check_fits(run, imported, folder)
         if imported.record.get("kind") == "text_to_image":  # its weights checked, not just read
-            pipeline.text_encoder(imported.record["source"], int(config.text.clip_skip) or None)
+            pipeline.text_encoder(
+                imported.record["source"],
+                int(config.text.clip_skip) or None,
+                int(run_config.text.max_tokens),
+            )
     kept = workdir / workdir_lib.IMPORTED_DIR
     with workdir_lib.locked(workdir):
         if not done:

@@ -63,9 +63,9 @@ def _diffusion_info(
 
 
 @functools.lru_cache(maxsize=2)
-def _pipeline_encoder(folder: str, clip_skip: int):
+def _pipeline_encoder(folder: str, clip_skip: int, max_tokens: int):
     """A pipeline's text encoder, loaded once per process."""
-    return pipeline_lib.text_encoder(folder, clip_skip or None)
+    return pipeline_lib.text_encoder(folder, clip_skip or None, max_tokens)
 
 
 def _identity(x: jax.Array) -> jax.Array:
@@ -123,7 +123,7 @@ class Run:
         """
         text = self.config.text
         if text.pipeline:
-            return _pipeline_encoder(str(text.pipeline), int(text.clip_skip))
+            return _pipeline_encoder(str(text.pipeline), int(text.clip_skip), int(text.max_tokens))
         return text_encoder.load_text_encoder(text.encoder_dir, int(text.max_tokens))
 
     @property

@@ -25,6 +25,7 @@ from distill_jax.data import sources
 from distill_jax.interop import core as interop_core
 from distill_jax.interop import vae as vae_reader
 from distill_jax.models import autoencoder, denoiser, student_head
+from distill_jax.models.kinds import MODEL_KINDS
 
 ModelFactory = Callable[[ml_collections.ConfigDict, sources.DatasetInfo, float], nn.Module]
 
@@ -32,14 +33,13 @@ ModelFactory = Callable[[ml_collections.ConfigDict, sources.DatasetInfo, float],
 def text_width(config: ml_collections.ConfigDict) -> int:
     """The width D of a text run's conditions [L, D] (0 for a class-label run).
 
-    An imported text-to-image U-Net's cross_attention_dim (its pipeline's text encoder), else
-    the bundled MiniLM's.
+    An imported text-to-image network's (its pipeline's text encoder: an SD U-Net's
+    cross_attention_dim, an MMDiT's packed condition), else the bundled MiniLM's.
     """
     if not config.text.enabled:
         return 0
-    if config.model.kind == "sd_unet":
-        return int(config.model.sd_unet.cross_attention_dim)
-    return text_encoder.WIDTH
+    width = MODEL_KINDS[str(config.model.kind)].text_width
+    return text_encoder.WIDTH if width is None else width(config.model)
 
 
 def _denoiser_factory(use_guidance: bool, finetuned: bool = False) -> ModelFactory:
