@@ -111,6 +111,13 @@ PIPELINE_MEANING = (
     "StableDiffusionPipeline.encode_prompt computes it (distill_jax.interop.pipeline."
     "text_encoder); the empty prompt's is unconditional"
 )
+SD3_MEANING = (
+    "the prompt's encoding by the teacher pipeline's three text encoders and tokenizers ({}), "
+    "as StableDiffusion3Pipeline.encode_prompt computes it: prompt_embeds with "
+    "pooled_prompt_embeds as one last row, zero-padded (distill_jax.models.mmdit."
+    "pack_condition; distill_jax.interop.pipeline.text_encoder); the empty prompt's is "
+    "unconditional"
+)
 
 
 def _condition_meaning(run: Run) -> str:
@@ -124,7 +131,8 @@ def _condition_meaning(run: Run) -> str:
     record = (run.finished(run.stage("teacher")) or {}).get("imported") or {}
     name = os.path.basename(str(record.get("source", ""))) or "the imported pipeline"
     source = f"the diffusers folder {name!r}, weights sha256 {record.get('weights_sha256')}"
-    return PIPELINE_MEANING.format(source)
+    sd3 = (record.get("text") or {}).get("kind") == "sd3"
+    return (SD3_MEANING if sd3 else PIPELINE_MEANING).format(source)
 
 
 def _io_metadata(

@@ -10,7 +10,7 @@ import numpy as np
 from conftest import ROOT
 from test_dit_cli import _cli
 
-from distill_jax import sampling
+from distill_jax import export, sampling
 from distill_jax.config import load_config
 from distill_jax.data import image_captions
 from distill_jax.diffusion import flow
@@ -67,6 +67,10 @@ def test_sd35_medium_smoke_distils_a_flow_teacher(tmp_path):
         run, model="teacher", steps=4, w=4.0, labels=conditions, seed=0, grid="teacher"
     )
     assert np.all(np.isfinite(x))
+    metadata = export.export_sampler(workdir, steps=1, out=tmp_path / "export", platforms=("cpu",))
+    meaning = metadata["inputs"][1]["meaning"]
+    assert "StableDiffusion3Pipeline" in meaning and "'sd3_tiny'" in meaning
+    assert metadata["inputs"][1]["shape"][1:] == [94, 48]
     assert load_config(str(ROOT / "configs" / "sd35_medium.py")).data.image_size == 1024
 
 
