@@ -55,6 +55,8 @@ class ModelKind:
       extra_blocks: grows model.student_extra_blocks in the students.
       text_width: the width of the text conditions it takes, from config.model (an imported
         network's text side); None: the bundled MiniLM's.
+      patch_size: the side of the patches it makes tokens of (1 for a network on pixels or
+        latents directly): a dynamically shifted flow schedule counts them.
     """
 
     build: Builder
@@ -64,6 +66,7 @@ class ModelKind:
     output_layer: str
     extra_blocks: bool = False
     text_width: Callable[[ml_collections.ConfigDict], int] | None = None
+    patch_size: Callable[[ml_collections.ConfigDict], int] = lambda m: 1
 
 
 def discrete_logsnrs(model_config: ml_collections.ConfigDict) -> tuple[float, ...]:
@@ -234,7 +237,14 @@ MODEL_KINDS = {
     "mlp": ModelKind(
         _build_mlp, images=False, labels=True, text=False, output_layer="output_dense"
     ),
-    "dit": ModelKind(_build_dit, images=True, labels=True, text=False, output_layer="final_proj"),
+    "dit": ModelKind(
+        _build_dit,
+        images=True,
+        labels=True,
+        text=False,
+        output_layer="final_proj",
+        patch_size=lambda m: int(m.dit_patch_size),
+    ),
     "sd_unet": ModelKind(
         _build_sd_unet,
         images=True,
@@ -252,5 +262,6 @@ MODEL_KINDS = {
         text_width=lambda m: condition_width(
             m.mmdit.joint_attention_dim, m.mmdit.pooled_projection_dim
         ),
+        patch_size=lambda m: int(m.mmdit.patch_size),
     ),
 }

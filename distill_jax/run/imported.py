@@ -145,7 +145,7 @@ def _dynamic_shift_mu(run: Run, schedule: dict) -> float | None:
     if not schedule.get("use_dynamic_shifting"):
         return None
     height, width = run.info.shape[:2]
-    patch = int(run.config.model.get("mmdit", {}).get("patch_size", 1) or 1)
+    patch = kinds.MODEL_KINDS[str(run.config.model.kind)].patch_size(run.config.model)
     return flow.dynamic_shift_mu(
         (height // patch) * (width // patch),
         base_image_seq_len=int(schedule["base_image_seq_len"]),
