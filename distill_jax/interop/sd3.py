@@ -43,7 +43,8 @@ from distill_jax.interop.core import (
     read_safetensors_shapes,
     require,
 )
-from distill_jax.models.mmdit import MMDiT, init_params, position_table
+from distill_jax.models.mmdit import MMDiT, init_params
+from distill_jax.models.mmdit_blocks import position_table
 
 CLASS_NAME = "SD3Transformer2DModel"
 POS_EMBED = "pos_embed.pos_embed"

@@ -265,6 +265,30 @@ class SD3TextEncoder(TextConditioner):
             raise SD3TextFolderError(f"{folder} is not a directory")
         arguments = {"max_sequence_length": max_sequence_length}
         self.max_sequence_length = integer(arguments, "max_sequence_length", "SD3TextEncoder")
+        clip_modules = self._read_clips(folder, clip_skip)
+        clip_width = sum(m.sizes.width for m in clip_modules)
+        pooled_width = sum(m.projection for m in clip_modules)
+        t5_module, joint, source = self._read_t5(folder, use_t5, joint_attention_dim)
+        _check_transformer(folder, joint, pooled_width, source)
+        if clip_width > joint:
+            raise SD3TextFolderError(
+                f"the CLIP encoders' hidden sizes add up to {clip_width}, more than the T5 width "
+                f"{joint} they are padded to"
+            )
+        self.joint_attention_dim, self.pooled_width = joint, pooled_width
+        self.max_tokens = self.clip_length + self.max_sequence_length + 1
+        self.width = condition_width(joint, pooled_width)
+        # On the device once, not with every call.
+        self.clip_params, self.t5_params = jax.device_put((self.clip_params, self.t5_params))
+        length = self.max_sequence_length
+        self._apply = jax.jit(
+            lambda clip_params, t5_params, clip_ids, t5_ids: _encode(
+                clip_modules, t5_module, clip_params, t5_params, clip_ids, t5_ids, joint, length
+            )
+        )
+
+    def _read_clips(self, folder: str, clip_skip: int | None) -> list[ClipTextWithProjection]:
+        """Both CLIPs' tokenizers, modules and params (CLIP-L's tokenizer sets the length)."""
         self.clip_tokenizers, clip_modules, self.clip_params = [], [], []
         for suffix in ("", "_2"):
             encoder_dir = os.path.join(folder, f"text_encoder{suffix}")
@@ -294,43 +318,26 @@ class SD3TextEncoder(TextConditioner):
                 )
             )
             self.clip_params.append(clip_params(encoder_dir, config, part))
-        clip_width = sum(m.sizes.width for m in clip_modules)
-        pooled_width = sum(m.projection for m in clip_modules)
+        return clip_modules
+
+    def _read_t5(self, folder: str, use_t5: bool, joint_attention_dim: int | None):
+        """(T5 module or None, the joint width, where that width comes from)."""
         t5_dir = os.path.join(folder, "text_encoder_3")
         self.use_t5 = bool(use_t5) and os.path.isdir(t5_dir)
-        t5_module, self.t5_params, self.t5_tokenizer, self.t5_pad_id = None, None, None, 0
-        if self.use_t5:
-            where = os.path.join(t5_dir, "config.json")
-            sizes = t5_sizes(read_json(where, "SD3's text_encoder_3"), where)
-            tokenizer_dir = os.path.join(folder, "tokenizer_3")
-            self.t5_tokenizer, _, self.t5_pad_id = load_tokenizer(tokenizer_dir)
-            check_vocabulary(self.t5_tokenizer, tokenizer_dir, sizes.vocab)
-            t5_module, self.t5_params = T5Encoder(sizes), t5_params(t5_dir, sizes)
-            joint = sizes.width
-            if joint_attention_dim is not None and joint_attention_dim != joint:
-                raise SD3TextFolderError(
-                    f"joint_attention_dim={joint_attention_dim} is not {where}'s d_model {joint}"
-                )
-        else:
-            joint = _joint_attention_dim(folder, joint_attention_dim)
-        source = f"{where}'s d_model" if self.use_t5 else "joint_attention_dim"
-        _check_transformer(folder, joint, pooled_width, source)
-        if clip_width > joint:
+        self.t5_params, self.t5_tokenizer, self.t5_pad_id = None, None, 0
+        if not self.use_t5:
+            return None, _joint_attention_dim(folder, joint_attention_dim), "joint_attention_dim"
+        where = os.path.join(t5_dir, "config.json")
+        sizes = t5_sizes(read_json(where, "SD3's text_encoder_3"), where)
+        tokenizer_dir = os.path.join(folder, "tokenizer_3")
+        self.t5_tokenizer, _, self.t5_pad_id = load_tokenizer(tokenizer_dir)
+        check_vocabulary(self.t5_tokenizer, tokenizer_dir, sizes.vocab)
+        self.t5_params = t5_params(t5_dir, sizes)
+        if joint_attention_dim is not None and joint_attention_dim != sizes.width:
             raise SD3TextFolderError(
-                f"the CLIP encoders' hidden sizes add up to {clip_width}, more than the T5 width "
-                f"{joint} they are padded to"
+                f"joint_attention_dim={joint_attention_dim} is not {where}'s d_model {sizes.width}"
             )
-        self.joint_attention_dim, self.pooled_width = joint, pooled_width
-        self.max_tokens = self.clip_length + self.max_sequence_length + 1
-        self.width = condition_width(joint, pooled_width)
-        # On the device once, not with every call.
-        self.clip_params, self.t5_params = jax.device_put((self.clip_params, self.t5_params))
-        length = self.max_sequence_length
-        self._apply = jax.jit(
-            lambda clip_params, t5_params, clip_ids, t5_ids: _encode(
-                clip_modules, t5_module, clip_params, t5_params, clip_ids, t5_ids, joint, length
-            )
-        )
+        return T5Encoder(sizes), sizes.width, f"{where}'s d_model"
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
         """CLIP-L's (ids int32 [B, 77], mask int32 [B, 77], truncated [B])."""
