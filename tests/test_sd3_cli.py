@@ -12,7 +12,7 @@ from test_dit_cli import _cli
 
 from distill_jax import export, sampling
 from distill_jax.config import load_config
-from distill_jax.data import image_captions
+from distill_jax.data import image_captions, sources
 from distill_jax.diffusion import flow
 from distill_jax.run import Run, imported
 
@@ -45,6 +45,7 @@ def test_sd35_medium_smoke_distils_a_flow_teacher(tmp_path):
     assert run.config.diffusion.logsnr_min == -33.0
     conditions, _ = run.text_encoder().encode(["a blue star"])
     assert conditions.shape == (1, 94, 48)
+    _check_caption_cache(run, workdir)
     for steps, stochastic in ((1, False), (2, True)):  # the 2-step student's stochastic sampler
         x = sampling.sample(
             run,
@@ -72,6 +73,21 @@ def test_sd35_medium_smoke_distils_a_flow_teacher(tmp_path):
     assert "StableDiffusion3Pipeline" in meaning and "'sd3_tiny'" in meaning
     assert metadata["inputs"][1]["shape"][1:] == [94, 48]
     assert load_config(str(ROOT / "configs" / "sd35_medium.py")).data.image_size == 1024
+
+
+def _check_caption_cache(run, workdir):
+    """The captions were encoded once into the workdir and are read lazily from there."""
+    cache = workdir / "captions" / "train.npy"
+    rows = np.load(cache, mmap_mode="r")
+    source, conditions = run.pipeline_conditions("train")
+    captions = sources.captions_of(source)
+    assert rows.shape == (len(set(captions)), 94, 48) and len(conditions) == len(captions) == 16
+    assert isinstance(conditions.rows, np.memmap)
+    encoded, _ = run.text_encoder().encode(list(captions[:3]))
+    np.testing.assert_allclose(conditions[np.arange(3)], encoded, atol=1e-6)
+    before = cache.stat().st_mtime_ns
+    run.pipeline_conditions("train")  # the same captions and encoder: not encoded again
+    assert cache.stat().st_mtime_ns == before
 
 
 def test_flow_teacher_config_refused_without_import(tmp_path):

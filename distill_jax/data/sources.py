@@ -318,6 +318,26 @@ def captions_of(source: Sequence) -> np.ndarray:
     return np.asarray(source.arrays["caption"]).astype(str)
 
 
+class IndexedRows(Sequence):
+    """rows[index[i]] for i in range(len(index)), read only when asked (rows may be a memmap).
+
+    Many examples share a caption: `rows` holds each distinct caption's condition once and
+    `index` says which one example i has. Indexing by an int or an int array reads just those
+    rows, so ArraySource.take and the loader read a batch's conditions from disk.
+    """
+
+    def __init__(self, rows: np.ndarray, index: np.ndarray):
+        self.rows, self.index = rows, np.asarray(index)
+        self.shape = (len(self.index), *rows.shape[1:])
+        self.dtype = rows.dtype
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.rows[self.index[i]]
+
+
 class _WithConditions(Sequence):
     """A source whose examples gain a 'condition' row (the text conditions of its captions)."""
 

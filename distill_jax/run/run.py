@@ -25,6 +25,7 @@ from distill_jax.diffusion import gmm, guidance
 from distill_jax.interop import pipeline as pipeline_lib
 from distill_jax.interop import vae as vae_reader
 from distill_jax.models import autoencoder, denoiser
+from distill_jax.run import captions as captions_lib
 from distill_jax.run import stages as stages_lib
 from distill_jax.run import workdir as workdir_lib
 from distill_jax.run.latents import Latents, read_cached
@@ -373,19 +374,14 @@ class Run:
         labels = self.pipeline_conditions(split)[1] if pipeline_text else None
         return read_cached(directory, self.latents(), labels)
 
-    def pipeline_conditions(self, split: str) -> tuple[Sequence, np.ndarray]:
+    def pipeline_conditions(self, split: str) -> tuple[Sequence, Sequence]:
         """(source, conditions [N, L, D]) of `split`, captions encoded by the pipeline's encoder.
 
         The pipeline's text encoder (config.text.pipeline) encodes every distinct caption once,
-        in place of the conditions stored with the dataset (MiniLM's, zero at padding).
+        in place of the conditions stored with the dataset (MiniLM's, zero at padding), into
+        the workdir's cache, which the conditions read lazily (`run.captions`).
         """
-        source, _ = sources.load_source(self.config.data, split=split, seed=self.config.seed)
-        distinct, inverse = np.unique(sources.captions_of(source), return_inverse=True)
-        encoder = self.text_encoder()
-        encoded = np.concatenate(
-            [encoder.encode(list(distinct[i : i + 256]))[0] for i in range(0, len(distinct), 256)]
-        )
-        return source, encoded[inverse]
+        return captions_lib.caption_conditions(self, split)
 
     def pipeline_captions(self, split: str) -> Sequence:
         """`split` of the captioned data, each caption's condition the pipeline encoder's."""
