@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distill_jax.config import base_config
-from distill_jax.diffusion.parameterisation import xhat_from_output
+from distill_jax.diffusion.parameterisation import network_input, xhat_from_output
 from distill_jax.diffusion.schedule import logsnr_schedule_cosine
 from distill_jax.models import (
     GUIDANCE_BRANCH,
@@ -371,16 +371,18 @@ def test_heads_must_divide_attention_channels():
         jax.eval_shape(lambda r: init_params(model, r, data_shape=IMAGE), jax.random.key(0))
 
 
-@pytest.mark.parametrize("parameterisation", ["eps", "both"])
+@pytest.mark.parametrize("parameterisation", ["eps", "both", "flow"])
 def test_denoise_fn_returns_xhat(parameterisation):
     model, params = build(POINT, use_guidance=True, parameterisation=parameterisation)
     params = perturb(params, seed=1)
     z, t, labels, w = inputs(POINT)
     denoise_fn = make_denoise_fn(model, params)
-    output = apply(model, params, z, t, labels, w, train=False)
-    expected = xhat_from_output(
-        output, z, logsnr_schedule_cosine(t), parameterisation=parameterisation
-    )
+    logsnr = logsnr_schedule_cosine(t)
+    # A flow network is fed the flow's z = z / (alpha + sigma); the others z itself.
+    net_z = network_input(z, logsnr, parameterisation=parameterisation)
+    assert (parameterisation == "flow") != bool(np.allclose(net_z, z))
+    output = apply(model, params, net_z, t, labels, w, train=False)
+    expected = xhat_from_output(output, z, logsnr, parameterisation=parameterisation)
     np.testing.assert_allclose(call(denoise_fn, z, t, labels, w), expected, rtol=1e-5, atol=1e-5)
     # Scalar t and w broadcast to the batch.
     np.testing.assert_allclose(
