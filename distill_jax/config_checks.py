@@ -234,6 +234,7 @@ def _check_text(config: ml_collections.ConfigDict) -> None:
     if not isinstance(text.pipeline, str):
         _fail("text.pipeline", text.pipeline, "'' or a diffusers pipeline folder")
     _check_number(config, "text.clip_skip", low=0, integer=True)
+    _check_number(config, "text.max_sequence_length", low=1, integer=True)
     if text.clip_skip and not text.pipeline:
         _fail("text.clip_skip", text.clip_skip, "0 without a CLIP pipeline (text.pipeline)")
     if text.pipeline:  # captions are encoded again by the pipeline, at its length

@@ -122,6 +122,17 @@ CASES = [
         "only ('unet',) grow extra blocks",
     ),
     ("text_on_class_data", [*T, "--config.text.enabled=True"], "text.enabled=True"),
+    (
+        "no_t5_tokens",
+        [
+            "run",
+            "--config=" + str(ROOT / "configs" / "sd3_digits.py") + ":smoke",
+            "--workdir={new}",
+            "--config.text.max_sequence_length=0",
+            "--teacher=diffusers:" + str(ROOT / "tests" / "data" / "diffusers" / "sd3_tiny"),
+        ],
+        "text.max_sequence_length=0 is invalid: accepted an integer >= 1",
+    ),
     ("unknown_dataset", [*T, "--config.data.name=no_such_dataset_xyz"], "no_such_dataset_xyz"),
     # Workdirs and their records.
     (
