@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from distill_jax import planning, topologies
+from distill_jax import parallel, planning, topologies
 from distill_jax.config import load_config
 from distill_jax.planning import estimate
 from distill_jax.run import imported
@@ -109,6 +109,15 @@ def test_catalogue_names_what_gcloud_rents_and_libtpu_describes():
     assert topologies.topology("v5p-512").libtpu_name == "v5:4x8x8"  # 256 chips
     topologies.abstract_devices(topologies.topology(SLICE))  # loads libtpu's description
     assert topologies.describable() == list(topologies.TOPOLOGIES)
+
+
+def test_every_fsdp_size_makes_a_mesh_on_a_3d_torus():
+    """v5p-128 is a 4x4x4 torus: fsdp 2 does not factor its axes, and the mesh splits one
+    (was a NotImplementedError traceback out of `plan`'s advice)."""
+    devices = topologies.abstract_devices(topologies.topology("v5p-128"))
+    for fsdp in (1, 2, 4, 8, 16, 32, 64):
+        mesh = parallel.make_mesh(len(devices) // fsdp, fsdp=fsdp, devices=devices)
+        assert dict(mesh.shape) == {"data": len(devices) // fsdp, "fsdp": fsdp}
 
 
 def _cli(*args: str, cwd: pathlib.Path) -> subprocess.CompletedProcess:
