@@ -189,6 +189,10 @@ def _estimates(run, programs, devices, fsdp, chip, log, *, advise: bool) -> list
         else:
             result = _compile(program, chip, chips, log)
             if advise and program.kind == "train" and not result.fits:
+                log(
+                    f"{program.name}: needs {result.total_bytes / 2**30:.2f} GiB per chip, "
+                    f"the chip has {result.hbm_bytes / 2**30:.2f} GiB: looking for what fits"
+                )
                 result.advice = _advise(run, result, program.name, devices, fsdp, chip, log)
         done[program.name] = result
         results.append(result)
