@@ -34,17 +34,7 @@ def tiny():
     imported = reader.read_teacher_folder(TINY)
     record = imported.record
     max_tokens = record["text"]["clip_tokens"] + int(golden["t5_tokens"]) + 1
-    lo, hi = imported.logsnr_range
-    model = denoiser.build_model(
-        core.model_config(imported.model),
-        data_shape=imported.data_shape,
-        num_classes=0,
-        use_guidance=False,
-        text_dim=record["text"]["width"],
-        logsnr_min=lo,
-        logsnr_max=hi,
-    )
-    return imported, model, reader.text_encoder(TINY, None, max_tokens), golden
+    return imported, reader.sd_model(imported), reader.text_encoder(TINY, None, max_tokens), golden
 
 
 def test_record_of_the_tiny_pipeline(tiny):

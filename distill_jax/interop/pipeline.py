@@ -187,7 +187,10 @@ def read_sd_folder(
 
 
 def sd_model(imported: ImportedTeacher, *, use_guidance: bool = False):
-    """The imported U-Net as a module (a student's with use_guidance), on its trained range."""
+    """An imported text-to-image network (SD U-Net or SD3 MMDiT) on its trained range.
+
+    A student's (with its guidance branch) with use_guidance.
+    """
     lo, hi = imported.logsnr_range
     return denoiser.build_model(
         model_config(imported.model),
