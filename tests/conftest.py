@@ -171,3 +171,40 @@ def imported_dit(folder):
         logsnr_max=hi,
     )
     return imported, model
+
+
+def assert_same_guided_images(imported, model, encoder, golden, times, rtol: float) -> None:
+    """Our guided DDIM on `times` gives a pipeline loop's golden images (`golden`: its noise,
+    prompts, steps and images 'w=0', 'w=1', 'w=4'), within rtol times the images' scale (guided
+    samples may leave [-1, 1]), each w at once."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from distill_jax.diffusion import guidance, samplers
+    from distill_jax.models import denoiser
+
+    lo, hi = imported.logsnr_range
+    prompts = [str(p) for p in golden["prompts"]]
+    conditions, _ = encoder.encode(prompts)
+    null, _ = encoder.encode([""])
+    guided = guidance.make_guided_denoise_fn(
+        denoiser.make_denoise_fn(model, imported.params), null_label=jnp.asarray(null[0])
+    )
+    weights = (0.0, 1.0, 4.0)
+    n = len(prompts)
+    ours = samplers.run_sampler(
+        "ddim",
+        guided,
+        jnp.tile(jnp.asarray(golden["noise"]), (3, 1, 1, 1)),
+        jnp.tile(jnp.asarray(conditions), (3, 1, 1)),
+        jnp.repeat(jnp.asarray(weights), n),
+        steps=int(golden["steps"]),
+        times=times,
+        logsnr_min=lo,
+        logsnr_max=hi,
+    )
+    for i, w in enumerate(weights):
+        theirs = golden[f"w={w:g}"]
+        assert theirs.shape == (n,) + tuple(imported.data_shape)
+        error = float(np.max(np.abs(np.asarray(ours[i * n : (i + 1) * n]) - theirs)))
+        assert error <= rtol * max(1.0, float(np.max(np.abs(theirs)))), (w, error)

@@ -11,15 +11,15 @@ package's files, which the script copied, so the test assembles the folder from 
 import os
 import shutil
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_same_guided_images
 
 from distill_jax import text_encoder
-from distill_jax.diffusion import discrete, guidance, samplers
+from distill_jax.diffusion import discrete
 from distill_jax.interop import core
 from distill_jax.interop import pipeline as reader
-from distill_jax.models import denoiser, kinds
+from distill_jax.models import kinds
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "diffusers")
 
@@ -44,33 +44,7 @@ def test_same_images_as_diffusers_pipeline_loop(tmp_path, name):
     lo, hi = imported.logsnr_range
     model = reader.sd_model(imported)
     encoder = reader.text_encoder(folder)
-    prompts = [str(p) for p in golden["prompts"]]
-    conditions, _ = encoder.encode(prompts)
-    null, _ = encoder.encode([""])
-    guided = guidance.make_guided_denoise_fn(
-        denoiser.make_denoise_fn(model, imported.params), null_label=jnp.asarray(null[0])
-    )
-    steps = int(golden["steps"])
     table = np.asarray(kinds.discrete_logsnrs(core.model_config(imported.model)))
-    times = discrete.times_of_timesteps(
-        discrete.scheduler_timesteps(steps, num_timesteps=1000), table, logsnr_min=lo, logsnr_max=hi
-    )
-    weights = (0.0, 1.0, 4.0)
-    n = len(prompts)
-    ours = samplers.run_sampler(
-        "ddim",
-        guided,
-        jnp.tile(jnp.asarray(golden["noise"]), (3, 1, 1, 1)),
-        jnp.tile(jnp.asarray(conditions), (3, 1, 1)),
-        jnp.repeat(jnp.asarray(weights), n),
-        steps=steps,
-        times=times,
-        logsnr_min=lo,
-        logsnr_max=hi,
-    )
-    for i, w in enumerate(weights):
-        theirs = golden[f"w={w:g}"]
-        assert theirs.shape == (n, 8, 8, 1)
-        scale = max(1.0, float(np.max(np.abs(theirs))))  # guided samples may leave [-1, 1]
-        error = float(np.max(np.abs(np.asarray(ours[i * n : (i + 1) * n]) - theirs)))
-        assert error <= 1e-4 * scale, (w, error)
+    timesteps = discrete.scheduler_timesteps(int(golden["steps"]), num_timesteps=1000)
+    times = discrete.times_of_timesteps(timesteps, table, logsnr_min=lo, logsnr_max=hi)
+    assert_same_guided_images(imported, model, encoder, golden, times, rtol=1e-4)

@@ -66,6 +66,39 @@ class ImportedTeacher:
     record: dict
 
 
+def text_to_image_teacher(
+    folder: str,
+    network: str,
+    *,
+    model: dict,
+    schedule_record: dict,
+    data_shape: tuple[int, int, int],
+    configs_only: bool,
+    **record_fields,
+) -> ImportedTeacher:
+    """The weightless ImportedTeacher of a text-to-image pipeline folder.
+
+    Its network is in `folder`/`network` (unet/ or transformer/); `record_fields` are the
+    reader's own (parts, text, vae, conventions, its class names). configs_only leaves the
+    weights' checksum out (a plan before the download).
+    """
+    record = dict(
+        source=folder,
+        kind="text_to_image",
+        weights_sha256=(None if configs_only else weights_checksum(os.path.join(folder, network))),
+        **schedule_record,
+        **record_fields,
+    )
+    return ImportedTeacher(
+        model=model,
+        logsnr_range=tuple(schedule_record["logsnr_range"]),
+        data_shape=tuple(int(d) for d in data_shape),
+        num_classes=0,
+        params=None,
+        record=record,
+    )
+
+
 def existing_folder(path) -> str:
     """`path` made absolute; FolderError unless it is a directory."""
     folder = os.path.abspath(os.fspath(path))

@@ -40,7 +40,7 @@ from distill_jax.interop.core import (
     integer,
     model_config,
     read_json,
-    weights_checksum,
+    text_to_image_teacher,
 )
 from distill_jax.interop.dit import read_dit_folder, read_dit_weights
 from distill_jax.interop.scheduler import read_schedule
@@ -156,13 +156,15 @@ def read_sd_folder(
     )
     if not configs_only:
         unet_reader.check_unet_sizes(model, os.path.join(folder, "unet"))
-    record = dict(
-        source=folder,
-        kind="text_to_image",
+    imported = text_to_image_teacher(
+        folder,
+        "unet",
+        model=model,
+        schedule_record=schedule_record,
+        data_shape=(size, size, channels),
+        configs_only=configs_only,
         parts=list(parts),
-        weights_sha256=None if configs_only else weights_checksum(os.path.join(folder, "unet")),
         unet_class=unet_reader.UNET_CLASS,
-        **schedule_record,
         text=text,
         vae=vae,
         conventions=dict(
@@ -172,14 +174,6 @@ def read_sd_folder(
                 f"padded to {text['max_tokens']} tokens, last hidden state, every position attended"
             ),
         ),
-    )
-    imported = ImportedTeacher(
-        model=model,
-        logsnr_range=tuple(schedule_record["logsnr_range"]),
-        data_shape=(size, size, channels),
-        num_classes=0,
-        params=None,
-        record=record,
     )
     if not weights or configs_only:
         return imported

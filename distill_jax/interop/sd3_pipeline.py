@@ -35,7 +35,7 @@ from distill_jax.interop.core import (
     integer,
     read_json,
     read_safetensors_shapes,
-    weights_checksum,
+    text_to_image_teacher,
 )
 from distill_jax.interop.scheduler import read_schedule
 from distill_jax.models.kinds import MMDIT_SIZES
@@ -160,14 +160,16 @@ def read_sd3_folder(
         shapes = read_safetensors_shapes(transformer_dir)
         check_layer_count(shapes, "transformer_blocks.", fields["num_layers"], "num_layers", where)
     size = int(fields["sample_size"])
-    record = dict(
-        source=folder,
-        kind="text_to_image",
+    imported = text_to_image_teacher(
+        folder,
+        "transformer",
+        model=model,
+        schedule_record=schedule_record,
+        data_shape=(size, size, channels),
+        configs_only=configs_only,
         pipeline=PIPELINE_CLASS,
         parts=list(parts),
-        weights_sha256=None if configs_only else weights_checksum(transformer_dir),
         transformer_class=sd3.CLASS_NAME,
-        **schedule_record,
         text=text,
         vae=vae,
         conventions=dict(
@@ -178,14 +180,6 @@ def read_sd3_folder(
                 "or zeros) and pooled_prompt_embeds, packed as one array (pooled last)"
             ),
         ),
-    )
-    imported = ImportedTeacher(
-        model=model,
-        logsnr_range=tuple(schedule_record["logsnr_range"]),
-        data_shape=(size, size, channels),
-        num_classes=0,
-        params=None,
-        record=record,
     )
     if not weights or configs_only:
         return imported
