@@ -77,7 +77,8 @@ def _model_config() -> ml_collections.ConfigDict:
     model.student_both_shift = 0.0
     model.dtype = "float32"  # compute dtype; parameters stay float32
     # The attention implementation of the U-Nets and the DiT (distill_jax.attention): 'xla' on
-    # any backend, 'plain' (the formula, for reference), 'cudnn' (NVIDIA GPUs, half precision).
+    # any backend, 'plain' (the formula, for reference), 'cudnn' (NVIDIA GPUs, half precision),
+    # 'splash' (the Pallas TPU kernel; interpreted, slowly, elsewhere).
     # It does not change the network: a workdir may switch it.
     model.attention = "xla"
     # What the backward pass recomputes instead of keeping (distill_jax.models.remat): 'none',

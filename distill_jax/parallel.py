@@ -12,7 +12,9 @@ and SLURM) before any other JAX call, so the mesh spans every process's devices.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -215,6 +217,21 @@ def make_mesh(num_data_devices: int = -1, *, fsdp: int = 1, devices: list | None
         # mesh splits a physical axis, which XLA supports at some cost in collectives.
         grid = mesh_utils.create_device_mesh(shape, devices[:used], allow_split_physical_axes=True)
         return Mesh(grid, names, axis_types=axis_types)
+
+
+def traced_in_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn` traced with `mesh` as the abstract mesh, for `jax.jit`.
+
+    Code inside that GSPMD cannot split (the 'splash' attention kernel,
+    `distill_jax.attention`) finds the mesh there and splits itself with `jax.shard_map`.
+    """
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -86,3 +86,23 @@ def test_plans_try_the_fewest_microbatches_then_recomputation():
         (8, "full"),
         (16, "full"),
     ]
+
+
+def test_plans_on_a_tpu_try_the_splash_kernel_first():
+    from distill_jax import topologies
+    from distill_jax.planning import estimate, plan
+
+    gib = 1024**3
+    result = estimate.Estimate(
+        "teacher", "train", 2**20, 1, total_bytes=69 * gib, temp_bytes=68 * gib, hbm_bytes=16 * gib
+    )
+    config = load_config("configs/digits.py")
+    tpu = topologies.abstract_devices(topologies.topology("v5e-4"))
+    # The kernel alone first, then with the microbatches; three compiles at most.
+    assert plan._saver_settings(result, tpu, config) == [
+        (1, "none", "splash"),
+        (8, "none", "splash"),
+        (16, "none", "splash"),
+    ]
+    # Elsewhere the config's own attention throughout.
+    assert plan._saver_settings(result, jax.devices("cpu") * 4, config)[0] == (8, "none", "xla")

@@ -139,33 +139,60 @@ def _advise(run, result, spec_name, devices, fsdp, chip, log) -> str:
     )
 
 
-def _advise_savers(run, result, spec_name, devices, fsdp, chip, log) -> str:
-    """The fewest microbatches (then the cheapest remat policy) with which the step fits."""
-    chips, config = len(devices), run.config
+def _saver_settings(result, devices, config) -> list[tuple[int, str, str]]:
+    """(microbatches, remat, attention) to try, cheapest first.
+
+    On a TPU the splash kernel first (it never holds the attention logits, at no compute
+    cost), then with each (microbatches, remat) of `estimate.saver_candidates`.
+    """
+    attention = str(config.model.attention)
+    if devices[0].platform == "tpu":
+        attention = "splash"
     candidates = estimate_lib.saver_candidates(
         result,
         batch=result.batch,
-        chips=chips,
+        chips=len(devices),
         microbatches=int(config.train.microbatches),
         remat=str(config.model.remat),
-    )[:MAX_SAVER_TRIES]
+    )
+    settings = [(m, r, attention) for m, r in candidates]
+    if attention != config.model.attention:
+        settings.insert(0, (int(config.train.microbatches), str(config.model.remat), attention))
+    return settings[:MAX_SAVER_TRIES]
+
+
+def _advise_savers(run, result, spec_name, devices, fsdp, chip, log) -> str:
+    """The cheapest memory savers (`_saver_settings`) with which the step fits."""
+    chips, config = len(devices), run.config
     mesh = parallel.make_mesh(chips // fsdp, fsdp=fsdp, devices=devices)
-    for microbatches, remat in candidates:
+    for microbatches, remat, attention in _saver_settings(result, devices, config):
         changed = ml_collections.ConfigDict(config.to_dict())
         changed.train.microbatches, changed.model.remat = microbatches, remat
+        changed.model.attention = attention
         try:
             other = Run.describe(changed)
         except ValueError:  # another stage's batch that these microbatches do not divide
             continue
-        log(f"[plan] {spec_name}: trying {microbatches} microbatches, remat {remat!r}")
+        log(
+            f"[plan] {spec_name}: trying {microbatches} microbatches, remat {remat!r}, "
+            f"attention {attention!r}"
+        )
         program = programs_lib.train_program(other, other.stage(spec_name), mesh)
         if program.lowered is None:
             continue
         again = _compile(program, chip, chips, log)
         if again.fits:
-            flags = f"--config.train.microbatches={microbatches}"
-            flags += f" --config.model.remat={remat}" if remat != config.model.remat else ""
-            return f"fits with {flags}: {estimate_lib.human_bytes(again.total_bytes)} per chip"
+            flags = [
+                f"--config.{key}={value}"
+                for key, value, old in (
+                    ("model.attention", attention, config.model.attention),
+                    ("train.microbatches", microbatches, config.train.microbatches),
+                    ("model.remat", remat, config.model.remat),
+                )
+                if value != old
+            ]
+            fits = estimate_lib.human_bytes(again.total_bytes)
+            return f"fits with {' '.join(flags)}: {fits} per chip"
     return ""
 
 

@@ -158,7 +158,7 @@ def compile_stage(stage: Stage, mesh: jax.sharding.Mesh) -> CompiledStage:
         microbatches=stage.microbatches,
     )
     step = jax.jit(
-        train_step,
+        parallel.traced_in_mesh(train_step, mesh),
         in_shardings=(state_sharding, batch_sharding, teacher_sharding),
         out_shardings=(state_sharding, repl),
         donate_argnums=(0,),
