@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from distill_jax import checkpoints, parallel
 from distill_jax.config import load_config
 from distill_jax.data.loader import make_train_loader
 from distill_jax.run import Run
+from distill_jax.run.workdir import LABELS_FILE, LATENTS_FILE
 from distill_jax.training import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -411,3 +413,78 @@ def test_sigterm_on_one_of_two_processes_saves_one_agreed_step_and_resumes(tmp_p
         want = _leaves(tmp_path / "straight", "teacher", which)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+LATENT_WORKER = """
+import json, sys
+import jax
+jax.distributed.initialize(
+    coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[3])
+)
+from absl import logging
+from etils import epath
+logging.set_verbosity(logging.INFO)
+from distill_jax.config import load_config
+from distill_jax.run import latents
+
+def encode(images):  # a fixed codec: 2x2 mean pooling, shifted
+    b, h, w, c = images.shape
+    return images.reshape(b, h // 2, 2, w // 2, 2, c).mean((2, 4)) - 0.1
+
+data = load_config("configs/digits_latent.py:smoke").data
+shape, scale = latents.encode_train_split(
+    jax.tree_util.Partial(encode), data, epath.Path(sys.argv[1]), batch_size=96
+)
+print("RESULT", json.dumps({"shape": list(shape), "scale": scale}))
+"""
+
+
+def test_two_processes_share_the_encoding_of_the_train_split(tmp_path):
+    """Each process of a pod encodes half the split into its own part; process 0 joins them.
+    The files and the scale are those of one process encoding the whole split."""
+    port = local.free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    shared = tmp_path / "pod"
+    shared.mkdir()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LATENT_WORKER, str(shared), f"localhost:{port}", str(i)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    single = tmp_path / "one"
+    single.mkdir()
+    one = subprocess.run(
+        [sys.executable, "-c", LATENT_WORKER.replace("jax.distributed.initialize", "dict")]
+        + [str(single), "unused", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    results = [
+        json.loads(line.split("RESULT ", 1)[1])
+        for text in outputs + [one.stdout]
+        for line in text.splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert len(results) == 3 and results[0] == results[1]
+    assert results[0]["shape"] == results[2]["shape"] and results[0]["shape"][-1] == 1
+    assert abs(results[0]["scale"] / results[2]["scale"] - 1) < 1e-9
+    # Each process encoded its own contiguous half.
+    pattern = r"process (\d) encoded examples (\d+) to (\d+) of (\d+)"
+    spans = [re.search(pattern, output) for output in outputs]
+    (p0, a0, b0, n), (p1, a1, b1, _) = (m.groups() for m in spans)
+    assert (p0, a0, p1, b1) == ("0", "0", "1", n) and b0 == a1 and 0 < int(b0) < int(n)
+    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in single.iterdir())
+    for name in (LATENTS_FILE, LABELS_FILE):
+        assert (shared / name).read_bytes() == (single / name).read_bytes(), name
