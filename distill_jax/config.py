@@ -319,8 +319,9 @@ def _train_config() -> ml_collections.ConfigDict:
     train = ml_collections.ConfigDict()
     train.log_every = 50
     train.checkpoint_every = 500
-    # The frozen teacher's weights in the distillation steps: 'float32', or 'bfloat16' (half
-    # the memory; the teacher still computes in model.dtype, from rounded weights).
+    # The frozen networks' weights: the teacher's in the distillation steps, an imported
+    # pipeline's text encoders' and its VAE's while it encodes the train split. 'float32', or
+    # 'bfloat16' (half the memory; each still computes as before, from rounded weights).
     train.frozen_dtype = "float32"
     # Gradient accumulation: every step sums the gradients of this many slices of its batch,
     # so a batch larger than the chips' memory trains (each stage's batch_size must divide).

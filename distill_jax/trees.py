@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 
@@ -47,3 +48,25 @@ def shape_mismatch(
                 f"{tuple(need[name].shape)} in {want_name}"
             )
     return None
+
+
+def cast_floating(tree: PyTree, dtype: str) -> PyTree:
+    """`tree` with its floating leaves in `dtype`; other leaves unchanged.
+
+    Leaves are arrays, or ShapeDtypeStructs (which keep their sharding); 'float32' or a None
+    tree returns `tree` as it is.
+
+    Frozen networks (config.train.frozen_dtype) are held so: 'bfloat16' halves their memory.
+    """
+    if dtype == "float32" or tree is None:
+        return tree
+    target = jnp.dtype(dtype)
+
+    def cast(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return leaf
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, target, sharding=leaf.sharding)
+        return leaf.astype(target)
+
+    return jax.tree.map(cast, tree)

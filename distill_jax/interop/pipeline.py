@@ -99,15 +99,18 @@ def _parts(folder: str) -> tuple[str, ...]:
     return wanted + (("vae",) if has_vae and "vae" not in wanted else ())
 
 
-def text_encoder(folder: str, clip_skip: int | None = None, max_tokens: int = 0):
+def text_encoder(
+    folder: str, clip_skip: int | None = None, max_tokens: int = 0, dtype: str = "float32"
+):
     """The pipeline's prompt encoder (tokenizer + text encoder); refusals are FolderErrors.
 
     An SD3 pipeline's (`sd3_pipeline.text_encoder`) pads to `max_tokens` (config.text's).
+    `dtype` is its weights' (config.train.frozen_dtype).
     """
     if sd3_pipeline.is_sd3_folder(folder):
-        return sd3_pipeline.text_encoder(folder, clip_skip, max_tokens)
+        return sd3_pipeline.text_encoder(folder, clip_skip, max_tokens, dtype)
     return text_reader.PipelineTextEncoder(
-        os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"), clip_skip
+        os.path.join(folder, "text_encoder"), os.path.join(folder, "tokenizer"), clip_skip, dtype
     )
 
 

@@ -194,7 +194,9 @@ def read_sd3_weights(imported: ImportedTeacher):
     return sd3.read_transformer(transformer_dir, sd3.mmdit_module(fields))
 
 
-def text_encoder(folder: str, clip_skip: int | None, max_tokens: int) -> text_reader.SD3TextEncoder:
+def text_encoder(
+    folder: str, clip_skip: int | None, max_tokens: int, dtype: str = "float32"
+) -> text_reader.SD3TextEncoder:
     """The pipeline's prompt encoder, T5 padded to what `max_tokens` leaves after CLIP's."""
     clip_tokens = _clip_tokens(folder)
     t5_tokens = int(max_tokens) - int(clip_tokens) - 1
@@ -203,4 +205,6 @@ def text_encoder(folder: str, clip_skip: int | None, max_tokens: int) -> text_re
             f"config.text.max_tokens={max_tokens} leaves no T5 tokens after CLIP's "
             f"{clip_tokens} and the pooled row: accepted at least {clip_tokens + 2}."
         )
-    return text_reader.SD3TextEncoder(folder, max_sequence_length=t5_tokens, clip_skip=clip_skip)
+    return text_reader.SD3TextEncoder(
+        folder, max_sequence_length=t5_tokens, clip_skip=clip_skip, dtype=dtype
+    )

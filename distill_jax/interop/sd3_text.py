@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax import trees
 from distill_jax.interop.core import (
     FolderError,
     check_layer_count,
@@ -250,10 +251,16 @@ class SD3TextEncoder(TextConditioner):
         clip_skip: int | None = None,
         use_t5: bool = True,
         joint_attention_dim: int | None = None,
+        dtype: str = "float32",
     ):
         try:
             self._build(
                 os.fspath(folder), max_sequence_length, clip_skip, use_t5, joint_attention_dim
+            )
+            # On the device once, not with every call; bfloat16 (config.train.frozen_dtype)
+            # halves T5-XXL's 19 GB of float32 weights. It computes in float32.
+            self.clip_params, self.t5_params = jax.device_put(
+                trees.cast_floating((self.clip_params, self.t5_params), dtype)
             )
         except SD3TextFolderError:
             raise
@@ -278,8 +285,6 @@ class SD3TextEncoder(TextConditioner):
         self.joint_attention_dim, self.pooled_width = joint, pooled_width
         self.max_tokens = self.clip_length + self.max_sequence_length + 1
         self.width = condition_width(joint, pooled_width)
-        # On the device once, not with every call.
-        self.clip_params, self.t5_params = jax.device_put((self.clip_params, self.t5_params))
         length = self.max_sequence_length
         self._apply = jax.jit(
             lambda clip_params, t5_params, clip_ids, t5_ids: _encode(

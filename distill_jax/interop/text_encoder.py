@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_jax import trees
 from distill_jax.interop.core import (
     FolderError,
     check_layer_count,
@@ -349,7 +350,14 @@ class PipelineTextEncoder(TextConditioner):
     encoder's).
     """
 
-    def __init__(self, text_encoder_dir: str, tokenizer_dir: str, clip_skip: int | None = None):
+    def __init__(
+        self,
+        text_encoder_dir: str,
+        tokenizer_dir: str,
+        clip_skip: int | None = None,
+        dtype: str = "float32",
+    ):
+        """`dtype`: its weights' (config.train.frozen_dtype; it computes in float32)."""
         config = _read_json(os.path.join(text_encoder_dir, "config.json"))
         kind, sizes = encoder_sizes(config, os.path.join(text_encoder_dir, "config.json"))
         self.tokenizer, self.max_tokens, self.pad_id = load_tokenizer(tokenizer_dir)
@@ -367,7 +375,8 @@ class PipelineTextEncoder(TextConditioner):
                 f"clip_skip={clip_skip} must count layers of a CLIP text encoder (0 to its "
                 f"num_hidden_layers); {text_encoder_dir} is a {kind} model with {sizes.layers}"
             )
-        self.params = _read_params(text_encoder_dir, config, kind, sizes)
+        params = _read_params(text_encoder_dir, config, kind, sizes)
+        self.params = trees.cast_floating(params, dtype)
         self.use_attention_mask = bool(config.get("use_attention_mask", False))
         self._apply = jax.jit(_module(kind, sizes, clip_skip or 0).apply)
 

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from distill_jax import checkpoints, config_checks
+from distill_jax import checkpoints, config_checks, trees
 from distill_jax.diffusion import discrete, flow
 from distill_jax.interop import core as interop_core
 from distill_jax.interop import pipeline
@@ -255,7 +255,10 @@ def _import_vae(run: Run, vae: dict) -> None:
     checkpointer = run.checkpointer(spec)
     try:
         checkpointer.save(0, {"params": params, "ema_params": params}, force=True)
-        unscaled, _ = autoencoder.make_codec(model, params, 1.0, shift)
+        # The encoding pass holds the VAE's weights in config.train.frozen_dtype (the
+        # checkpoint keeps them as read).
+        encoding = trees.cast_floating(params, str(run.config.train.frozen_dtype))
+        unscaled, _ = autoencoder.make_codec(model, encoding, 1.0, shift)
         shape, measured = latents_lib.encode_train_split(
             unscaled, run.config.data, run.directory(spec)
         )

@@ -64,9 +64,9 @@ def _diffusion_info(
 
 
 @functools.lru_cache(maxsize=2)
-def _pipeline_encoder(folder: str, clip_skip: int, max_tokens: int):
+def _pipeline_encoder(folder: str, clip_skip: int, max_tokens: int, dtype: str):
     """A pipeline's text encoder, loaded once per process."""
-    return pipeline_lib.text_encoder(folder, clip_skip or None, max_tokens)
+    return pipeline_lib.text_encoder(folder, clip_skip or None, max_tokens, dtype)
 
 
 def _identity(x: jax.Array) -> jax.Array:
@@ -124,7 +124,12 @@ class Run:
         """
         text = self.config.text
         if text.pipeline:
-            return _pipeline_encoder(str(text.pipeline), int(text.clip_skip), int(text.max_tokens))
+            return _pipeline_encoder(
+                str(text.pipeline),
+                int(text.clip_skip),
+                int(text.max_tokens),
+                str(self.config.train.frozen_dtype),
+            )
         return text_encoder.load_text_encoder(text.encoder_dir, int(text.max_tokens))
 
     @property

@@ -22,11 +22,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from distill_jax import parallel
+from distill_jax import parallel, trees
 from distill_jax.data import loader as data_loader
 from distill_jax.run import Run, StageSpec
 from distill_jax.run import workdir as workdir_lib
@@ -72,18 +71,7 @@ class Stage:
 
 def frozen(teacher: PyTree, dtype: str) -> PyTree:
     """`teacher` with its floating leaves in `dtype` (arrays, or ShapeDtypeStructs to plan)."""
-    if dtype == "float32" or teacher is None:
-        return teacher
-    target = jnp.dtype(dtype)  # one of config_checks.FROZEN_DTYPES
-
-    def cast(leaf):
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            return leaf
-        if isinstance(leaf, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(leaf.shape, target, sharding=leaf.sharding)
-        return leaf.astype(target)
-
-    return jax.tree.map(cast, teacher)
+    return trees.cast_floating(teacher, dtype)
 
 
 class NonFiniteError(FloatingPointError):
