@@ -281,6 +281,17 @@ def _quiet_closed_loop_reports() -> None:
     sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
+def _refuse(command: str, error: BaseException, argv: list[str]) -> None:
+    """Leave with the error's one line (--traceback or DISTILL_JAX_TRACEBACK=1: re-raise it).
+
+    Bad input, a busy workdir, a failed save, non-finite training: the user's to fix, so the
+    message, not a traceback.
+    """
+    if _TRACEBACK.value or _wants_traceback(argv):
+        raise error
+    _exit_with(f"distill-jax {command}".rstrip(), error)
+
+
 def main(argv: list[str]) -> None:
     """Dispatch the command named by the first positional argument."""
     command = argv[1] if len(argv) > 1 else ""
@@ -288,13 +299,16 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.INFO)
     # ABSLHandler.handle delegates to its python_handler, so the filter goes there.
     logging.get_absl_handler().python_handler.addFilter(_own_info_only)
+    try:  # before the heavy imports: a refused command line answers in a fraction of a second
+        command = _check_flags(argv)
+    except USER_ERRORS as error:
+        _refuse(command, error, argv)
     from distill_jax import parallel
     from distill_jax.run import WorkdirBusyError
     from distill_jax.training import loop
 
     _quiet_closed_loop_reports()
     try:
-        command = _check_flags(argv)
         parallel.initialize_distributed()
         parallel.enable_compilation_cache()
         COMMAND_FUNCTIONS[command]()
@@ -302,11 +316,7 @@ def main(argv: list[str]) -> None:
         logging.warning("%s", stop)
         sys.exit(stop.exit_code)
     except (*USER_ERRORS, WorkdirBusyError) as error:
-        # Bad input, a busy workdir, a failed save, non-finite training: the user's to fix, so
-        # the message, not a traceback (--traceback or DISTILL_JAX_TRACEBACK=1 shows it).
-        if _TRACEBACK.value or _wants_traceback(argv):
-            raise
-        _exit_with(f"distill-jax {command}".rstrip(), error)
+        _refuse(command, error, argv)
     except Exception as error:  # noqa: BLE001 - a collective raises JaxRuntimeError, not ours
         # Another process of the job died: say so in one line and leave without the shutdown
         # barrier (it would fail too, and abort with a page of C++ log).
