@@ -13,14 +13,13 @@ import pytest
 # to start it in every process, print libtpu's warnings on stderr and take its lockfile. The
 # suite and every command it starts run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+SUITE_XLA_FLAG = "--xla_backend_optimization_level=1"
 # The suite compiles far more than it runs: LLVM at optimisation level 1 instead of XLA's
 # default 2 cut the digits smoke run from 102 s to 81 s here with its steps as fast, and the same
-# losses to 1e-4 relative. The suite and the commands it starts inherit it (tests that set their
-# own XLA_FLAGS, to fake devices, compile at the default).
+# losses to 1e-4 relative. The suite and the commands it starts inherit it; tests that set their
+# own XLA_FLAGS (to fake devices) add it to theirs.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=1"]
-    ).strip()
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), SUITE_XLA_FLAG]).strip()
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = str(ROOT / "configs" / "digits.py") + ":smoke"

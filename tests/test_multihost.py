@@ -18,6 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import SUITE_XLA_FLAG
 from jax.sharding import PartitionSpec
 
 from distill_jax import checkpoints, parallel
@@ -196,7 +197,7 @@ json.dump(out, open(pathlib.Path(sys.argv[2]) / "out.json", "w"))
 
 @pytest.mark.slow
 def test_fsdp_on_a_2x2_mesh_trains_and_matches_data_parallelism(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=f"{SUITE_XLA_FLAG} --xla_force_host_platform_device_count=4")
     result = subprocess.run(
         [sys.executable, "-c", FSDP_WORKER, GMM_SMOKE, str(tmp_path)],
         cwd=ROOT,
@@ -330,7 +331,9 @@ json.dump({"leaves": leaves, "global_arrays_kept": same}, open(sys.argv[2], "w")
 def test_fsdp_initialisation_never_gives_a_process_a_whole_sharded_parameter(tmp_path):
     port = local.free_port()
     env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+        os.environ,
+        XLA_FLAGS=f"{SUITE_XLA_FLAG} --xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
     )
     procs = [
         subprocess.Popen(

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SUITE_XLA_FLAG
 
 from distill_jax import checkpoints, parallel
 from distill_jax.config import load_config
@@ -131,7 +132,8 @@ def test_cli_bad_input_gives_clear_error(tmp_path, bad_flag, message):
 
 
 def _run_worker(devices, out, config=SMOKE):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    flags = f"{SUITE_XLA_FLAG} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags)
     result = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "one_step_worker.py"), config, str(out)],
         cwd=ROOT,
@@ -156,7 +158,7 @@ def test_one_step_on_1_and_8_devices_agree(tmp_path):
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=f"{SUITE_XLA_FLAG} --xla_force_host_platform_device_count=8")
     result = subprocess.run(
         [
             sys.executable,

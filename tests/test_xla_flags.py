@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import SUITE_XLA_FLAG
 
 from distill_jax import xla_flags
 
@@ -54,6 +55,7 @@ def test_jax_runs_on_the_cpu_without_probing_libtpu_where_no_accelerator_is(tmp_
 
 def _losses(workdir: pathlib.Path, flags_setting: str | None) -> np.ndarray:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DISTILL_JAX_XLA_FLAGS")}
+    env["XLA_FLAGS"] = SUITE_XLA_FLAG  # the suite's compile setting, in both runs
     if flags_setting is not None:
         env["DISTILL_JAX_XLA_FLAGS"] = flags_setting
     command = [
