@@ -3,9 +3,12 @@
 import hashlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 
 import pytest
 
@@ -98,67 +101,111 @@ def snapshot(directory) -> dict | None:
 
 def pytest_configure(config):
     """Keep the CLI's persistent XLA compilation cache inside the test session's temp area."""
-    import tempfile
-
     cache = pathlib.Path(tempfile.gettempdir()) / f"distill_jax_test_xla_{os.getpid()}"
     os.environ.setdefault("DISTILL_JAX_COMPILATION_CACHE", str(cache))
 
 
+class _SmokeRuns:
+    """The session's smoke runs (`distill-jax run` subprocesses), started in the background as
+    soon as the tests are collected, one after another in the order the tests first need them.
+
+    A smoke run mostly compiles, on one core; started early it overlaps the in-process tests
+    on the other instead of leaving that core idle while a fixture waits for it.
+    """
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self.cache = root / "distill_jax_cache"  # DISTILL_JAX_CACHE: feature classifiers
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, tuple[pathlib.Path, subprocess.CompletedProcess]] = {}
+        self.done: dict[str, threading.Event] = {}
+
+    def run(self, name: str) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
+        config, *extra = SMOKE_RUNS[name]
+        workdir = self.root / name / "run"
+        env = dict(os.environ, DISTILL_JAX_CACHE=str(self.cache))
+        command = [sys.executable, "-m", "distill_jax", "run", f"--config={config}"]
+        command += [f"--workdir={workdir}", *extra]
+        result = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        )
+        return workdir, result
+
+    def start(self, names: list[str]) -> None:
+        for name in names:
+            self.done[name] = threading.Event()
+
+        def chain():
+            for name in names:
+                try:
+                    self.results[name] = self.run(name)
+                finally:
+                    self.done[name].set()
+
+        threading.Thread(target=chain, daemon=True).start()
+
+    def workdir(self, name: str) -> pathlib.Path:
+        """The finished run's workdir (run now if it was not started in the background)."""
+        if name in self.done:
+            self.done[name].wait()
+        if name not in self.results:
+            self.results[name] = self.run(name)
+        workdir, result = self.results[name]
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+        return workdir
+
+
+_DIT_TEACHER = ROOT / "tests" / "data" / "diffusers" / "dit_tiny_legacy"
+# fixture name: the run's config and extra flags.
+SMOKE_RUNS = {
+    "smoke_workdir": (SMOKE_CONFIG,),
+    "dit_workdir": (
+        str(ROOT / "configs" / "digits_dit.py") + ":smoke",
+        f"--teacher=diffusers:{_DIT_TEACHER}",
+    ),
+    "text_workdir": (TEXT_SMOKE_CONFIG,),
+}
+_SMOKES: list[_SmokeRuns] = []
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the smoke runs the collected tests use, in the order they first use them."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="distill_jax_smokes_"))
+    config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
+    runs = _SmokeRuns(root)
+    _SMOKES.append(runs)
+    used = [name for item in items for name in item.fixturenames if name in SMOKE_RUNS]
+    runs.start(list(dict.fromkeys(used)))
+
+
 @pytest.fixture(scope="session")
-def classifier_cache(tmp_path_factory):
+def classifier_cache():
     """A session-wide cache folder for feature classifiers (DISTILL_JAX_CACHE)."""
-    return tmp_path_factory.mktemp("distill_jax_cache")
-
-
-def _smoke_run(tmp_path_factory, classifier_cache, config: str, name: str, *extra: str):
-    workdir = tmp_path_factory.mktemp(name) / "run"
-    env = dict(os.environ, DISTILL_JAX_CACHE=str(classifier_cache))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distill_jax",
-            "run",
-            f"--config={config}",
-            f"--workdir={workdir}",
-            *extra,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return workdir
+    return _SMOKES[-1].cache
 
 
 @pytest.fixture(scope="session")
-def smoke_workdir(tmp_path_factory, classifier_cache):
+def smoke_workdir():
     """A workdir made by `distill-jax run --config=configs/digits.py:smoke` (all stages,
     evaluation and report), shared by every test of the session; read-only for tests."""
-    return _smoke_run(tmp_path_factory, classifier_cache, SMOKE_CONFIG, "smoke")
+    return _SMOKES[-1].workdir("smoke_workdir")
 
 
 @pytest.fixture(scope="session")
-def text_workdir(tmp_path_factory, classifier_cache):
+def text_workdir():
     """The same for `configs/digits_latent_text.py:smoke`: a text-conditioned run (prompts
     through the frozen MiniLM encoder) in the latent space of an autoencoder, so one run covers
     the text path and its conditions cached beside the latents; read-only for tests. (The pixel
     text config's U-Net and losses are tested in tests/test_text.py without a whole run.)"""
-    return _smoke_run(tmp_path_factory, classifier_cache, TEXT_SMOKE_CONFIG, "text")
+    return _SMOKES[-1].workdir("text_workdir")
 
 
 @pytest.fixture(scope="session")
-def dit_workdir(tmp_path_factory, classifier_cache):
+def dit_workdir():
     """`distill-jax run --config=configs/digits_dit.py:smoke --teacher=diffusers:...`: a tiny
     DiT that diffusers made (tests/data/diffusers/dit_tiny_legacy) imported and distilled down
     to one step, then evaluated; read-only for tests."""
-    teacher = ROOT / "tests" / "data" / "diffusers" / "dit_tiny_legacy"
-    config = str(ROOT / "configs" / "digits_dit.py") + ":smoke"
-    return _smoke_run(
-        tmp_path_factory, classifier_cache, config, "dit", f"--teacher=diffusers:{teacher}"
-    )
+    return _SMOKES[-1].workdir("dit_workdir")
 
 
 def imported_dit(folder):
