@@ -121,11 +121,9 @@ class _SmokeRuns:
         self.done: dict[str, threading.Event] = {}
 
     def run(self, name: str) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
-        config, *extra = SMOKE_RUNS[name]
         workdir = self.root / name / "run"
         env = dict(os.environ, DISTILL_JAX_CACHE=str(self.cache))
-        command = [sys.executable, "-m", "distill_jax", "run", f"--config={config}"]
-        command += [f"--workdir={workdir}", *extra]
+        command = [sys.executable, "-m", "distill_jax", *SMOKE_RUNS[name], f"--workdir={workdir}"]
         result = subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
         )
@@ -156,26 +154,43 @@ class _SmokeRuns:
 
 
 _DIT_TEACHER = ROOT / "tests" / "data" / "diffusers" / "dit_tiny_legacy"
-# fixture name: the run's config and extra flags.
+# fixture name: the command and its flags (the workdir added).
 SMOKE_RUNS = {
-    "smoke_workdir": (SMOKE_CONFIG,),
+    "smoke_workdir": ("run", f"--config={SMOKE_CONFIG}"),
     "dit_workdir": (
-        str(ROOT / "configs" / "digits_dit.py") + ":smoke",
+        "run",
+        f"--config={ROOT / 'configs' / 'digits_dit.py'}:smoke",
         f"--teacher=diffusers:{_DIT_TEACHER}",
     ),
-    "text_workdir": (TEXT_SMOKE_CONFIG,),
+    "text_workdir": ("run", f"--config={TEXT_SMOKE_CONFIG}"),
+    # tests/test_latent.py's: the latent smoke's autoencoder (longer) and a 1-step teacher.
+    "other_run": (
+        "train",
+        f"--config={ROOT / 'configs' / 'digits_latent.py'}:smoke",
+        "--config.seed=3",
+        "--config.autoencoder.num_steps=120",
+        "--config.train.checkpoint_every=40",
+        "--config.teacher.num_steps=1",
+    ),
 }
 _SMOKES: list[_SmokeRuns] = []
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(session, config, items):
-    """Start the smoke runs the collected tests use, in the order they first use them."""
+    """Start the smoke runs the selected tests use, in the order they first use them."""
     root = pathlib.Path(tempfile.mkdtemp(prefix="distill_jax_smokes_"))
     config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
     runs = _SmokeRuns(root)
     _SMOKES.append(runs)
     used = [name for item in items for name in item.fixturenames if name in SMOKE_RUNS]
     runs.start(list(dict.fromkeys(used)))
+
+
+def background_workdir(name: str) -> pathlib.Path:
+    """The workdir of SMOKE_RUNS[name], finished (started in the background if a collected
+    test uses a fixture of that name; run now otherwise)."""
+    return _SMOKES[-1].workdir(name)
 
 
 @pytest.fixture(scope="session")
@@ -188,7 +203,7 @@ def classifier_cache():
 def smoke_workdir():
     """A workdir made by `distill-jax run --config=configs/digits.py:smoke` (all stages,
     evaluation and report), shared by every test of the session; read-only for tests."""
-    return _SMOKES[-1].workdir("smoke_workdir")
+    return background_workdir("smoke_workdir")
 
 
 @pytest.fixture(scope="session")
@@ -197,7 +212,7 @@ def text_workdir():
     through the frozen MiniLM encoder) in the latent space of an autoencoder, so one run covers
     the text path and its conditions cached beside the latents; read-only for tests. (The pixel
     text config's U-Net and losses are tested in tests/test_text.py without a whole run.)"""
-    return _SMOKES[-1].workdir("text_workdir")
+    return background_workdir("text_workdir")
 
 
 @pytest.fixture(scope="session")
@@ -205,7 +220,7 @@ def dit_workdir():
     """`distill-jax run --config=configs/digits_dit.py:smoke --teacher=diffusers:...`: a tiny
     DiT that diffusers made (tests/data/diffusers/dit_tiny_legacy) imported and distilled down
     to one step, then evaluated; read-only for tests."""
-    return _SMOKES[-1].workdir("dit_workdir")
+    return background_workdir("dit_workdir")
 
 
 def imported_dit(folder):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import snapshot
+from conftest import SMOKE_RUNS, background_workdir, snapshot
 
 from distill_jax import sampling
 from distill_jax.config import load_config
@@ -84,23 +84,15 @@ def _autoencoder_mse(run: Run, which: str, x: np.ndarray) -> float:
 
 
 # A second latent run: another seed (so another autoencoder), 120 autoencoder steps, a 1-step
-# teacher. Trained once straight through by the `other_run` fixture, and once killed and resumed.
-OTHER = [
-    f"--config={LATENT_SMOKE}",
-    "--config.seed=3",
-    "--config.autoencoder.num_steps=120",
-    "--config.train.checkpoint_every=40",
-    "--config.teacher.num_steps=1",
-]
+# teacher (conftest.SMOKE_RUNS). Trained once straight through by the `other_run` fixture (in
+# the background from the start of the session), and once killed and resumed.
+OTHER = list(SMOKE_RUNS["other_run"][1:])
 
 
 @pytest.fixture(scope="module")
-def other_run(tmp_path_factory):
+def other_run():
     """`distill-jax train` of OTHER (autoencoder and a 1-step teacher), uninterrupted."""
-    workdir = tmp_path_factory.mktemp("other") / "run"
-    result = _cli("train", *OTHER, f"--workdir={workdir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return background_workdir("other_run")
 
 
 def test_autoencoder_training_lowers_the_reconstruction_error(other_run):
