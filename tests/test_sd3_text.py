@@ -286,3 +286,14 @@ def test_text_encoders_hold_bfloat16_weights_where_the_config_says(folder, max_t
     scale = np.abs(states["float32"]).max()
     error = np.abs(states["bfloat16"] - states["float32"]).max() / scale
     assert 0 < error < 0.02, error  # measured 0.8% and 1.0%
+
+
+def test_a_cut_prompt_is_said_to_be_cut_where_it_was():
+    """The warning names the tokenizer that cut: T5 at max_sequence_length, CLIP at 77."""
+    encoder = SD3TextEncoder(SD3_TINY, max_sequence_length=4)
+    short, long = "a cat", " ".join(["a photo of a cat"] * 20)
+    assert encoder.encode([short, long])[1] == [False, True]
+    assert encoder.cut_note(short) == ""
+    note = encoder.cut_note(long)
+    assert "T5 reads its first 4 tokens (config.text.max_sequence_length)" in note
+    assert f"the CLIP encoders read its first {encoder.clip_length} tokens" in note

@@ -348,6 +348,21 @@ class SD3TextEncoder(TextConditioner):
         """CLIP-L's (ids int32 [B, 77], mask int32 [B, 77], truncated [B])."""
         return tokenize(self.tokenizer, prompts, self.clip_length, self.pad_id)
 
+    def cut_note(self, prompt: str) -> str:
+        """Which tokenizers cut `prompt`, in words (for the warning about a cut prompt)."""
+        notes = []
+        if any(
+            tokenize(t, [prompt], self.clip_length, pad)[2][0] for t, pad in self.clip_tokenizers
+        ):
+            notes.append(f"the CLIP encoders read its first {self.clip_length} tokens")
+        if self.use_t5:
+            length = self.max_sequence_length
+            if tokenize(self.t5_tokenizer, [prompt], length, self.t5_pad_id)[2][0]:
+                notes.append(
+                    f"T5 reads its first {length} tokens (config.text.max_sequence_length)"
+                )
+        return " and ".join(notes)
+
     def encode_parts(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """encode_prompt's (prompt_embeds, pooled_prompt_embeds), float32.
 

@@ -55,7 +55,14 @@ def encode_prompts(run: Run, prompts: Sequence[str]) -> np.ndarray:
     encoder = run.text_encoder()
     conditions, truncated = encoder.encode(list(prompts))
     for text, cut in zip(prompts, truncated, strict=True):
-        if cut:
+        if cut and hasattr(encoder, "cut_note"):  # an SD3 pipeline's: three tokenizers
+            logging.warning(
+                "prompt %r is longer than the model reads: %s; it was cut there, as diffusers "
+                "does.",
+                text,
+                encoder.cut_note(text),
+            )
+        elif cut:
             ids, mask, _ = encoder.tokenize([text])
             kept = encoder.tokenizer.decode(
                 [int(i) for i, m in zip(ids[0], mask[0], strict=True) if m]
