@@ -327,25 +327,11 @@ json.dump({"leaves": leaves, "global_arrays_kept": same}, open(sys.argv[2], "w")
 """
 
 
-@pytest.mark.slow
-def test_fsdp_initialisation_never_gives_a_process_a_whole_sharded_parameter(tmp_path):
-    port = local.free_port()
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"{SUITE_XLA_FLAG} --xla_force_host_platform_device_count=2",
-        JAX_PLATFORMS="cpu",
-    )
+def _two_workers(env: dict, script: str, arguments) -> list[str]:
+    """Run `script` in two processes (arguments(i): process i's argv) to the end; their output."""
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                FSDP_INIT_WORKER,
-                GMM_SMOKE,
-                str(tmp_path / f"p{i}.json"),
-                f"localhost:{port}",
-                str(i),
-            ],
+            [sys.executable, "-c", script, *arguments(i)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -356,6 +342,22 @@ def test_fsdp_initialisation_never_gives_a_process_a_whole_sharded_parameter(tmp
     ]
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    return outputs
+
+
+@pytest.mark.slow
+def test_fsdp_initialisation_never_gives_a_process_a_whole_sharded_parameter(tmp_path):
+    port = local.free_port()
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"{SUITE_XLA_FLAG} --xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+    )
+    _two_workers(
+        env,
+        FSDP_INIT_WORKER,
+        lambda i: [GMM_SMOKE, str(tmp_path / f"p{i}.json"), f"localhost:{port}", str(i)],
+    )
     results = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     assert all(r["global_arrays_kept"] for r in results)
     per_process = [r["leaves"] for r in results]
@@ -449,19 +451,7 @@ def test_two_processes_share_the_encoding_of_the_train_split(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     shared = tmp_path / "pod"
     shared.mkdir()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", LATENT_WORKER, str(shared), f"localhost:{port}", str(i)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    outputs = _two_workers(env, LATENT_WORKER, lambda i: [str(shared), f"localhost:{port}", str(i)])
     single = tmp_path / "one"
     single.mkdir()
     one = subprocess.run(
