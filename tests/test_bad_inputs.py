@@ -3,13 +3,13 @@
 Each case is a command line (and, where needed, a damaged file) that a user could type. For
 every case the test asserts the exit code, that the last line of stderr names the bad value and
 what is accepted, that no traceback is printed, and that no file of the finished smoke workdir
-or of the exported artifact changed (contents and modification times). The commands run in a
-few parallel processes once per session; each parametrized test checks its own result.
+or of the exported artifact changed (contents and modification times). The commands run once
+per session, each in its own process forked after the imports they share (tests/cli_forks.py);
+each parametrized test checks its own result.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import pathlib
@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -24,7 +25,6 @@ from conftest import snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "digits.py") + ":smoke"
-CLI = [sys.executable, "-m", "distill_jax"]
 
 
 def _files(root: pathlib.Path, run: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -320,8 +320,8 @@ def _command(case_id: str, argv: list[str], names: dict[str, pathlib.Path], root
     argv = [arg.format(**values) for arg in argv]
     if argv[0] == "RUN_SAMPLER":
         loader = names["artifact"] / "run_sampler.py"
-        return [sys.executable, str(loader), *argv[1:], "--out", str(scratch / "out.npy")]
-    return [*CLI, *argv]
+        return ["SCRIPT", str(loader), *argv[1:], "--out", str(scratch / "out.npy")]
+    return argv
 
 
 @pytest.fixture(scope="session")
@@ -335,17 +335,27 @@ def bad_input_results(smoke_workdir, tmp_path_factory):
     before = [snapshot(d) for d in watched]
     # The classifier cache and XLA cache stay as the smoke run left them.
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-
-    def launch(case):
-        case_id, argv, _ = case
-        command = _command(case_id, argv, names, root)
-        result = subprocess.run(
-            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-        )
-        return case_id, result
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        results = dict(pool.map(launch, CASES))
+    outputs = root / "outputs"
+    outputs.mkdir()
+    cases = [
+        {"id": case_id, "argv": _command(case_id, argv, names, root), "out": str(outputs / case_id)}
+        for case_id, argv, _ in CASES
+    ]
+    (root / "cases.json").write_text(json.dumps(cases))
+    # Each command line runs in its own process, forked after the imports they all share.
+    server = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cli_forks.py"), str(root / "cases.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert server.returncode == 0, server.stderr[-3000:]
+    results = {
+        case["id"]: types.SimpleNamespace(**json.loads(pathlib.Path(case["out"]).read_text()))
+        for case in cases
+    }
     after = [snapshot(d) for d in watched]
     return results, before, after, root
 
