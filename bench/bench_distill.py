@@ -1,7 +1,7 @@
 """Stage-one and stage-two train-step time relative to a teacher train step.
 
 For the digits config (U-Net on 8x8x1) and the same network on 32x32x3 images, builds the real
-stages (`pipeline.BUILDERS` for the teacher, stage one and a stage-two round of a `Run` on the
+stages (`drivers.BUILDERS` for the teacher, stage one and a stage-two round of a `Run` on the
 given shape), wraps their losses with
 `state.make_train_step`, jits each step with the state donated, and times it on the same batch
 and device after a warm-up, with `block_until_ready`. Timings are interleaved (teacher, stage
@@ -26,17 +26,17 @@ from steps import TimedStep, bench_run, random_batch
 from distill_jax.config import load_config
 from distill_jax.data.sources import DatasetInfo
 from distill_jax.run import round_name
-from distill_jax.training import pipeline
+from distill_jax.training import drivers
 
 
 def bench_config(name, config, info, batch_size, steps, repeats, round_steps):
     batch = random_batch(config, info, batch_size)
     run = bench_run(config, info, batch_size)
-    teacher_stage = pipeline.BUILDERS["teacher"](run, run.stage("teacher"), None)
+    teacher_stage = drivers.BUILDERS["teacher"](run, run.stage("teacher"), None)
     teacher_params = teacher_stage.init_params(None)
-    stage_one = pipeline.BUILDERS["stage1"](run, run.stage("stage1"), teacher_params)
+    stage_one = drivers.BUILDERS["stage1"](run, run.stage("stage1"), teacher_params)
     student_params = stage_one.init_params(teacher_params)
-    stage_two = pipeline.BUILDERS["stage2"](run, run.stage(round_name(round_steps)), student_params)
+    stage_two = drivers.BUILDERS["stage2"](run, run.stage(round_name(round_steps)), student_params)
     timed = {
         "teacher": TimedStep(teacher_stage, batch),
         "stage1": TimedStep(stage_one, batch),

@@ -31,7 +31,7 @@ from steps import TimedStep, bench_run, matmul_flops_per_s, random_batch
 from distill_jax.config import load_config
 from distill_jax.data.sources import DatasetInfo
 from distill_jax.diffusion import samplers
-from distill_jax.training import pipeline
+from distill_jax.training import drivers
 
 # Dense bfloat16 peak TFLOP/s per chip (vendor data sheets), matched against device_kind.
 PEAK_TFLOPS = (
@@ -74,7 +74,7 @@ def on_device(tree, device):
 
 def sampling_rate(run, teacher_params, batch_size: int, device, repeats: int):
     """(images/s, FLOPs per image) of the stage-one student sampling with 4 DDIM steps."""
-    stage_one = pipeline.BUILDERS["stage1"](run, run.stage("stage1"), teacher_params)
+    stage_one = drivers.BUILDERS["stage1"](run, run.stage("stage1"), teacher_params)
     params = on_device(stage_one.init_params(teacher_params), device)
     fn = run.denoise_fn(run.stage("stage1"), params)
     key = jax.random.PRNGKey(0)
@@ -105,7 +105,7 @@ def bench(name: str, args, device, peak: float) -> None:
     config = load_config(path)
     config.model.dtype = "bfloat16"
     run = bench_run(config, info, args.batch)
-    stage = pipeline.BUILDERS["teacher"](run, run.stage("teacher"), None)
+    stage = drivers.BUILDERS["teacher"](run, run.stage("teacher"), None)
     batch = on_device(random_batch(config, info, args.batch), device)
     with jax.default_device(device):
         step = TimedStep(stage, batch)

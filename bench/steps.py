@@ -1,7 +1,7 @@
 """The train steps the benchmarks time, built and timed one way for all of them.
 
 `TimedStep` jits a stage's real step (`state.make_train_step` over the stage's loss from
-`pipeline.BUILDERS`) with the state donated, compiles it for one batch, and times `run(n)`:
+`drivers.BUILDERS`) with the state donated, compiles it for one batch, and times `run(n)`:
 n steps back to back, then `block_until_ready`. bench_teacher.py, bench_distill.py and
 torch_side_by_side.py all time their steps with it, so a teacher step means the same thing in
 each of them (bench_distill.py interleaves it with the stage-one and stage-two steps).
@@ -17,7 +17,7 @@ from distill_jax import parallel, text_encoder
 from distill_jax.data import loader
 from distill_jax.data.sources import DatasetInfo
 from distill_jax.run import Run, plan_stages
-from distill_jax.training import pipeline
+from distill_jax.training import drivers
 from distill_jax.training import state as state_lib
 
 NOWHERE = epath.Path("/nonexistent")  # the stages are only built: no workdir is touched
@@ -100,5 +100,5 @@ class TimedStep:
 def teacher_step(config, info: DatasetInfo, batch_size: int) -> TimedStep:
     """The project's teacher train step on a random batch, ready to time."""
     run = bench_run(config, info, batch_size)
-    stage = pipeline.BUILDERS["teacher"](run, run.stage("teacher"), None)
+    stage = drivers.BUILDERS["teacher"](run, run.stage("teacher"), None)
     return TimedStep(stage, random_batch(config, info, batch_size))

@@ -1,7 +1,7 @@
 """Default config: the bundled scikit-learn digits (8x8 grayscale, 10 classes).
 
 Usage: --config=configs/digits.py (full default run) or --config=configs/digits.py:smoke
-(a tiny end-to-end run for CI). Sizes are chosen so the whole pipeline fits a 2-core CPU.
+(a tiny end-to-end run for CI). Sizes are chosen so the whole run fits a 2-core CPU.
 """
 
 from distill_jax.config import base_config
@@ -26,7 +26,7 @@ def get_config(variant: str = ""):
     c.model.num_heads = 2
     c.model.dropout = 0.1
     c.guidance.w_min, c.guidance.w_max = 0.0, 4.0  # pixel-space range of Meng et al.
-    # Budget: the whole pipeline (teacher, stage one, five halving rounds 32 -> 1, evaluation)
+    # Budget: the whole run (teacher, stage one, five halving rounds 32 -> 1, evaluation)
     # in 27-30 minutes on a 2-core CPU (README). 32 guided DDIM steps are already close to the
     # teacher's converged samples on 8x8 digits.
     c.teacher.batch_size = 128

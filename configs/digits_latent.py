@@ -3,7 +3,7 @@
 Usage: --config=configs/digits_latent.py (full run) or --config=configs/digits_latent.py:smoke.
 The autoencoder (32x32x1 -> 8x8x4, L1 + 1e-6 KL as LDM's KL models) trains first; the teacher,
 stage one and the halving rounds then run on its scaled latents with the default digits U-Net
-(an 8x8 input, as in pixel space), and sampling decodes. Budget: the whole pipeline in about
+(an 8x8 input, as in pixel space), and sampling decodes. Budget: the whole run in about
 30 minutes on a 2-core CPU (stage one's batch of 256, from digits.py, adds about 4.5 of them;
 not re-timed as a whole).
 """

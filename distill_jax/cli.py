@@ -350,11 +350,11 @@ def _run_config():
 
 def _train(config=None) -> None:
     """The train command (and the first phase of run): the teacher."""
-    from distill_jax.training import pipeline
+    from distill_jax.training import drivers
 
     config = config if config is not None else _run_config()
     start = time.perf_counter()
-    state = pipeline.train_teacher(
+    state = drivers.train_teacher(
         config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
     )
     if state is not None:
@@ -363,11 +363,11 @@ def _train(config=None) -> None:
 
 def _distill(config=None) -> None:
     """The distill command (and the second phase of run): stage one and every round."""
-    from distill_jax.training import pipeline
+    from distill_jax.training import drivers
 
     config = config if config is not None else _run_config()
     start = time.perf_counter()
-    trained = pipeline.distill_stages(
+    trained = drivers.distill_stages(
         config,
         _WORKDIR.value,
         only=_ONLY.value,

@@ -82,7 +82,7 @@ COMMANDS = {
         **_TRAINING,
     ),
     "run": CommandHelp(
-        summary="the whole pipeline (train, distill), then evaluate and write report.md",
+        summary="every stage (train, distill), then evaluate and write report.md",
         usage="--config=FILE[:variant] --workdir=DIR [--teacher=diffusers:DIR] [--config.KEY=...]",
         common=("teacher",),
         advanced=("allow_config_change", "traceback"),

@@ -38,7 +38,7 @@ def optimizer_config(
 
 
 def _data_config() -> ml_collections.ConfigDict:
-    """The dataset and its input pipeline."""
+    """The dataset and how it is loaded."""
     data = ml_collections.ConfigDict()
     # 'digits' (bundled), 'gmm' (toy), 'image_captions' (files on disk), or a TFDS image dataset
     data.name = "digits"

@@ -23,7 +23,7 @@ import jax._src.xla_bridge as xla_bridge
 
 from distill_jax import cli, export, sampling  # noqa: F401 - the commands' heavy imports, once
 from distill_jax.run import imported  # noqa: F401
-from distill_jax.training import loop, pipeline  # noqa: F401
+from distill_jax.training import drivers, loop  # noqa: F401
 
 MAX_CHILDREN = 3
 

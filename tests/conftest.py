@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: one smoke run of the whole pipeline per test session."""
+"""Shared pytest fixtures: one smoke run of every stage per test session."""
 
 import hashlib
 import os

@@ -13,7 +13,7 @@ from distill_jax import parallel
 from distill_jax.config import load_config
 from distill_jax.data import loader
 from distill_jax.run import Run
-from distill_jax.training import pipeline
+from distill_jax.training import drivers
 from distill_jax.training import state as state_lib
 
 
@@ -21,7 +21,7 @@ def main(config_path: str, out: str) -> None:
     config = load_config(config_path)
     run = Run.create(config, "/nonexistent")
     spec = run.stage("teacher")
-    stage = pipeline.BUILDERS["teacher"](run, spec, None)
+    stage = drivers.BUILDERS["teacher"](run, spec, None)
     mesh = parallel.make_mesh(-1)
     loader.check_batch_size(stage.batch_size, devices=mesh.size)
     optimizer = state_lib.make_optimizer(stage.optimizer, spec.num_steps)

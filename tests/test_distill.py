@@ -26,7 +26,7 @@ from distill_jax.data import sources
 from distill_jax.diffusion import gmm, samplers, schedule
 from distill_jax.diffusion.guidance import make_guided_denoise_fn
 from distill_jax.run import Run, round_name
-from distill_jax.training import pipeline
+from distill_jax.training import drivers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GMM_CONFIG = str(ROOT / "configs" / "gmm.py")
@@ -93,7 +93,7 @@ def _rms(a, b):
 @pytest.fixture(scope="module")
 def stage_one_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("stage_one")
-    pipeline.distill_stages(_config(), workdir, only="stage1")
+    drivers.distill_stages(_config(), workdir, only="stage1")
     assert checkpoints.stage_finished(workdir / "stage1")["final_step"] == 2000
     return workdir
 
@@ -101,7 +101,7 @@ def stage_one_workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def distilled_workdir(stage_one_workdir, tmp_path_factory):
     workdir = _copy_stage_one(stage_one_workdir, tmp_path_factory.mktemp("distilled") / "run")
-    pipeline.distill_stages(_config(), workdir, only="stage2")
+    drivers.distill_stages(_config(), workdir, only="stage2")
     return workdir
 
 
@@ -110,7 +110,7 @@ def test_stage_one_student_matches_exact_guided_teacher(stage_one_workdir):
     teacher, mixture = _exact_teacher(config)
     trained = _student_fn(config, _stage_params(stage_one_workdir, "stage1"))
     run = Run.create(config, stage_one_workdir)
-    stage = pipeline.BUILDERS["stage1"](run, run.stage("stage1"), mixture)
+    stage = drivers.BUILDERS["stage1"](run, run.stage("stage1"), mixture)
     untrained = _student_fn(config, stage.init_params(mixture))
 
     x, labels = sources.sample_mixture(mixture, num=NUM_EVAL, seed=11)
@@ -204,20 +204,20 @@ def _final_weights(workdir, steps):
 def test_interrupted_round_loop_resumes_to_the_same_weights(stage_one_workdir, tmp_path, caplog):
     config = _resume_config()  # rounds: 2 steps (12 training steps), then 1 step (16)
     straight = _copy_stage_one(stage_one_workdir, tmp_path / "straight")
-    pipeline.distill_stages(config, straight, only="stage2")
+    drivers.distill_stages(config, straight, only="stage2")
 
     resumed = _copy_stage_one(stage_one_workdir, tmp_path / "resumed")
     # Stop between rounds: only the first round has run.
-    pipeline.distill_stages(config, resumed, only="stage2", stop_after_round=1)
+    drivers.distill_stages(config, resumed, only="stage2", stop_after_round=1)
     assert _round_finished(resumed, 2) is not None
     assert not (resumed / round_name(1)).exists()
     # Stop mid-round: the last round saves at step 6 of 16 and is left unfinished (as killed).
     run = Run.create(config, resumed)
-    pipeline.train_stage(run, run.stage(round_name(1)), parallel.make_mesh(-1), stop_after=6)
+    drivers.train_stage(run, run.stage(round_name(1)), parallel.make_mesh(-1), stop_after=6)
     assert _round_finished(resumed, 1) is None
     caplog.set_level(logging.INFO, logger="absl")
     caplog.clear()
-    pipeline.distill_stages(config, resumed, only="stage2")
+    drivers.distill_stages(config, resumed, only="stage2")
     # distill_jax's own lines (Orbax logs every path it opens, the teacher's included).
     log = "\n".join(r.getMessage() for r in caplog.records if "distill_jax" in r.pathname)
     assert "steps_0002" not in log  # the finished round is neither retrained nor reloaded
@@ -230,7 +230,7 @@ def test_interrupted_round_loop_resumes_to_the_same_weights(stage_one_workdir, t
 
     # Everything is finished now: a further call trains nothing and changes nothing.
     before = snapshot(resumed / "stage2")
-    pipeline.distill_stages(config, resumed, only="stage2")
+    drivers.distill_stages(config, resumed, only="stage2")
     assert snapshot(resumed / "stage2") == before
 
 
@@ -247,8 +247,8 @@ def trained_teachers(tmp_path_factory):
             "train.checkpoint_every": 2,
         }
     )
-    pipeline.train_teacher(config, root / "finished")
-    pipeline.train_teacher(config, root / "unfinished", stop_after=2)
+    drivers.train_teacher(config, root / "finished")
+    drivers.train_teacher(config, root / "unfinished", stop_after=2)
     assert checkpoints.stage_finished(root / "finished" / "teacher") is not None
     assert checkpoints.stage_finished(root / "unfinished" / "teacher") is None
     return root
@@ -296,7 +296,7 @@ def test_bad_inputs_fail_clearly_and_touch_nothing(
     watched = [workdir, trained_teachers]
     before = [snapshot(d) for d in watched]
     with pytest.raises(error, match=message):
-        pipeline.distill_stages(_config(**overrides), workdir, only=only, teacher_dir=teacher_dir)
+        drivers.distill_stages(_config(**overrides), workdir, only=only, teacher_dir=teacher_dir)
     assert [snapshot(d) for d in watched] == before
 
 
@@ -304,7 +304,7 @@ def test_an_external_teacher_is_linked_so_the_run_can_sample_it(trained_teachers
     teacher_dir = trained_teachers / "finished" / "teacher"
     overrides = {"model.mlp_hidden": 16, "stage1.num_steps": 2, "train.checkpoint_every": 2}
     workdir = tmp_path / "run"
-    pipeline.distill_stages(_config(**overrides), workdir, only="stage1", teacher_dir=teacher_dir)
+    drivers.distill_stages(_config(**overrides), workdir, only="stage1", teacher_dir=teacher_dir)
     link = workdir / "teacher"
     assert link.is_symlink() and link.resolve() == teacher_dir.resolve()
     run = Run.open(workdir)
@@ -312,7 +312,7 @@ def test_an_external_teacher_is_linked_so_the_run_can_sample_it(trained_teachers
     got = run.load_params(run.stage("teacher"))
     jax.tree.map(np.testing.assert_array_equal, got, expected)
     # A second distill with the same teacher leaves the link alone.
-    pipeline.distill_stages(_config(**overrides), workdir, only="stage1", teacher_dir=teacher_dir)
+    drivers.distill_stages(_config(**overrides), workdir, only="stage1", teacher_dir=teacher_dir)
     assert link.resolve() == teacher_dir.resolve()
 
 
@@ -377,7 +377,7 @@ def test_stochastic_variant_samples_match_the_teacher_distribution(stage_one_wor
         }
     )
     workdir = _copy_stage_one(stage_one_workdir, tmp_path / "stochastic")
-    pipeline.distill_stages(config, workdir, only="stage2")
+    drivers.distill_stages(config, workdir, only="stage2")
     student = _student_fn(config, _stage_params(workdir, round_name(4)))
     teacher, _ = _exact_teacher(config)
     num_classes = config.data.gmm.num_classes
@@ -483,8 +483,8 @@ def test_a_bfloat16_frozen_teacher_halves_its_memory_and_keeps_its_predictions(s
     run = Run.open(smoke_workdir)
     run.config.train.frozen_dtype = "bfloat16"
     spec, mesh = run.stage("stage1"), parallel.make_mesh()
-    teacher = pipeline.load_teacher(run, spec, mesh, None)
-    stage = pipeline.BUILDERS[spec.kind](run, spec, teacher)
+    teacher = drivers.load_teacher(run, spec, mesh, None)
+    stage = drivers.BUILDERS[spec.kind](run, spec, teacher)
     state, frozen, compiled = loop.initial_state(stage, mesh)
     assert {leaf.dtype for leaf in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
     student = named_leaves(state.params)

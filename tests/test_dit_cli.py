@@ -188,7 +188,7 @@ def test_dit_xl2_config_smoke_on_mock_data(tmp_path):
     from distill_jax import sampling
     from distill_jax.config import load_config
     from distill_jax.run import imported
-    from distill_jax.training import pipeline
+    from distill_jax.training import drivers
 
     config = load_config(str(ROOT / "configs" / "dit_xl2_imagenet256.py") + ":smoke")
     config.data.data_dir = str(tmp_path / "tfds")
@@ -204,7 +204,7 @@ def test_dit_xl2_config_smoke_on_mock_data(tmp_path):
         assert not (tmp_path / "other").exists()
         config = imported.import_teacher(config, workdir, teacher)
         # An epsilon teacher: fine-tuned to v first (config.finetune.to='auto'), on the latents.
-        trained = pipeline.distill_stages(config, workdir)
+        trained = drivers.distill_stages(config, workdir)
         assert trained == ["teacher_v", "stage1", "stage2/steps_0001"]
         run = Run.open(workdir)
         assert run.config.model.dit_learned_sigma and run.info.num_classes == 1000

@@ -137,7 +137,7 @@ def test_runnable_blocks_are_few_and_cheap():
     blocks = _runnable_blocks()
     assert len(blocks) >= 3, blocks
     slow = [name for name, body in blocks if SLOW_COMMANDS.search(body)]
-    assert not slow, f"runnable blocks that train or run a whole pipeline: {slow}"
+    assert not slow, f"runnable blocks that train or run every stage: {slow}"
 
 
 @pytest.mark.parametrize("name, block", _runnable_blocks(), ids=[n for n, _ in _runnable_blocks()])

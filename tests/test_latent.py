@@ -27,7 +27,7 @@ from distill_jax import sampling
 from distill_jax.config import load_config
 from distill_jax.data import loader
 from distill_jax.run import Run
-from distill_jax.training import pipeline
+from distill_jax.training import drivers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LATENT_SMOKE = str(ROOT / "configs" / "digits_latent.py") + ":smoke"
@@ -206,8 +206,8 @@ def test_imagenet256_latent_smoke_runs_on_mock_data_in_bfloat16(tmp_path):
     config.model.dtype = "bfloat16"  # the full config's compute dtype, on every stage
     workdir = tmp_path / "run"
     with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
-        pipeline.train_teacher(config, workdir)
-        trained = pipeline.distill_stages(config, workdir)
+        drivers.train_teacher(config, workdir)
+        trained = drivers.distill_stages(config, workdir)
         run = Run.open(workdir)
         assert run.info.shape == (8, 8, 4) and run.image_info.shape == (16, 16, 3)
         assert trained == ["stage1", "stage2/steps_0001"]

@@ -26,7 +26,7 @@ from distill_jax.config import load_config
 from distill_jax.data.loader import make_train_loader
 from distill_jax.run import Run
 from distill_jax.run.workdir import LABELS_FILE, LATENTS_FILE
-from distill_jax.training import pipeline
+from distill_jax.training import drivers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GMM_SMOKE = str(ROOT / "configs" / "gmm.py") + ":smoke"
@@ -85,8 +85,8 @@ def test_two_processes_match_one_process_through_teacher_stage_one_and_stage_two
 
     single = tmp_path / "one_process"
     config = load_config(GMM_SMOKE, ONE_ROUND)
-    pipeline.train_teacher(config, single)
-    pipeline.distill_stages(config, single)
+    drivers.train_teacher(config, single)
+    drivers.distill_stages(config, single)
 
     for stage in STAGES:
         assert checkpoints.stage_finished(multi / stage)["final_step"] > 0
@@ -173,7 +173,7 @@ import jax, numpy as np
 from distill_jax import parallel
 from distill_jax.config import load_config
 from distill_jax.run import Run
-from distill_jax.training import pipeline
+from distill_jax.training import drivers
 
 config = load_config(sys.argv[1], {"teacher.num_steps": 15, "model.mlp_hidden": 64})
 out = {}
@@ -182,7 +182,7 @@ for fsdp in (1, 2):
     config.train.mesh_fsdp_axis = fsdp
     mesh = parallel.make_mesh(-1, fsdp=fsdp)
     run = Run.create(config, workdir)
-    state = pipeline.train_stage(run, run.stage("teacher"), mesh)
+    state = drivers.train_stage(run, run.stage("teacher"), mesh)
     specs = [str(leaf.sharding.spec) for leaf in jax.tree.leaves(state.opt_state)
              if hasattr(leaf, "sharding")]
     out[fsdp] = {
@@ -301,13 +301,13 @@ jax.distributed.initialize(
 from distill_jax import parallel
 from distill_jax.config import load_config
 from distill_jax.run import Run
-from distill_jax.training import loop, pipeline
+from distill_jax.training import drivers, loop
 
 config = load_config(sys.argv[1], {"model.mlp_hidden": 64})
 run = Run.create(config, "/nonexistent")
 spec = run.stage("teacher")
 mesh = parallel.make_mesh(1, fsdp=4)
-stage = pipeline.BUILDERS[spec.kind](run, spec, None)
+stage = drivers.BUILDERS[spec.kind](run, spec, None)
 state, _, _ = loop.initial_state(stage, mesh)
 leaves = []
 for leaf in jax.tree.leaves(state.params) + jax.tree.leaves(state.opt_state):

@@ -19,7 +19,7 @@ from distill_jax.config import load_config
 from distill_jax.data import image_captions
 from distill_jax.evaluation import evaluate
 from distill_jax.run import Run, imported
-from distill_jax.training import pipeline
+from distill_jax.training import drivers
 
 DATA = ROOT / "tests" / "data" / "diffusers"
 
@@ -75,8 +75,8 @@ def _stands_alone(workdir, tmp_path, flags):
     config = load_config(flags[0].removeprefix("--config="))
     config.data.data_dir = flags[2].removeprefix("--config.data.data_dir=")
     config = imported.with_recorded_import(config, workdir)
-    assert pipeline.train_teacher(config, workdir) is None
-    assert pipeline.distill_stages(config, workdir) == []
+    assert drivers.train_teacher(config, workdir) is None
+    assert drivers.distill_stages(config, workdir) == []
 
 
 def test_sd15_laion_smoke_imports_an_epsilon_pipeline_on_caption_files(tmp_path):

@@ -206,7 +206,7 @@ def test_the_fine_tune_stage_learns_v_and_resumes_to_the_same_weights(tmp_path, 
     from distill_jax import parallel
     from distill_jax.config import load_config
     from distill_jax.run import Run, imported
-    from distill_jax.training import pipeline
+    from distill_jax.training import drivers
 
     root = pathlib.Path(__file__).resolve().parents[1]
     config = load_config(str(root / "configs" / "digits_dit.py") + ":smoke")
@@ -218,7 +218,7 @@ def test_the_fine_tune_stage_learns_v_and_resumes_to_the_same_weights(tmp_path, 
         workdir = tmp_path / name
         run = Run.create(imported.import_teacher(config, workdir, folder), workdir)
         spec = run.stage(stages.FINETUNE_STAGE)
-        pipeline.train_stage(run, spec, parallel.make_mesh(-1), stop_after=stop_after)
+        drivers.train_stage(run, spec, parallel.make_mesh(-1), stop_after=stop_after)
         return run, spec
 
     straight, spec = finetune("straight")

@@ -18,7 +18,7 @@ from distill_jax import checkpoints, parallel
 from distill_jax.config import load_config
 from distill_jax.config_checks import validate_config
 from distill_jax.run import Run
-from distill_jax.training import loop, pipeline
+from distill_jax.training import drivers, loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "digits.py") + ":smoke"
@@ -194,7 +194,7 @@ def _gmm_teacher_stage(workdir, *, log_every: int):
     config.train.log_every = log_every
     run = Run.create(config, workdir)
     spec = run.stage("teacher")
-    return config, run, spec, pipeline.BUILDERS["teacher"](run, spec, None)
+    return config, run, spec, drivers.BUILDERS["teacher"](run, spec, None)
 
 
 def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):

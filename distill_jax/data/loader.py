@@ -1,6 +1,6 @@
-"""The grain training pipeline, evaluation arrays, and host-local -> global batches.
+"""The grain training loader, evaluation arrays, and host-local -> global batches.
 
-Training pipeline (`make_train_loader`), all index-based and deterministic for a seed:
+Training loader (`make_train_loader`), all index-based and deterministic for a seed:
 
     MapDataset.source(source) -> shuffle(seed) -> repeat() -> map(preprocess_example)
     -> batch(global_batch // process_count, drop_remainder=True)

@@ -4,7 +4,7 @@
 outputs, temporaries, and the part of the outputs that reuses donated arguments) and cost
 analysis (FLOPs and bytes accessed of one device's program) and turns them into a roofline time
 per call: max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth). That is a lower bound: it
-ignores the collectives between chips, the host and input pipeline, and kernels that reach
+ignores the collectives between chips, the host and data loading, and kernels that reach
 neither peak; `docs/pod_planning.md` compares it with measured figures.
 """
 

@@ -1,6 +1,6 @@
 """The programs a run executes, built at their real sizes with abstract arguments.
 
-`train_programs` lowers every trainable stage's real train step: `pipeline.BUILDERS` makes the
+`train_programs` lowers every trainable stage's real train step: `drivers.BUILDERS` makes the
 stage (loss, optimiser, the frozen teacher as the step's argument) and `loop.compile_stage`
 its shardings and jitted step, exactly as training does, but the state, the batch and the
 teacher are `jax.ShapeDtypeStruct`s (`jax.eval_shape`), so no weight is ever allocated.
@@ -24,7 +24,7 @@ from distill_jax.data import loader
 from distill_jax.diffusion import samplers
 from distill_jax.models import autoencoder
 from distill_jax.run import Run, StageSpec, stages
-from distill_jax.training import loop, pipeline
+from distill_jax.training import drivers, loop
 
 PyTree = Any
 STUDENT_STEPS = (1, 4, 8)
@@ -108,7 +108,7 @@ def _abstract_teacher(run: Run, spec: StageSpec) -> PyTree:
 
 def train_program(run: Run, spec: StageSpec, mesh: jax.sharding.Mesh) -> Program:
     """The stage's train step lowered on `mesh` (or its `problem`: a batch that cannot split)."""
-    stage = pipeline.BUILDERS[spec.kind](run, spec, _abstract_teacher(run, spec))
+    stage = drivers.BUILDERS[spec.kind](run, spec, _abstract_teacher(run, spec))
     program = Program(spec.name, "train", stage.batch_size, spec.num_steps)
     try:
         loader.check_batch_size(stage.batch_size, devices=mesh.size, key=f"{spec.name} batch")
@@ -154,7 +154,7 @@ def train_programs(
     """
     programs, seen = [], {}
     for spec in run.stages:
-        if spec.kind not in pipeline.BUILDERS or not wanted(spec.name, selection):
+        if spec.kind not in drivers.BUILDERS or not wanted(spec.name, selection):
             continue
         if _imported(run, spec):
             continue

@@ -1,4 +1,4 @@
-"""The training pipeline: one builder per stage kind, and the drivers the CLI and notebooks call.
+"""The training drivers: one builder per stage kind, and the functions the CLI and notebooks call.
 
 Every stage is trained the same way: the run layer says which stages exist and which one is a
 stage's teacher (`Run.stages`); `BUILDERS[kind](run, spec, teacher_state)` turns a stage into
