@@ -74,7 +74,13 @@ def main() -> None:
         for grid in ("teacher", "uniform"):
             start = time.perf_counter()
             x = sampling.sample(
-                run, model="teacher", steps=steps, w=w, labels=conditions, seed=args.seed, grid=grid
+                run,
+                model="teacher",
+                steps=steps,
+                w=w,
+                conditions=conditions,
+                seed=args.seed,
+                grid=grid,
             )
             cells.append(score(x, labels))
             print(f"  (w={w:g}, grid={grid}: {time.perf_counter() - start:.1f}s)", flush=True)

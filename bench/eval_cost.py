@@ -36,7 +36,7 @@ def main(spec):
     shape = tuple(run.info.shape)
     teacher, student = run.stage("teacher"), run.stage("stage1")
     teacher_fn = guidance.make_guided_denoise_fn(
-        run.denoise_fn(teacher, run.init_params(teacher, key)), null_label=run.info.num_classes
+        run.denoise_fn(teacher, run.init_params(teacher, key)), null_condition=run.info.num_classes
     )
     student_fn = run.denoise_fn(student, run.init_params(student, key))
     t_step = seconds_per_step(teacher_fn, shape, batch, 1.0) / batch

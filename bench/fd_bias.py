@@ -69,7 +69,7 @@ def main() -> None:
     reference = max(teacher_step_counts(run.config))  # as `evaluate`'s FD-to-teacher
 
     def features(model: str, steps: int, w: float) -> np.ndarray:
-        x = sampling.sample(run, model=model, steps=steps, w=w, labels=labels, seed=1000)
+        x = sampling.sample(run, model=model, steps=steps, w=w, conditions=labels, seed=1000)
         return classifier.features_and_probs(np.clip(x, -1.0, 1.0))[0]
 
     subsets = [slice(i, i + args.subset) for i in range(0, args.num - args.subset + 1, args.subset)]

@@ -43,7 +43,7 @@ def main() -> None:
         )
     source, _ = sources.load_source(run.config.data, split=run.config.data.eval_split)
     data = sources.read_examples(source, np.arange(args.images))
-    x, labels = jnp.asarray(data["x"]), jnp.asarray(data["label"])
+    x, labels = jnp.asarray(data["x"]), jnp.asarray(data["condition"])
     teacher = sampling.denoise_fn(run, "teacher", args.steps)
     student = sampling.denoise_fn(run, "student", args.steps)
     n, batch = args.steps, x.shape[0]

@@ -38,7 +38,7 @@ def main(spec: str) -> None:
     loss = teacher.make_teacher_loss(
         run.model(teacher_spec), null_condition=run.null_condition, diffusion=config.diffusion
     )
-    data = {"x": jnp.zeros((batch, *run.info.shape)), "label": jnp.zeros((batch,), jnp.int32)}
+    data = {"x": jnp.zeros((batch, *run.info.shape)), "condition": jnp.zeros((batch,), jnp.int32)}
     params = run.init_params(teacher_spec, jax.random.PRNGKey(0))
     step = _flops(jax.grad(lambda p: loss(p, data, jax.random.PRNGKey(0), None)[0]), params)
     print(f"{spec}: batch {batch}, images {run.image_info.shape} -> latents {run.info.shape}")

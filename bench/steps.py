@@ -51,7 +51,7 @@ def random_batch(config, info: DatasetInfo, batch_size: int) -> dict[str, jax.Ar
         labels = labels * (jnp.arange(tokens) < tokens - 6)[None, :, None]
     batch = {
         "x": jax.random.uniform(key, (batch_size, *info.shape), minval=-1, maxval=1),
-        "label": labels,
+        "condition": labels,
     }
     mesh = parallel.make_mesh(-1)
     return loader.to_global_batch(jax.device_get(batch), parallel.batch_sharded(mesh))

@@ -41,7 +41,7 @@ def _finetuned_teacher_fn(run: Run):
     if stages_lib.FINETUNE_STAGE not in [spec.name for spec in run.stages]:
         return None
     cond_fn = run.denoise_fn(run.stage(stages_lib.FINETUNE_STAGE))
-    return guidance.make_guided_denoise_fn(cond_fn, null_label=run.null_condition)
+    return guidance.make_guided_denoise_fn(cond_fn, null_condition=run.null_condition)
 
 
 def evaluate_workdir(workdir: str, args) -> None:
@@ -63,7 +63,7 @@ def evaluate_workdir(workdir: str, args) -> None:
     print("|---|---|" + "---|" * (len(args.student_steps) + (finetuned is not None)))
     for w in args.weights:
         start = time.perf_counter()
-        common = dict(w=w, labels=labels, seed=args.seed)
+        common = dict(w=w, conditions=labels, seed=args.seed)
         teacher = sampling.sample(run, model="teacher", steps=args.teacher_steps, **common)
         feats, _ = classifier.features_and_probs(np.clip(teacher, -1.0, 1.0))
         teacher_stats = metrics.feature_statistics(feats)

@@ -55,7 +55,9 @@ def main() -> None:
 def print_table(run: Run, name: str, x, labels, weights) -> None:
     """The table of the guided stage `name` (the teacher or its fine-tune)."""
     spec = run.stage(name)
-    teacher = guidance.make_guided_denoise_fn(run.denoise_fn(spec), null_label=run.null_condition)
+    teacher = guidance.make_guided_denoise_fn(
+        run.denoise_fn(spec), null_condition=run.null_condition
+    )
     prediction = run.model(spec).parameterisation
     print(f"\n{run.workdir}, {name}: predicts {prediction}")
     columns = " | ".join(f"RMS x-hat error, w = {w:g}" for w in weights)

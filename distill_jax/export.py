@@ -75,13 +75,15 @@ def _sampler_function(net, treedefs, decode, bounds: dict, gains: np.ndarray, st
     sampler = "stochastic" if stochastic else "ddim"
     student_def, decoder_def = treedefs
 
-    def sample_images(noise, labels, w, *rest):
+    def sample_images(noise, conditions, w, *rest):
         rng, leaves = (rest[0], rest[1:]) if stochastic else (None, rest)
         count = student_def.num_leaves
         params = jax.tree_util.tree_unflatten(student_def, leaves[:count])
         fn = denoiser.make_denoise_fn(net, params)
         w_steps = jnp.asarray(gains)[:, None] * w[None, :]
-        x = samplers.run_sampler(sampler, fn, noise, labels, w_steps, rng, steps=steps, **bounds)
+        x = samplers.run_sampler(
+            sampler, fn, noise, conditions, w_steps, rng, steps=steps, **bounds
+        )
         decoder_args = jax.tree_util.tree_unflatten(decoder_def, leaves[count:])
         return jnp.clip(Partial(decode.func, *decoder_args)(x), -1.0, 1.0)
 

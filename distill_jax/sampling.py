@@ -159,11 +159,11 @@ def _padded(a: np.ndarray, start: int, stop: int, size: int) -> np.ndarray:
 
 
 def _sample_chunk(
-    run, fn, sampler, labels, w, key, *, steps, init, t_start, mask, times
+    run, fn, sampler, conditions, w, key, *, steps, init, t_start, mask, times
 ) -> jax.Array:
     """One padded batch: start noise (or noised init), then the sampler."""
     noise_key, init_key, sampler_key = jax.random.split(key, 3)
-    z = jax.random.normal(noise_key, (len(labels), *run.info.shape), jnp.float32)
+    z = jax.random.normal(noise_key, (len(conditions), *run.info.shape), jnp.float32)
     kwargs = dict(steps=int(steps), times=times, **run.bounds)
     if init is not None and mask is None:
         kwargs["t_start"] = float(t_start)
@@ -171,7 +171,7 @@ def _sample_chunk(
     if mask is not None:
         kwargs.update(known=init, mask=mask)
     # run_sampler drops the key where its sampler needs none (plain DDIM).
-    return samplers.run_sampler(sampler, fn, z, labels, w, sampler_key, **kwargs)
+    return samplers.run_sampler(sampler, fn, z, conditions, w, sampler_key, **kwargs)
 
 
 def _time_grid(run: Run, grid: str, model: str, sampler: str, init, steps: int):
@@ -194,7 +194,7 @@ def sample(
     model: str,
     steps: int,
     w: float,
-    labels: np.ndarray,
+    conditions: np.ndarray,
     seed: int,
     stochastic: bool = False,
     init: np.ndarray | None = None,
@@ -207,7 +207,7 @@ def sample(
     grid: str = "uniform",
     null: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Draw len(labels) samples, float32 [N, *shape] in the data range ([-1, 1] for images).
+    """Draw len(conditions) samples, float32 [N, *shape] in the data range ([-1, 1] for images).
 
     On a latent run the sampler runs on latents and the samples are decoded: the result has
     the images' shape (`run.image_info.shape`), as have `init` and `mask`.
@@ -217,7 +217,7 @@ def sample(
       model: 'teacher' or 'student'.
       steps: sampling steps N (the student's N must be one a stage produced).
       w: guidance weight (the student's must be in [w_min, w_max]).
-      labels: int [N] class labels, or a text run's conditions [N, L, 384] (`run.prompts`).
+      conditions: int [N] class labels, or a text run's conditions [N, L, 384] (`run.prompts`).
       seed: seeds the starting noise and any sampler noise.
       stochastic: ancestral steps for the teacher, the distilled stochastic sampler for a student.
       init: [N, *shape] start images for image-to-image (t_start < 1) or inpainting (mask).
@@ -234,8 +234,8 @@ def sample(
     fn, sampler, weights = _guided_call(
         run, model, steps, w, schedule, t_start, stochastic, fn, null
     )
-    labels = np.asarray(labels).astype(np.float32 if run.text else np.int32)
-    num = len(labels)
+    conditions = np.asarray(conditions).astype(np.float32 if run.text else np.int32)
+    num = len(conditions)
     mask = _check_inputs(run, num, init, t_start, mask)
     times = _time_grid(run, grid, model, sampler, init, steps)
     batch_size = min(batch_size, num)
@@ -244,7 +244,15 @@ def sample(
     bar = tqdm(total=num, unit="sample", desc=f"{model} N={steps}", disable=not progress)
     chunk_args = dict(steps=steps, t_start=t_start, times=times)
     out = _sample_batches(
-        run, (fn, sampler, weights[:, None]), labels, init, mask, seed, batch_size, bar, chunk_args
+        run,
+        (fn, sampler, weights[:, None]),
+        conditions,
+        init,
+        mask,
+        seed,
+        batch_size,
+        bar,
+        chunk_args,
     )
     bar.close()
     return out
@@ -265,10 +273,10 @@ def _guided_call(run, model, steps, w, schedule, t_start, stochastic, fn, null):
     return fn, sampler, weights
 
 
-def _sample_batches(run, call, labels, init, mask, seed, batch_size, bar, chunk_args):
+def _sample_batches(run, call, conditions, init, mask, seed, batch_size, bar, chunk_args):
     """`sample`'s loop: padded batches of `batch_size`, decoded, into one float32 array."""
     fn, sampler, weights = call
-    key, num, decode = jax.random.PRNGKey(seed), len(labels), run.codec()[1]
+    key, num, decode = jax.random.PRNGKey(seed), len(conditions), run.codec()[1]
     out = None
     for start in range(0, num, batch_size):
         stop = min(start + batch_size, num)
@@ -277,7 +285,7 @@ def _sample_batches(run, call, labels, init, mask, seed, batch_size, bar, chunk_
             run,
             fn,
             sampler,
-            chunk(labels),
+            chunk(conditions),
             weights,
             jax.random.fold_in(key, start // batch_size),
             init=None if init is None else chunk(init),
@@ -466,7 +474,7 @@ def sample_to_files(
         model=model,
         steps=steps,
         w=w,
-        labels=conditions,
+        conditions=conditions,
         seed=seed,
         stochastic=stochastic,
         init=x_init,

@@ -72,7 +72,9 @@ def draw(run: Run, args: argparse.Namespace) -> tuple[plt.Figure, str]:
     )
     for i, (model, steps) in enumerate(rows):
         for j, w in enumerate(weights):
-            x = sampling.sample(run, model=model, steps=steps, w=w, labels=labels, seed=args.seed)
+            x = sampling.sample(
+                run, model=model, steps=steps, w=w, conditions=labels, seed=args.seed
+            )
             axes[i, j].imshow(
                 cell(x, num_classes, args.per_class).squeeze(), cmap="gray", vmin=0, vmax=255
             )

@@ -257,7 +257,7 @@ def assert_same_guided_images(imported, model, encoder, golden, times, rtol: flo
     conditions, _ = encoder.encode(prompts)
     null, _ = encoder.encode([""])
     guided = guidance.make_guided_denoise_fn(
-        denoiser.make_denoise_fn(model, imported.params), null_label=jnp.asarray(null[0])
+        denoiser.make_denoise_fn(model, imported.params), null_condition=jnp.asarray(null[0])
     )
     weights = (0.0, 1.0, 4.0)
     n = len(prompts)

@@ -133,7 +133,7 @@ def test_tfds_by_name_under_mock_data(name, shape, tmp_path):
         assert (info.shape, info.num_classes, info.num_train, len(source)) == (shape, 10, 12, 12)
         batch = next(make_train_loader(config, batch_size=4, seed=0))
         assert batch["x"].shape == (4, *shape) and batch["x"].dtype == np.float32
-        assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
+        assert np.all((batch["condition"] >= 0) & (batch["condition"] < 10))
         config.image_size = 16
         _, info = load_source(config, split="train", seed=0)
         assert info.shape == (16, 16, shape[-1])
@@ -181,12 +181,12 @@ def test_loader_deterministic_ranges_and_seed(digits_dir):
     batches = [next(first) for _ in range(3)]
     for batch in batches:
         assert batch["x"].shape == (32, 8, 8, 1) and batch["x"].dtype == np.float32
-        assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+        assert batch["condition"].shape == (32,) and batch["condition"].dtype == np.int32
         assert -1.0 <= batch["x"].min() and batch["x"].max() <= 1.0
-        assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
+        assert np.all((batch["condition"] >= 0) & (batch["condition"] < 10))
         repeat = next(again)
         assert np.array_equal(batch["x"], repeat["x"])
-        assert np.array_equal(batch["label"], repeat["label"])
+        assert np.array_equal(batch["condition"], repeat["condition"])
     assert not np.array_equal(batches[0]["x"], next(other)["x"])
 
 
@@ -239,7 +239,7 @@ def test_resume_from_state_continues_identically(digits_dir, tmp_path):
     for batch in expected:
         for resumed in (next(from_state), next(from_orbax)):
             assert np.array_equal(batch["x"], resumed["x"])
-            assert np.array_equal(batch["label"], resumed["label"])
+            assert np.array_equal(batch["condition"], resumed["condition"])
 
 
 def test_to_global_batch_shape_and_sharding():
@@ -307,7 +307,7 @@ def test_in_memory_source_gives_the_batches_of_the_example_by_example_road(digit
     for _ in range(3):
         batch, expected = next(fast), next(slow)
         assert batch["x"].shape == (16, image_size or 8, image_size or 8, 1)
-        for key in ("x", "label"):
+        for key in ("x", "condition"):
             assert batch[key].dtype == expected[key].dtype
             np.testing.assert_array_equal(batch[key], expected[key])
 

@@ -71,7 +71,7 @@ def test_guided_ddim_equals_diffusers_on_its_grid():
     imported, model = _imported("dit_tiny")
     lo, hi = imported.logsnr_range
     guided = guidance.make_guided_denoise_fn(
-        denoiser.make_denoise_fn(model, imported.params), null_label=imported.num_classes
+        denoiser.make_denoise_fn(model, imported.params), null_condition=imported.num_classes
     )
     table = np.asarray(model.timestep_logsnrs)
     steps = discrete.scheduler_timesteps(10, num_timesteps=1000)

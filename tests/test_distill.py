@@ -62,7 +62,7 @@ def _exact_teacher(config):
     """The exact guided teacher as a denoise_fn(z, t, labels, w) and its mixture."""
     mixture = sources.gmm_from_config(config.data.gmm)
     cond = Partial(gmm.gmm_xhat, mixture)
-    return make_guided_denoise_fn(cond, null_label=mixture.num_classes), mixture
+    return make_guided_denoise_fn(cond, null_condition=mixture.num_classes), mixture
 
 
 def _student_fn(config, params):
@@ -427,7 +427,7 @@ def test_w_beta_draws_more_weights_near_the_ends_and_one_is_uniform():
 
     from distill_jax.training import distill
 
-    batch = {"x": jnp.zeros((20000, 2)), "label": jnp.zeros((20000,), jnp.int32)}
+    batch = {"x": jnp.zeros((20000, 2)), "condition": jnp.zeros((20000,), jnp.int32)}
     rng = jax.random.PRNGKey(0)
 
     def draws(beta):
@@ -497,6 +497,6 @@ def test_a_bfloat16_frozen_teacher_halves_its_memory_and_keeps_its_predictions(s
     full = np.asarray(run.denoise_fn(teacher_spec, teacher)(z, t, labels, None))
     rounded = np.asarray(run.denoise_fn(teacher_spec, frozen)(z, t, labels, None))
     assert rounded.dtype == np.float32 and 0 < np.abs(rounded - full).max() < 0.05
-    batch = {"x": np.clip(z, -1, 1), "label": labels.astype(np.int32)}
+    batch = {"x": np.clip(z, -1, 1), "condition": labels.astype(np.int32)}
     _, metrics = compiled.step(state, batch, frozen)
     assert np.isfinite(float(metrics["loss"]))

@@ -41,7 +41,7 @@ def test_fresh_dit_outputs_zero_and_trains():
     # A fixed batch of 16 smooth images, one per label (learnable in a few dozen steps).
     grid = jnp.linspace(-1, 1, 8)
     x = jnp.stack([jnp.sin((k + 1) * grid)[:, None] * jnp.cos(grid)[None] for k in range(16)])
-    batch = {"x": x[..., None], "label": jnp.arange(16) % 10}
+    batch = {"x": x[..., None], "condition": jnp.arange(16) % 10}
     optimizer = optax.adam(3e-3)
     state = optimizer.init(params)
 

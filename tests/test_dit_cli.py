@@ -214,7 +214,7 @@ def test_dit_xl2_config_smoke_on_mock_data(tmp_path):
         assert run.stage("stage1").teacher == "teacher_v"
         assert run.latent and tuple(run.info.shape) == (4, 4, 4)
         x = sampling.sample(
-            run, model="student", steps=1, w=14.0, labels=np.array([0, 999]), seed=0
+            run, model="student", steps=1, w=14.0, conditions=np.array([0, 999]), seed=0
         )
     assert x.shape == (2, 8, 8, 3) and np.all(np.isfinite(x))
 

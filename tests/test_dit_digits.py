@@ -22,7 +22,7 @@ def test_same_images_as_diffusers_ddim(folder, w):
     imported, model = imported_dit(os.path.join(DATA, folder))
     lo, hi = imported.logsnr_range
     guided = guidance.make_guided_denoise_fn(
-        denoiser.make_denoise_fn(model, imported.params), null_label=imported.num_classes
+        denoiser.make_denoise_fn(model, imported.params), null_condition=imported.num_classes
     )
     steps = int(golden["steps"])
     times = discrete.times_of_timesteps(

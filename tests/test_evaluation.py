@@ -217,7 +217,7 @@ def test_samples_are_scored_as_images_clipped_to_the_data_range(
         steps=2,
         batch_size=ctx.batch_size,
         w=4.0,
-        labels=ctx.labels,
+        conditions=ctx.conditions,
         seed=1000,
         fn=fn,
         schedule=entry.schedule,

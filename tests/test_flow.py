@@ -108,7 +108,7 @@ def test_ddim_on_flow_times_is_the_euler_loop(steps, shift):
         output = network(net_z, flow.flow_timestep(logsnr, K), labels)
         return xhat_from_output(output, z, logsnr, parameterisation="flow")
 
-    denoise = guidance.make_guided_denoise_fn(jax.tree_util.Partial(cond_fn), null_label=4)
+    denoise = guidance.make_guided_denoise_fn(jax.tree_util.Partial(cond_fn), null_condition=4)
     sigmas = flow.scheduler_sigmas(steps, num_train_timesteps=K, shift=shift)
     times = flow.times_of_flow_sigmas(sigmas, **bounds)
     # The least noisy sigma is the top of the trained range, the clipped schedule's t = 0 (as

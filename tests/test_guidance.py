@@ -34,10 +34,10 @@ def test_limits_and_two_call_equivalence(setup):
     x_uncond = cond_fn(z, t, jnp.full_like(labels, K))
     assert not np.allclose(x_cond, x_uncond, atol=1e-3)  # otherwise the checks are vacuous
     for w_value, expect in ((0.0, x_cond), (-1.0, x_uncond)):
-        got = guidance.guided_xhat(cond_fn, z, t, labels, jnp.full((5,), w_value), null_label=K)
+        got = guidance.guided_xhat(cond_fn, z, t, labels, jnp.full((5,), w_value), null_condition=K)
         np.testing.assert_allclose(got, expect, atol=1e-6)
     w = jnp.array([0.0, 0.5, 1.0, 2.0, 4.0])
-    got = guidance.guided_xhat(cond_fn, z, t, labels, w, null_label=K)
+    got = guidance.guided_xhat(cond_fn, z, t, labels, w, null_condition=K)
     expect = (1 + w)[:, None] * x_cond - w[:, None] * x_uncond
     chex.assert_shape(got, (5, 2))
     np.testing.assert_allclose(got, expect, atol=1e-5)
@@ -51,7 +51,7 @@ def test_cond_fn_called_once_on_a_doubled_batch(setup):
         calls.append((z2.shape, np.asarray(labels2)))
         return cond_gmm(gmm, z2, t2, labels2)
 
-    guidance.guided_xhat(counting_cond_fn, z, t, labels, jnp.ones(5), null_label=K)
+    guidance.guided_xhat(counting_cond_fn, z, t, labels, jnp.ones(5), null_condition=K)
     assert len(calls) == 1
     shape, labels2 = calls[0]
     assert shape == (10, 2)
@@ -74,15 +74,15 @@ def test_make_guided_denoise_fn_is_a_pytree_and_compiles_once(setup):
 
     outputs = []
     for scale in (1.0, 3.0):
-        fn = guidance.make_guided_denoise_fn(Partial(apply_fn, {"scale": scale}), null_label=K)
+        fn = guidance.make_guided_denoise_fn(Partial(apply_fn, {"scale": scale}), null_condition=K)
         assert isinstance(fn, Partial)
         outputs.append(run(fn, z))
     assert len(traces) == 1  # new parameter values reuse the compiled function
     np.testing.assert_allclose(outputs[1], 3.0 * outputs[0], rtol=1e-5, atol=1e-6)
-    expect = guidance.guided_xhat(Partial(cond_gmm, gmm), z, t, labels, w, null_label=K)
+    expect = guidance.guided_xhat(Partial(cond_gmm, gmm), z, t, labels, w, null_condition=K)
     np.testing.assert_allclose(outputs[0], expect, atol=1e-6)
     # A plain callable works too.
-    fn = guidance.make_guided_denoise_fn(lambda z, t, c: cond_gmm(gmm, z, t, c), null_label=K)
+    fn = guidance.make_guided_denoise_fn(lambda z, t, c: cond_gmm(gmm, z, t, c), null_condition=K)
     np.testing.assert_allclose(fn(z, t, labels, w), expect, atol=1e-6)
 
 

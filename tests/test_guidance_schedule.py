@@ -70,8 +70,8 @@ def test_teacher_skips_the_unconditional_half_exactly_at_unguided_steps():
         return _toy_denoise(z, t, labels, jnp.zeros_like(t))
 
     batch = 5
-    skipping = guidance.make_guided_denoise_fn(cond_fn, null_label=9, unguided_steps="some")
-    plain = guidance.make_guided_denoise_fn(cond_fn, null_label=9)
+    skipping = guidance.make_guided_denoise_fn(cond_fn, null_condition=9, unguided_steps="some")
+    plain = guidance.make_guided_denoise_fn(cond_fn, null_condition=9)
     z = jax.random.normal(jax.random.PRNGKey(2), (batch, 4, 4, 1))
     labels = jnp.arange(batch)
     for name, outside in (
@@ -99,8 +99,8 @@ def test_a_teacher_at_w_zero_everywhere_is_its_conditional_half_alone():
 
     z = jax.random.normal(jax.random.PRNGKey(3), (5, 4, 4, 1))
     labels = jnp.arange(5)
-    plain = guidance.make_guided_denoise_fn(cond_fn, null_label=9)
-    conditional = guidance.make_guided_denoise_fn(cond_fn, null_label=9, unguided_steps="all")
+    plain = guidance.make_guided_denoise_fn(cond_fn, null_condition=9)
+    conditional = guidance.make_guided_denoise_fn(cond_fn, null_condition=9, unguided_steps="all")
     x = samplers.ddim_sample(conditional, z, labels, 0.0, steps=4)
     jax.effects_barrier()
     assert calls == [5] * 4  # one call on the batch per step, no unconditional half
@@ -133,7 +133,7 @@ def test_sample_with_a_schedule_on_the_smoke_run(smoke_workdir):
     run = Run.open(smoke_workdir)
     labels = np.arange(8, dtype=np.int32) % 10
     interval = parse_schedule("interval:0.3,0.8")
-    common = dict(steps=4, labels=labels, seed=3, batch_size=8)
+    common = dict(steps=4, conditions=labels, seed=3, batch_size=8)
     x = sampling.sample(run, model="student", w=2.0, schedule=interval, **common)
     constant = sampling.sample(run, model="student", w=2.0, **common)
     unguided = sampling.sample(run, model="student", w=0.0, **common)

@@ -212,7 +212,7 @@ def test_imagenet256_latent_smoke_runs_on_mock_data_in_bfloat16(tmp_path):
         assert run.info.shape == (8, 8, 4) and run.image_info.shape == (16, 16, 3)
         assert trained == ["stage1", "stage2/steps_0001"]
         labels = np.array([0, 999], np.int32)
-        x = sampling.sample(run, model="student", steps=1, w=14.0, labels=labels, seed=0)
+        x = sampling.sample(run, model="student", steps=1, w=14.0, conditions=labels, seed=0)
     assert x.shape == (2, 16, 16, 3) and np.all(np.isfinite(x))
     # bfloat16 is the compute dtype only: every stage keeps float32 weights and optimiser state.
     for stage in ("teacher", "stage1", "stage2/steps_0001"):

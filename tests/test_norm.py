@@ -88,7 +88,7 @@ def _fixed_seed_losses(steps: int = 50) -> np.ndarray:
     keys = jax.random.split(jax.random.key(5), 2)
     batch = {
         "x": jax.random.uniform(keys[0], (32, 8, 8, 1), minval=-1, maxval=1),
-        "label": jax.random.randint(keys[1], (32,), 0, 10),
+        "condition": jax.random.randint(keys[1], (32,), 0, 10),
     }
     losses = []
     for _ in range(steps):

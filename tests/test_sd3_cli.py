@@ -52,7 +52,7 @@ def test_sd35_medium_smoke_distils_a_flow_teacher(tmp_path):
             model="student",
             steps=steps,
             w=4.0,
-            labels=conditions,
+            conditions=conditions,
             seed=0,
             stochastic=stochastic,
         )
@@ -65,7 +65,7 @@ def test_sd35_medium_smoke_distils_a_flow_teacher(tmp_path):
         times, flow.times_of_flow_sigmas(sigmas, logsnr_min=lo, logsnr_max=hi)
     )
     x = sampling.sample(
-        run, model="teacher", steps=4, w=4.0, labels=conditions, seed=0, grid="teacher"
+        run, model="teacher", steps=4, w=4.0, conditions=conditions, seed=0, grid="teacher"
     )
     assert np.all(np.isfinite(x))
     metadata = export.export_sampler(workdir, steps=1, out=tmp_path / "export", platforms=("cpu",))

@@ -69,7 +69,7 @@ def test_guided_ddim_equals_stable_diffusion_3_pipeline(tiny, case):
     conditions, _ = encoder.encode(PROMPTS)
     null, _ = encoder.encode(NEGATIVE if case == "negative" else [""] * len(PROMPTS))
     guided = guidance.make_guided_denoise_fn(
-        denoiser.make_denoise_fn(model, imported.params), null_label=jnp.asarray(null)
+        denoiser.make_denoise_fn(model, imported.params), null_condition=jnp.asarray(null)
     )
     w = float(golden[f"{case}_guidance_scale"]) - 1.0
     kw = dict(logsnr_min=lo, logsnr_max=hi)

@@ -66,7 +66,7 @@ def _stands_alone(workdir, tmp_path, flags):
     run = Run.open(workdir)
     assert run.config.text.pipeline == str(workdir / "imported")
     conditions, _ = run.text_encoder().encode(["a blue star"])
-    x = sampling.sample(run, model="student", steps=1, w=4.0, labels=conditions, seed=0)
+    x = sampling.sample(run, model="student", steps=1, w=4.0, conditions=conditions, seed=0)
     assert x.shape == (1, 32, 32, 3) and np.all(np.isfinite(x))
     metadata = export.export_sampler(workdir, steps=1, out=tmp_path / "export", platforms=("cpu",))
     meaning = metadata["inputs"][1]["meaning"]
@@ -99,7 +99,7 @@ def test_sd15_laion_smoke_imports_an_epsilon_pipeline_on_caption_files(tmp_path)
         model="teacher",
         steps=2,
         w=4.0,
-        labels=run.text_encoder().encode(["a blue star"])[0],
+        conditions=run.text_encoder().encode(["a blue star"])[0],
         seed=0,
         grid="teacher",
     )

@@ -59,7 +59,7 @@ def test_the_vae_is_the_runs_autoencoder_and_caches_the_split(latent_workdir):
     np.testing.assert_allclose(cached["x"], jax.jit(encode)(images), rtol=0, atol=1e-5)
     captions = list(np.asarray(data.arrays["caption"])[rows].astype(str))
     want, _ = pipeline.text_encoder(str(TEACHER)).encode(captions)
-    np.testing.assert_array_equal(cached["label"], want)
+    np.testing.assert_array_equal(cached["condition"], want)
 
 
 def test_imported_teacher_samples_what_the_pipeline_samples(latent_workdir):

@@ -154,7 +154,7 @@ def test_stage_one_loss_uses_its_weighting():
     head = student_head.head_conversion(config, POINT[-1])
     fresh = denoiser.init_params(student, jax.random.key(1), data_shape=POINT)
     params = denoiser.student_params_from_teacher(teacher_params, fresh, head)
-    batch = {"x": jnp.ones((8, 3)), "label": jnp.arange(8) % 3}
+    batch = {"x": jnp.ones((8, 3)), "condition": jnp.arange(8) % 3}
     losses = {}
     for name in ("constant", "snr"):
         loss_fn = distill.make_stage_one_loss(

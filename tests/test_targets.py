@@ -23,7 +23,7 @@ def cond_gmm(gmm, z, t, labels):
 @pytest.fixture
 def teacher():
     gmm = gmm_lib.make_gmm(num_classes=K, dim=2, std=0.2)
-    return gmm, guidance.make_guided_denoise_fn(Partial(cond_gmm, gmm), null_label=K)
+    return gmm, guidance.make_guided_denoise_fn(Partial(cond_gmm, gmm), null_condition=K)
 
 
 def noisy_batch(gmm, t, seed=0):

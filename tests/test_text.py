@@ -111,7 +111,7 @@ def test_the_empty_prompt_is_the_null_condition_of_guidance(encoder):
     z = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 1))
     t = jnp.array([0.5, 0.5])
     prompts, _ = encoder.encode(["a thick seven", "a thin one"])
-    guided = guidance.make_guided_denoise_fn(fn, null_label=null)
+    guided = guidance.make_guided_denoise_fn(fn, null_condition=null)
     # Guidance mixes the prompt's x-hat with the empty prompt's, one batched call.
     w = jnp.array([2.0, 0.5])
     expected = (1 + w[:, None, None, None]) * fn(z, t, prompts) - w[:, None, None, None] * fn(
@@ -137,14 +137,14 @@ def test_teacher_loss_drops_prompts_to_the_empty_prompt(encoder):
     )
     loss_fn = teacher.make_teacher_loss(model, null_condition=null, diffusion=diffusion)
     key = jax.random.PRNGKey(5)
-    dropped, _ = loss_fn(params, {"x": x, "label": prompts}, key, None)
+    dropped, _ = loss_fn(params, {"x": x, "condition": prompts}, key, None)
     given_null, _ = loss_fn(
-        params, {"x": x, "label": np.broadcast_to(null, prompts.shape)}, key, None
+        params, {"x": x, "condition": np.broadcast_to(null, prompts.shape)}, key, None
     )
     assert float(dropped) == pytest.approx(float(given_null), rel=1e-6)
     diffusion.p_uncond = 0.0
     kept, _ = teacher.make_teacher_loss(model, null_condition=null, diffusion=diffusion)(
-        params, {"x": x, "label": prompts}, key, None
+        params, {"x": x, "condition": prompts}, key, None
     )
     assert abs(float(kept) - float(dropped)) > 1e-6
 
@@ -296,8 +296,8 @@ def test_latent_text_smoke_run_caches_conditions_beside_the_latents(text_workdir
     batch = next(
         loader.make_train_loader(run.config.data, batch_size=8, seed=0, source=teacher_source)
     )
-    assert batch["label"].dtype == np.float32 and batch["label"].shape == (8, 16, 384)
+    assert batch["condition"].dtype == np.float32 and batch["condition"].shape == (8, 16, 384)
     cached = {conditions[i].astype(np.float32).tobytes() for i in range(len(conditions))}
-    assert all(row.tobytes() in cached for row in batch["label"])
+    assert all(row.tobytes() in cached for row in batch["condition"])
     rows = json.loads((workdir / "eval" / "results.json").read_text())["rows"]
     assert all(np.isfinite(row["thickness"]) for row in rows)

@@ -80,10 +80,10 @@ def make_train_loader(
       process_index: this process (default jax.process_index()).
       process_count: number of processes (default jax.process_count()).
       source: examples to read instead of data_config's train split (the cached latents of
-        a latent run: {'x': float32, 'label': int32} examples).
+        a latent run: {'x': float32, 'condition'} examples).
 
     Returns:
-      A `grain.DatasetIterator` yielding {'x': float32 [B / P, ...], 'label': int32 [B / P]}
+      A `grain.DatasetIterator` yielding {'x': float32 [B / P, ...], 'condition': [B / P, ...]}
       numpy batches, with get_state()/set_state() (see the module docstring for Orbax).
 
     Raises:
@@ -140,7 +140,7 @@ def make_eval_arrays(
     batch = read_examples(source, np.arange(num), image_size=int(data_config.image_size))
     if isinstance(source, ArraySource) and "digit" in source.arrays:  # a text dataset
         return batch["x"], np.asarray(source.arrays["digit"][:num], np.int32)
-    return batch["x"], batch["label"].astype(np.int32)
+    return batch["x"], batch["condition"].astype(np.int32)
 
 
 def to_global_batch(

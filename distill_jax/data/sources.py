@@ -403,23 +403,26 @@ def dataset_info(data_config: ml_collections.ConfigDict, *, seed: int = 0) -> Da
 
 
 def preprocess_batch(examples: Mapping[str, Any], *, image_size: int = 0) -> dict[str, np.ndarray]:
-    """Examples with a leading axis [n, ...] to model inputs {'x': float32, 'label'}.
+    """Examples with a leading axis [n, ...] to model inputs {'x': float32, 'condition'}.
 
     Images (uint8 [n, H, W, C]) are resized to [n, image_size, image_size, C] when
     image_size > 0 (bicubic, on the uint8 images, via PIL) and mapped to [-1, 1] by
-    x / 127.5 - 1; vector examples ('x') pass through as float32. 'label' is the int32 class,
-    or on a text dataset the condition as float32 [n, L, 384].
+    x / 127.5 - 1; vector examples ('x') pass through as float32. 'condition' is what the network
+    is conditioned on: the int32 class ('label'), or on a text dataset the condition as
+    float32 [n, L, 384].
     """
-    # On a text dataset the condition stands where the label would; a latent text run's cache
-    # stores it as a float16 'label'. Float conditions become float32, class labels int32.
-    label = np.asarray(examples["condition"] if "condition" in examples else examples["label"])
-    label = label.astype(np.float32 if np.issubdtype(label.dtype, np.floating) else np.int32)
+    # A text dataset's examples (and the cached latents') hold a 'condition', class-labelled
+    # data a 'label'. Float conditions become float32, class labels int32.
+    condition = np.asarray(examples["condition"] if "condition" in examples else examples["label"])
+    condition = condition.astype(
+        np.float32 if np.issubdtype(condition.dtype, np.floating) else np.int32
+    )
     if "x" in examples:
-        return {"x": np.asarray(examples["x"], np.float32), "label": label}
+        return {"x": np.asarray(examples["x"], np.float32), "condition": condition}
     images = np.asarray(examples["image"])
     if image_size and images.shape[1:3] != (image_size, image_size):
         images = np.stack([resize_image(image, image_size) for image in images])
-    return {"x": images.astype(np.float32) / 127.5 - 1.0, "label": label}
+    return {"x": images.astype(np.float32) / 127.5 - 1.0, "condition": condition}
 
 
 def preprocess_example(example: Mapping[str, Any], *, image_size: int = 0) -> dict[str, np.ndarray]:
@@ -431,7 +434,7 @@ def preprocess_example(example: Mapping[str, Any], *, image_size: int = 0) -> di
 def read_examples(
     source: Sequence, indices: np.ndarray, *, image_size: int = 0
 ) -> dict[str, np.ndarray]:
-    """The examples at `indices`, preprocessed: {'x': [n, ...], 'label': [n, ...]}.
+    """The examples at `indices`, preprocessed: {'x': [n, ...], 'condition': [n, ...]}.
 
     An ArraySource is read and preprocessed as whole arrays; other sources example by example
     (their images may differ in size before resizing).
@@ -439,7 +442,7 @@ def read_examples(
     if isinstance(source, ArraySource):
         return preprocess_batch(source.take(np.asarray(indices)), image_size=image_size)
     examples = [preprocess_example(source[int(i)], image_size=image_size) for i in indices]
-    return {key: np.stack([e[key] for e in examples]) for key in ("x", "label")}
+    return {key: np.stack([e[key] for e in examples]) for key in ("x", "condition")}
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Pure diffusion math: schedule, parameterisations, guidance, samplers, losses, targets.
 
-No Flax and no I/O: every function takes arrays and a `denoise_fn(z, t, labels, w) -> xhat`.
+No Flax and no I/O: every function takes arrays and a `denoise_fn(z, t, conditions, w) -> xhat`.
 """
 
 from distill_jax.diffusion.gmm import (

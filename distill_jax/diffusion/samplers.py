@@ -1,4 +1,4 @@
-"""Samplers over any denoise_fn(z, t, labels, w) -> xhat: DDIM, ancestral, stochastic.
+"""Samplers over any denoise_fn(z, t, conditions, w) -> xhat: DDIM, ancestral, stochastic.
 
 All samplers walk the grid t_i = t_start * i / N for i = N..0 and end with the x-hat of the
 last step (t = 0 is data). Each is one jitted function with a `jax.lax.fori_loop` inside,
@@ -132,7 +132,7 @@ def _paste_known(
 def _sample(
     denoise_fn: Partial,
     z_init: jax.Array,
-    labels: jax.Array,
+    conditions: jax.Array,
     w: jax.Array,  # [steps, B]
     rng: jax.Array | None,
     known: jax.Array | None,
@@ -164,7 +164,7 @@ def _sample(
     def body(k: jax.Array, z: jax.Array) -> jax.Array:
         i = steps - k
         t, s = times(i), times(i - 1)
-        xhat = denoise_fn(z, t, labels, w[k]).astype(z.dtype)
+        xhat = denoise_fn(z, t, conditions, w[k]).astype(z.dtype)
         if sampler == "ddim":
             z_s = ddim_step(xhat, z, t, s, last=i == 1, **kw)
         else:
@@ -246,7 +246,7 @@ def run_sampler(
     sampler: str,
     denoise_fn: DenoiseFn,
     z_init: jax.Array,
-    labels: jax.Array,
+    conditions: jax.Array,
     w: jax.Array,
     rng: jax.Array | None = None,
     *,
@@ -262,9 +262,9 @@ def run_sampler(
 
     Args:
       sampler: one of SAMPLERS (see `ddim_sample`, `ancestral_sample`, `stochastic_sample`).
-      denoise_fn: denoise_fn(z, t, labels, w) -> xhat; a Partial keeps bound params traced.
+      denoise_fn: denoise_fn(z, t, conditions, w) -> xhat; a Partial keeps bound params traced.
       z_init: [B, ...] start at t_start (N(0, I) for t_start = 1, `noise_to(x, ...)` otherwise).
-      labels: [B] int class labels (or a scalar, broadcast), or text conditions [B, L, D].
+      conditions: [B] int class labels (or a scalar, broadcast), or text conditions [B, L, D].
       w: guidance weights: a scalar or [B] (the same at every step), or per step [steps, B]
         or [steps, 1], first step first (a guidance schedule, see `guidance_schedule`).
       rng: PRNG key for the step noise (ancestral, stochastic) or inpainting; unused by plain
@@ -283,13 +283,13 @@ def run_sampler(
       [B, ...] samples, the x-hat of the last step.
     """
     z_init = jnp.asarray(z_init)
-    labels, w, rng, known, mask = _checked_inputs(
-        sampler, z_init, labels, w, rng, known, mask, steps=steps
+    conditions, w, rng, known, mask = _checked_inputs(
+        sampler, z_init, conditions, w, rng, known, mask, steps=steps
     )
     return _sample(
         as_partial(denoise_fn),
         z_init,
-        labels,
+        conditions,
         w,
         rng,
         known,
@@ -302,8 +302,8 @@ def run_sampler(
     )
 
 
-def _checked_inputs(sampler, z_init, labels, w, rng, known, mask, *, steps: int) -> tuple:
-    """`run_sampler`'s inputs checked and broadcast: (labels, w [steps, B], rng, known, mask).
+def _checked_inputs(sampler, z_init, conditions, w, rng, known, mask, *, steps: int) -> tuple:
+    """`run_sampler`'s inputs checked and broadcast: (conditions, w [steps, B], rng, known, mask).
 
     rng is None where the sampler does not draw noise (plain DDIM without inpainting).
     """
@@ -318,10 +318,10 @@ def _checked_inputs(sampler, z_init, labels, w, rng, known, mask, *, steps: int)
     needs_rng = sampler != "ddim" or known is not None
     if needs_rng and rng is None:
         raise ValueError(f"rng is required by the {sampler} sampler (or for inpainting).")
-    labels = as_condition(labels)
-    if labels.ndim < 2:  # class labels (a scalar broadcasts); text conditions are [B, L, D]
-        labels = jnp.broadcast_to(labels, (batch,))
-    return labels, w, rng if needs_rng else None, known, mask
+    conditions = as_condition(conditions)
+    if conditions.ndim < 2:  # class labels (a scalar broadcasts); text conditions are [B, L, D]
+        conditions = jnp.broadcast_to(conditions, (batch,))
+    return conditions, w, rng if needs_rng else None, known, mask
 
 
 def _named_sampler(sampler: str, doc: str) -> functools.partial:
@@ -335,7 +335,7 @@ ddim_sample = _named_sampler(
     "ddim",
     """Deterministic DDIM: `steps` steps on t_i = t_start * i / steps, returning x at t = 0.
 
-    ddim_sample(denoise_fn, z_init, labels, w, rng=None, *, steps, ...): arguments as in
+    ddim_sample(denoise_fn, z_init, conditions, w, rng=None, *, steps, ...): arguments as in
     `run_sampler`; `rng` is needed only for inpainting (noise for the known pixels).
     """,
 )
@@ -346,7 +346,7 @@ ancestral_sample = _named_sampler(
 
     The posterior has mean alpha_{t|s} sigma_s^2 / sigma_t^2 z_t + alpha_s sigma_{t|s}^2 /
     sigma_t^2 xhat and variance sigma_{t|s}^2 sigma_s^2 / sigma_t^2; the last step returns xhat.
-    ancestral_sample(denoise_fn, z_init, labels, w, rng, *, steps, ...): arguments as in
+    ancestral_sample(denoise_fn, z_init, conditions, w, rng, *, steps, ...): arguments as in
     `run_sampler`; `rng` is a PRNG key for the step noise.
     """,
 )
@@ -362,7 +362,7 @@ stochastic_sample = _named_sampler(
     sees jumps of 2h except the last jump of h, which is what a student trained for stochastic
     sampling expects. At i = 2, u = 0 and the DDIM jump returns xhat; the forward noise uses
     the clipped schedule's alpha_0 and sigma_{s|0}. stochastic_sample(denoise_fn, z_init,
-    labels, w, rng, *, steps, ...): arguments as in `run_sampler`.
+    conditions, w, rng, *, steps, ...): arguments as in `run_sampler`.
     """,
 )
 

@@ -25,7 +25,7 @@ from distill_jax.diffusion.schedule import LOGSNR_MAX, LOGSNR_MIN, alpha_sigma_a
 def progressive_target(
     teacher_denoise_fn: DenoiseFn,
     z_t: jax.Array,
-    labels: jax.Array,
+    conditions: jax.Array,
     w: jax.Array,
     *,
     t: jax.Array,
@@ -43,10 +43,10 @@ def progressive_target(
     target is z_end itself.
 
     Args:
-      teacher_denoise_fn: teacher(z, t, labels, w) -> xhat (a guided teacher or a student of
+      teacher_denoise_fn: teacher(z, t, conditions, w) -> xhat (a guided teacher or a student of
         the previous round).
       z_t: [B, ...] noisy data at times t.
-      labels: [B] int class labels.
+      conditions: [B] int class labels.
       w: [B] guidance weights.
       t: [B] start times.
       t_mid: [B] intermediate times, t_end < t_mid < t.
@@ -61,9 +61,9 @@ def progressive_target(
     """
     kw = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
     t, t_mid, t_end = (jnp.asarray(v, jnp.float32) for v in (t, t_mid, t_end))
-    x_first = teacher_denoise_fn(z_t, t, labels, w).astype(z_t.dtype)
+    x_first = teacher_denoise_fn(z_t, t, conditions, w).astype(z_t.dtype)
     z_mid = ddim_step(x_first, z_t, t, t_mid, **kw)
-    x_second = teacher_denoise_fn(z_mid, t_mid, labels, w).astype(z_t.dtype)
+    x_second = teacher_denoise_fn(z_mid, t_mid, conditions, w).astype(z_t.dtype)
     z_end = ddim_step(x_second, z_mid, t_mid, t_end, **kw)
 
     alpha_t, sigma_t = alpha_sigma_at(t, **kw)

@@ -48,9 +48,9 @@ from distill_jax.run import workdir as workdir_lib
 
 @dataclasses.dataclass
 class _Context:
-    """What every row of one evaluation shares: the run, the classifier, labels, references.
+    """What every row of one evaluation shares: the run, the classifier, conditions, references.
 
-    `labels` is what the samplers are conditioned on (class labels, or a text run's prompt
+    `conditions` is what the samplers are conditioned on (class labels, or a text run's prompt
     conditions [N, L, 384]); `digits` the class each sample should show; `thickness` a text
     run's thickness-word ranks (None on a class run).
     """
@@ -58,7 +58,7 @@ class _Context:
     run: Run
     classifier: classifier_lib.TrainedClassifier
     reference: metrics.FeatureStatistics
-    labels: np.ndarray
+    conditions: np.ndarray
     batch_size: int
     grids: epath.Path
     digits: np.ndarray | None = None
@@ -80,7 +80,7 @@ class _Context:
             and entry.schedule.kind == "constant"
         )
 
-    def draw(self, entry: Entry, seed: int, fn, labels=None) -> np.ndarray:
+    def draw(self, entry: Entry, seed: int, fn, conditions=None) -> np.ndarray:
         """Samples of `entry`'s sampler with seed 1000 + seed (paired across samplers).
 
         They are scored as the images they are, clipped to the data range [-1, 1] as every
@@ -94,7 +94,7 @@ class _Context:
             stochastic=entry.evaluator.stochastic,
             batch_size=self.batch_size,
             w=entry.w,
-            labels=self.labels if labels is None else labels,
+            conditions=self.conditions if conditions is None else conditions,
             seed=1000 + seed,
             fn=fn,
             schedule=entry.schedule,
@@ -138,13 +138,13 @@ def _context(run: Run) -> tuple[_Context, dict]:
         rows=int(config.eval.grid_rows),
         title="real data",
     )
-    labels = digits = sampling.class_labels(num, info.num_classes)
+    conditions = digits = sampling.class_labels(num, info.num_classes)
     thickness = None
     if run.text:
         prompts, digits, thickness = prompt_lib.evaluation_prompts(num)
-        labels = prompt_lib.encode_prompts(run, prompts)
+        conditions = prompt_lib.encode_prompts(run, prompts)
     batch_size = min(int(config.eval.batch_size), num)
-    ctx = _Context(run, classifier, reference, labels, batch_size, grids, digits, thickness)
+    ctx = _Context(run, classifier, reference, conditions, batch_size, grids, digits, thickness)
     if run.latent:
         ctx.autoencoder_row = _autoencoder_row(ctx, x_data, labels_data)
     return ctx, data_row
@@ -229,8 +229,8 @@ def _measure(ctx: _Context, entry: Entry, fn) -> dict:
         evaluations=sampling.evaluations_per_sample(
             entry.evaluator.model, entry.steps, entry.weights
         ),
-        seconds_per_image=seconds / (len(ctx.labels) * len(per_seed)),
-        num_samples=len(ctx.labels),
+        seconds_per_image=seconds / (len(ctx.conditions) * len(per_seed)),
+        num_samples=len(ctx.conditions),
         seeds=len(per_seed),
         grid=f"grids/{entry.grid_name}",
     )
@@ -280,7 +280,7 @@ def _measure_all(ctx: _Context, entries: list[Entry], progress: epath.Path) -> l
                 ctx.run, entry.evaluator.model, entry.steps, weights=entry.weights
             )
             # Warm-up on one batch so the timing excludes compilation.
-            ctx.draw(entry, 0, fn, labels=ctx.labels[: ctx.batch_size])
+            ctx.draw(entry, 0, fn, conditions=ctx.conditions[: ctx.batch_size])
             loaded[group] = fn
         row = measured[index] = _measure(ctx, entry, loaded[group])
         with progress.open("a") as handle:

@@ -1,7 +1,7 @@
 """Flax (linen) networks: U-Net and MLP with log-SNR, class and guidance-weight embeddings.
 
 `build_model` turns `config.model` into a module, `init_params` initialises it,
-`make_denoise_fn` wraps module and params into the denoise_fn(z, t, labels, w) -> xhat that the
+`make_denoise_fn` wraps module and params into the denoise_fn(z, t, conditions, w) -> xhat that the
 diffusion code takes, and `student_params_from_teacher` starts a distilled student from its
 teacher.
 """

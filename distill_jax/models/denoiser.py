@@ -1,7 +1,7 @@
 """From a config to a model, its parameters, and the x-hat denoiser the diffusion code uses.
 
 `make_denoise_fn` returns the one callable every sampler and loss takes,
-denoise_fn(z, t, labels, w) -> xhat. It serves teachers and students alike: a model without a
+denoise_fn(z, t, conditions, w) -> xhat. It serves teachers and students alike: a model without a
 guidance branch ignores w (None is accepted), a student requires it. The callable is a
 `jax.tree_util.Partial` whose bound arguments are the params (and dropout rng), so it is a
 pytree: jit a function that takes it as an argument and new params are new leaf values, not
@@ -79,7 +79,7 @@ def build_model(
             f"config.model.kind={m.kind!r} needs data_shape {wanted}; got {data_shape}."
         )
     if text_dim and not kind.text:
-        raise ValueError(f"config.model.kind={m.kind!r} conditions on class labels only, not text.")
+        raise ValueError(f"config.model.kind={m.kind!r} takes class labels only, not text.")
     common = dict(
         num_classes=int(num_classes),
         use_guidance=bool(use_guidance),
@@ -117,11 +117,11 @@ def _dummy_inputs(model: nn.Module, data_shape: Sequence[int]) -> tuple:
     t = jnp.zeros((1,), jnp.float32)
     text_dim = getattr(model, "text_dim", 0)
     # A text model's parameters do not depend on the number of tokens: one (masked) token.
-    labels = jnp.zeros(
+    conditions = jnp.zeros(
         (1, 1, text_dim) if text_dim else (1,), jnp.float32 if text_dim else jnp.int32
     )
     w = jnp.zeros((1,), jnp.float32) if model.use_guidance else None
-    return z, t, labels, w
+    return z, t, conditions, w
 
 
 def init_params(model: nn.Module, rng: jax.Array, *, data_shape: Sequence[int]) -> Params:
@@ -130,8 +130,10 @@ def init_params(model: nn.Module, rng: jax.Array, *, data_shape: Sequence[int]) 
     Pure in `rng`, so `jax.eval_shape(lambda r: init_params(model, r, data_shape=s), rng)`
     gives the parameter shapes without computing them (for sharded initialisation).
     """
-    z, t, labels, w = _dummy_inputs(model, data_shape)
-    variables = jax.jit(lambda key: model.init({"params": key}, z, t, labels, w, train=False))(rng)
+    z, t, conditions, w = _dummy_inputs(model, data_shape)
+    variables = jax.jit(lambda key: model.init({"params": key}, z, t, conditions, w, train=False))(
+        rng
+    )
     return variables["params"]
 
 
@@ -148,18 +150,18 @@ class _DenoiserApply:
         dropout_rng: jax.Array | None,
         z: jax.Array,
         t: jax.Array,
-        labels: jax.Array,
+        conditions: jax.Array,
         w: jax.Array | None = None,
     ) -> jax.Array:
-        labels = as_condition(labels)
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), labels.shape[:1])
+        conditions = as_condition(conditions)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), conditions.shape[:1])
         rngs = {"dropout": dropout_rng} if self.train else None
         logsnr = logsnr_schedule_cosine(
             t, logsnr_min=self.model.logsnr_min, logsnr_max=self.model.logsnr_max
         )
         net_z = network_input(z, logsnr, parameterisation=self.model.parameterisation)
         output = self.model.apply(
-            {"params": params}, net_z, t, labels, w, train=self.train, rngs=rngs
+            {"params": params}, net_z, t, conditions, w, train=self.train, rngs=rngs
         )
         return xhat_from_output(
             output,
@@ -177,9 +179,9 @@ def make_denoise_fn(
     train: bool = False,
     dropout_rng: jax.Array | None = None,
 ) -> jax.tree_util.Partial:
-    """The x-hat denoiser of `model` with `params`: denoise_fn(z, t, labels, w=None) -> xhat.
+    """The x-hat denoiser of `model` with `params`: denoise_fn(z, t, conditions, w=None) -> xhat.
 
-    z [B, ...] noisy data, t [B] (or scalar) times in [0, 1], labels [B] int32 in
+    z [B, ...] noisy data, t [B] (or scalar) times in [0, 1], conditions [B] int32 in
     [0, num_classes] (or a text model's token states [B, L, D]), w [B] (or scalar) guidance
     weights: required for a model with a guidance branch, ignored (may be None) for one
     without. Returns xhat with z's shape and dtype.

@@ -10,7 +10,7 @@ and its parameters are the teacher's plus the one subtree named `GUIDANCE_BRANCH
 guidance_head='affine' the student also has a second zero-initialised output layer,
 `GUIDANCE_HEAD`, and outputs out + w * direction (`affine_guidance_output`).
 
-A text-conditioned network (`text_dim > 0`) takes, instead of labels, the text encoder's token
+A text-conditioned network (`text_dim > 0`) takes, instead of class labels, the text encoder's token
 states [B, L, text_dim] with zeros at padding (`distill_jax.text_encoder`); their masked mean
 (the sentence embedding) goes through Dense -> swish -> Dense in place of the class embedding,
 and the tokens themselves reach the U-Net's cross-attention blocks. Its null condition is the
@@ -195,13 +195,15 @@ class ConditioningEmbedding(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, t: jax.Array, labels: jax.Array, w: jax.Array | None = None) -> jax.Array:
-        """Embed t [B] (times in [0, 1]), labels [B] int (or text [B, L, D]) and w [B].
+    def __call__(
+        self, t: jax.Array, conditions: jax.Array, w: jax.Array | None = None
+    ) -> jax.Array:
+        """Embed t [B] (times in [0, 1]), conditions [B] int (or text [B, L, D]) and w [B].
 
         Returns [B, emb_dim]. A scalar t or w is broadcast to the batch. w is required when
         `use_guidance` and ignored otherwise, so a teacher and its student share one signature.
         """
-        batch = jnp.shape(labels)[0]
+        batch = jnp.shape(conditions)[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
         logsnr = logsnr_schedule_cosine(t, logsnr_min=self.logsnr_min, logsnr_max=self.logsnr_max)
         features = self.time_features or max(2, 2 * (self.emb_dim // 8))
@@ -209,13 +211,13 @@ class ConditioningEmbedding(nn.Module):
         h = nn.Dense(self.emb_dim, dtype=self.dtype, name="time_dense_0")(h)
         h = nn.Dense(self.emb_dim, dtype=self.dtype, name="time_dense_1")(nn.swish(h))
         if self.text_dim:
-            pooled = pooled_text(jnp.asarray(labels, jnp.float32))
+            pooled = pooled_text(jnp.asarray(conditions, jnp.float32))
             text = nn.Dense(self.emb_dim, dtype=self.dtype, name="text_dense_0")(pooled)
             emb = h + nn.Dense(self.emb_dim, dtype=self.dtype, name="text_dense_1")(nn.swish(text))
         else:
             emb = h + nn.Embed(
                 self.num_classes + 1, self.emb_dim, dtype=self.dtype, name="class_embed"
-            )(jnp.asarray(labels, jnp.int32))
+            )(jnp.asarray(conditions, jnp.int32))
         if self.use_guidance:
             emb = emb + GuidanceEmbedding(
                 self.emb_dim, self.guidance_fourier_dim, dtype=self.dtype, name=GUIDANCE_BRANCH

@@ -157,7 +157,7 @@ class UNet(nn.Module):
       num_heads: attention heads.
       dropout: dropout rate inside ResBlocks (active only with train=True).
       num_classes: real classes; label `num_classes` is the NULL class.
-      text_dim: width of the text condition's token states; 0 conditions on class labels.
+      text_dim: width of the text condition's token states; 0 for class labels.
       use_guidance: add the guidance-weight branch of a distilled student.
       guidance_fourier_dim: Fourier features of w in that branch.
       guidance_head: 'affine' gives a student a second output conv and outputs
@@ -202,13 +202,13 @@ class UNet(nn.Module):
             h = extra(h, emb, train)
         return h
 
-    def _text_context(self, labels: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    def _text_context(self, conditions: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
         """(the prompt's tokens normalised and projected to `width`, their mask).
 
         Projected once; each cross-attention block reads them from there (cheaper than from
         the encoder's 384 dimensions).
         """
-        tokens = jnp.asarray(labels, jnp.float32)
+        tokens = jnp.asarray(conditions, jnp.float32)
         projected = nn.Dense(width, dtype=self.dtype, name="context_proj")(
             nn.LayerNorm(dtype=self.dtype, name="context_norm")(tokens)
         )
@@ -269,7 +269,7 @@ class UNet(nn.Module):
         self,
         z: jax.Array,
         t: jax.Array,
-        labels: jax.Array,
+        conditions: jax.Array,
         w: jax.Array | None = None,
         *,
         train: bool,
@@ -279,7 +279,7 @@ class UNet(nn.Module):
         Args:
           z: noisy images [B, H, W, C].
           t: times [B] (or a scalar, broadcast).
-          labels: [B] int32 in [0, num_classes] (num_classes is the NULL class), or for a
+          conditions: [B] int32 in [0, num_classes] (num_classes is the NULL class), or for a
             text U-Net the token states [B, L, text_dim] with zeros at padding.
           w: guidance weights [B]; required when use_guidance, ignored otherwise.
           train: enables dropout (then apply needs rngs={'dropout': key}).
@@ -302,8 +302,8 @@ class UNet(nn.Module):
             logsnr_max=self.logsnr_max,
             dtype=self.dtype,
             name="cond",
-        )(t, labels, w)
-        context = self._text_context(labels, emb_dim) if self.text_dim else None
+        )(t, conditions, w)
+        context = self._text_context(conditions, emb_dim) if self.text_dim else None
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="input_conv")(
             z.astype(self.dtype)
         )

@@ -121,7 +121,7 @@ def train_program(run: Run, spec: StageSpec, mesh: jax.sharding.Mesh) -> Program
     shape = tuple(run.data_info(spec).shape)
     batch = {
         "x": jax.ShapeDtypeStruct((stage.batch_size, *shape), jnp.float32),
-        "label": _conditions(run, stage.batch_size),
+        "condition": _conditions(run, stage.batch_size),
     }
     batch = jax.tree.map(lambda a: a.update(sharding=compiled.batch_sharding), batch)
     teacher = _abstract(loop.frozen(stage.teacher, stage.frozen_dtype), compiled.teacher_sharding)
@@ -190,16 +190,16 @@ def _decoder(run: Run, params: PyTree):
 
 
 def _sampler(run: Run, spec: StageSpec | None, steps: int):
-    """(params, decoder params, z, labels, w, key) -> images: one sampler call, as `sampling`."""
+    """(params, decoder params, z, conditions, w, key) -> images: one sampler call."""
     stochastic = spec is not None and bool(run.config.stage2.stochastic)
     name = "stochastic" if stochastic else "ddim"
 
-    def sample(params, decoder_params, z, labels, w, key):
+    def sample(params, decoder_params, z, conditions, w, key):
         if spec is None:
             fn = run.guided_teacher_fn(params=params)
         else:
             fn = run.denoise_fn(spec, params)
-        x = samplers.run_sampler(name, fn, z, labels, w, key, steps=steps, **run.bounds)
+        x = samplers.run_sampler(name, fn, z, conditions, w, key, steps=steps, **run.bounds)
         decode = _decoder(run, decoder_params)
         return x if decode is None else decode(x)
 

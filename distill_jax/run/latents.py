@@ -71,25 +71,28 @@ class Latents:
 class ScaledLatents(sources.ArraySource):
     """The cached latents (memory-mapped), scaled when an example is read."""
 
-    def __init__(self, latents: np.ndarray, labels: np.ndarray, scale: float):
-        super().__init__({"x": latents, "label": labels})
+    def __init__(self, latents: np.ndarray, conditions: np.ndarray, scale: float):
+        super().__init__({"x": latents, "condition": conditions})
         self.scale = np.float32(scale)
 
     def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The examples at `indices`, latents scaled to float32."""
         examples = super().take(indices)
-        return {"x": np.asarray(examples["x"], np.float32) * self.scale, "label": examples["label"]}
+        return {
+            "x": np.asarray(examples["x"], np.float32) * self.scale,
+            "condition": examples["condition"],
+        }
 
 
-def read_cached(directory: epath.Path, latents: Latents, labels: np.ndarray | None = None):
+def read_cached(directory: epath.Path, latents: Latents, conditions: np.ndarray | None = None):
     """The cached train split of the autoencoder stage in `directory`, scaled.
 
-    `labels` replaces the cached labels (an imported pipeline's text conditions).
+    `conditions` replaces the cached ones (an imported pipeline's text conditions).
     """
     cached = np.load(os.fspath(directory / LATENTS_FILE), mmap_mode="r")
-    if labels is None:
-        labels = np.load(os.fspath(directory / LABELS_FILE), mmap_mode="r")
-    return ScaledLatents(cached, labels, latents.scale)
+    if conditions is None:
+        conditions = np.load(os.fspath(directory / LABELS_FILE), mmap_mode="r")
+    return ScaledLatents(cached, conditions, latents.scale)
 
 
 def _encoded_batches(encode: Callable, source, size: int, batch_size: int, start: int, stop: int):
@@ -106,7 +109,7 @@ def _encoded_batches(encode: Callable, source, size: int, batch_size: int, start
         pad = batch_size - len(chunk)  # one compiled shape for every chunk
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
         means = np.asarray(apply(encode, padded), np.float32)[: len(chunk)]
-        labels = examples["label"]
+        labels = examples["condition"]
         yield means, labels.astype(np.float16 if labels.ndim > 1 else np.int32)
 
 

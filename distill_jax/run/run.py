@@ -376,8 +376,8 @@ class Run:
         if not self.latent:
             return self.pipeline_captions(split) if pipeline_text else None
         directory = self.directory(self.stage("autoencoder"))
-        labels = self.pipeline_conditions(split)[1] if pipeline_text else None
-        return read_cached(directory, self.latents(), labels)
+        conditions = self.pipeline_conditions(split)[1] if pipeline_text else None
+        return read_cached(directory, self.latents(), conditions)
 
     def pipeline_conditions(self, split: str) -> tuple[Sequence, Sequence]:
         """(source, conditions [N, L, D]) of `split`, captions encoded by the pipeline's encoder.
@@ -393,7 +393,7 @@ class Run:
         return sources.with_conditions(*self.pipeline_conditions(split))
 
     def denoise_fn(self, spec: stages_lib.StageSpec, params: PyTree = None) -> Partial:
-        """The stage's x-hat denoiser(z, t, labels, w) as a Partial (weights loaded if None).
+        """The stage's x-hat denoiser(z, t, conditions, w) as a Partial (weights loaded if None).
 
         Teachers ignore w (see `guided_teacher_fn` for the guided one); students require it.
         """
@@ -416,7 +416,7 @@ class Run:
         cond_fn = self.denoise_fn(self.stage("teacher"), params)
         null = self.null_condition if null is None else null
         return guidance.make_guided_denoise_fn(
-            cond_fn, null_label=null, unguided_steps=unguided_steps
+            cond_fn, null_condition=null, unguided_steps=unguided_steps
         )
 
     def checkpointer(self, spec: stages_lib.StageSpec) -> checkpoints.StageCheckpointer:

@@ -29,7 +29,7 @@ def make_autoencoder_loss(
 ) -> LossFn:
     """Loss function (params, batch, rng, teacher) -> (loss, metrics) of the autoencoder.
 
-    batch: {'x': float32 images [B, H, W, C] in [-1, 1], 'label': ignored}.
+    batch: {'x': float32 images [B, H, W, C] in [-1, 1], 'condition': ignored}.
     Metrics: recon_mse (the reconstruction's mean squared error in [-1, 1] units) and kl.
     """
     kl_weight = float(ae_config.kl_weight)

@@ -39,12 +39,12 @@ from distill_jax.models import denoiser
 from distill_jax.training.state import LossFn
 
 PyTree = Any
-# teacher state (its params, or a GaussianMixture) -> its x-hat denoise_fn(z, t, labels, w).
+# teacher state (its params, or a GaussianMixture) -> its x-hat denoise_fn(z, t, conditions, w).
 TeacherDenoiser = Callable[[PyTree], Partial]
 
 
 def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigDict, w_beta: float):
-    x, labels = batch["x"], batch["label"]
+    x, conditions = batch["x"], batch["condition"]
     w_rng, eps_rng, rest = jax.random.split(rng, 3)
     low, high, beta = float(guidance.w_min), float(guidance.w_max), float(w_beta)
     if beta == 1.0:  # uniform (the same draws as before w_beta existed)
@@ -52,7 +52,7 @@ def _sample_common(batch: dict, rng: jax.Array, guidance: ml_collections.ConfigD
     else:
         w = low + (high - low) * jax.random.beta(w_rng, beta, beta, (x.shape[0],))
     eps = jax.random.normal(eps_rng, x.shape, x.dtype)
-    return x, labels, w, eps, rest
+    return x, conditions, w, eps, rest
 
 
 def _student_regression(
@@ -60,7 +60,7 @@ def _student_regression(
     params: PyTree,
     z: jax.Array,
     t: jax.Array,
-    labels: jax.Array,
+    conditions: jax.Array,
     w: jax.Array,
     target: jax.Array,
     dropout_rng: jax.Array,
@@ -74,7 +74,7 @@ def _student_regression(
     """
     target = jax.lax.stop_gradient(target)
     student_fn = denoiser.make_denoise_fn(student, params, train=True, dropout_rng=dropout_rng)
-    xhat = student_fn(z, t, labels, w)
+    xhat = student_fn(z, t, conditions, w)
     logsnr = schedule.logsnr_schedule_cosine(
         t, logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max
     )
@@ -104,18 +104,20 @@ def make_stage_one_loss(
     bounds = dict(logsnr_min=diffusion.logsnr_min, logsnr_max=diffusion.logsnr_max)
 
     def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher_state: PyTree):
-        x, labels, w, eps, rest = _sample_common(batch, rng, guidance, w_beta)
+        x, conditions, w, eps, rest = _sample_common(batch, rng, guidance, w_beta)
         t_rng, dropout_rng = jax.random.split(rest)
         t = jax.random.uniform(t_rng, (x.shape[0],))
         z = schedule.q_sample(x, t, eps, **bounds)
         teacher_fn = teacher_denoiser(teacher_state)
-        target = guidance_lib.guided_xhat(teacher_fn, z, t, labels, w, null_label=null_condition)
+        target = guidance_lib.guided_xhat(
+            teacher_fn, z, t, conditions, w, null_condition=null_condition
+        )
         return _student_regression(
             student,
             params,
             z,
             t,
-            labels,
+            conditions,
             w,
             target,
             dropout_rng,
@@ -148,7 +150,7 @@ def make_stage_two_loss(
 
     def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher: PyTree):
         teacher_params, steps = teacher["params"], teacher["steps"]
-        x, labels, w, eps, rest = _sample_common(batch, rng, guidance, w_beta)
+        x, conditions, w, eps, rest = _sample_common(batch, rng, guidance, w_beta)
         i_rng, dropout_rng = jax.random.split(rest)
         i = jax.random.randint(i_rng, (x.shape[0],), 1, steps + 1)
         t, t_mid, t_end = targets.round_times(i, steps=steps, stochastic=stochastic)
@@ -159,7 +161,7 @@ def make_stage_two_loss(
         target, _ = targets.progressive_target(
             teacher_fn,
             z_t,
-            labels,
+            conditions,
             w,
             t=t,
             t_mid=t_mid,
@@ -168,7 +170,7 @@ def make_stage_two_loss(
             **bounds,
         )
         return _student_regression(
-            student, params, z_t, t, labels, w, target, dropout_rng, diffusion=diffusion
+            student, params, z_t, t, conditions, w, target, dropout_rng, diffusion=diffusion
         )
 
     return loss_fn

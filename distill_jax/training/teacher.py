@@ -27,7 +27,7 @@ def make_teacher_loss(
 ) -> LossFn:
     """Loss function (params, batch, rng, teacher) -> (loss, metrics) of teacher training.
 
-    batch: {'x': [B, ...] float32 data in [-1, 1] (or toy data), 'label': [B] int32 class
+    batch: {'x': [B, ...] float32 data in [-1, 1] (or toy data), 'condition': [B] int32 class
     labels or a text condition [B, L, D]}; `null_condition` is what a dropped one becomes
     (`Run.null_condition`: the number of classes, or the empty prompt's [L, D]).
     """
@@ -37,17 +37,17 @@ def make_teacher_loss(
 
     def loss_fn(params: PyTree, batch: dict, rng: jax.Array, teacher: PyTree):
         del teacher  # the teacher stage learns from data alone
-        x, labels = batch["x"], guidance.as_condition(batch["label"])
+        x, conditions = batch["x"], guidance.as_condition(batch["condition"])
         t_rng, eps_rng, drop_rng, dropout_rng = jax.random.split(rng, 4)
         batch_size = x.shape[0]
         t = jax.random.uniform(t_rng, (batch_size,))
         eps = jax.random.normal(eps_rng, x.shape, x.dtype)
         z = schedule.q_sample(x, t, eps, **bounds)
         dropped = jax.random.bernoulli(drop_rng, p_uncond, (batch_size,))
-        dropped = dropped.reshape(dropped.shape + (1,) * (labels.ndim - 1))
-        labels = jnp.where(dropped, guidance.null_like(labels, null_condition), labels)
+        dropped = dropped.reshape(dropped.shape + (1,) * (conditions.ndim - 1))
+        conditions = jnp.where(dropped, guidance.null_like(conditions, null_condition), conditions)
         denoise = denoiser.make_denoise_fn(model, params, train=True, dropout_rng=dropout_rng)
-        xhat = denoise(z, t, labels)
+        xhat = denoise(z, t, conditions)
         logsnr = schedule.logsnr_schedule_cosine(t, **bounds)
         per_example = weighting.weighted_mse(xhat, x, logsnr, weighting=weighting_name)
         return jnp.mean(per_example), {"x_mse": jnp.mean((xhat - x) ** 2)}
