@@ -11,12 +11,13 @@ import pathlib
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from distill_jax import safetensors_file
-from distill_jax.interop import sd3_text
+from distill_jax.interop import core, sd3_text
 from distill_jax.interop.core import FolderError
 from distill_jax.interop.sd3_text import SD3TextEncoder, SD3TextFolderError
 from distill_jax.interop.text_encoder import TextFolderError
@@ -139,11 +140,17 @@ def test_relu_t5_equals_t5_encoder_model(masked):
     config = json.loads((DATA / "t5_relu_tiny" / "config.json").read_text())
     sizes = sd3_text.t5_sizes(config, folder)
     assert (sizes.activation, sizes.gated) == ("relu", False)
-    params = sd3_text.t5_params(folder, sizes)
+    params = _t5_params(folder, sizes)
     mask = GOLDEN["mask_3"] if masked else None
     states = T5Encoder(sizes).apply({"params": params}, GOLDEN["ids_3"], mask)
     golden = GOLDEN["t5_relu_states_masked" if masked else "t5_relu_states"]
     np.testing.assert_allclose(np.asarray(states), golden, atol=1e-5, rtol=0)
+
+
+def _t5_params(folder, sizes) -> dict:
+    """The folder's T5 weights, loaded for the T5Encoder of `sizes`."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return sd3_text.load_t5(core.abstract_params(T5Encoder(sizes), ids), str(folder))
 
 
 def _t5_tensors(folder: pathlib.Path) -> dict:
@@ -155,13 +162,13 @@ def test_the_tied_t5_embedding_may_have_either_name_or_both(tmp_path, names):
     folder = _copy(tmp_path) / "text_encoder_3"
     config = json.loads((folder / "config.json").read_text())
     sizes = sd3_text.t5_sizes(config, str(folder))
-    expected = sd3_text.t5_params(str(SD3_TINY / "text_encoder_3"), sizes)
+    expected = _t5_params(SD3_TINY / "text_encoder_3", sizes)
     tensors = _t5_tensors(folder)
     tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"]
     if names == "embed_tokens":
         del tensors["shared.weight"]
     save_file(tensors, str(folder / "model.safetensors"))
-    params = sd3_text.t5_params(str(folder), sizes)
+    params = _t5_params(folder, sizes)
     np.testing.assert_array_equal(params["shared"]["embedding"], expected["shared"]["embedding"])
     if names == "both":
         tensors["encoder.embed_tokens.weight"] = tensors["shared.weight"] + 1
@@ -184,8 +191,8 @@ def test_sharded_t5_weights_read_through_their_index(tmp_path):
     (folder / sd3_text.SHARDS_INDEX).write_text(json.dumps(index))
     config = json.loads((folder / "config.json").read_text())
     sizes = sd3_text.t5_sizes(config, str(folder))
-    params = sd3_text.t5_params(str(folder), sizes)
-    expected = sd3_text.t5_params(str(SD3_TINY / "text_encoder_3"), sizes)
+    params = _t5_params(folder, sizes)
+    expected = _t5_params(SD3_TINY / "text_encoder_3", sizes)
     np.testing.assert_array_equal(
         params["block_1"]["layer_1"]["DenseReluDense"]["wo"]["kernel"],
         expected["block_1"]["layer_1"]["DenseReluDense"]["wo"]["kernel"],

@@ -42,7 +42,7 @@ def _read(name: str, unet_dir: str | None = None):
     keys, cfg = reader.read_unet_config(unet_dir)
     shape = (cfg["sample_size"], cfg["sample_size"], cfg["in_channels"])
     model, abstract = _build(keys, shape)
-    return model, reader.read_unet(unet_dir, abstract)
+    return model, reader.load(abstract, unet_dir)
 
 
 @pytest.mark.parametrize("name", ["v1", "v2"])

@@ -12,6 +12,13 @@ What each part's reader (`interop.dit`, `interop.unet`, `interop.vae`, `interop.
 - `match_named_tensors`, `match_params`, `convert_params`: PyTorch tensors mapped onto our
   parameters by name and shape, every tensor used and every parameter found, or a refusal
   naming them;
+- `abstract_params`, `loaded_like`: the one loading signature every network part has,
+  `load(abstract, folder) -> params` (as big_vision's `load(init_params, init_file, ...)`):
+  `abstract` is the parameter shapes of the module the caller built, `folder` the part's
+  directory (unet/, vae/, transformer/, text_encoder/, ...); the result has `abstract`'s
+  names and shapes, or the folder is refused. Each part's key mapping sits beside its `load`
+  (`dit.load`, `unet.load`, `vae.load`, `sd3.load`, `text_encoder.load`, `sd3_text.load_clip`,
+  `sd3_text.load_t5`);
 - `model_config`: the schema's config.model with an import's keys.
 No PyTorch: JSON and safetensors only.
 """
@@ -287,7 +294,12 @@ def match_params(
       FolderError: tensors missing, left over, or of another shape, naming them.
     """
     named = trees.named_leaves(abstract)
-    wanted = {name_of(name): name for name in named}
+    try:
+        wanted = {name_of(name): name for name in named}
+    except KeyError as error:  # a module of another kind than the folder's
+        raise FolderError(
+            f"{where}: {error.args[0]}: accepted the weights of {what}, loaded for its module"
+        ) from None
 
     def our_shape(torch_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         name = wanted[torch_name]
@@ -332,6 +344,24 @@ def convert_params(
     return jax.tree_util.tree_unflatten(
         treedef, [leaves[trees.leaf_name(path)] for path, _ in with_path]
     )
+
+
+def abstract_params(module, *inputs) -> PyTree:
+    """A Flax module's parameter shapes for `inputs` (jax.eval_shape of its init: no weights)."""
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))["params"]
+
+
+def loaded_like(params: PyTree, abstract: PyTree, where: str, what: str, error=FolderError):
+    """`params` when its names and shapes are `abstract`'s; else `error` naming a difference.
+
+    The difference is a folder whose weights are not those of the module the caller built.
+    """
+    mismatch = trees.shape_mismatch(
+        params, abstract, got_name=f"the weights in {where}", want_name=what
+    )
+    if mismatch:
+        raise error(f"{mismatch}: accepted the weights of the {what} built for them")
+    return params
 
 
 def model_config(model_keys: dict) -> ml_collections.ConfigDict:

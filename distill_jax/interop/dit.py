@@ -171,16 +171,25 @@ def abstract_dit_params(model_keys: dict, data_shape: tuple, num_classes: int) -
     )
 
 
-def read_dit_weights(imported: ImportedTeacher) -> PyTree:
-    """The imported folder's transformer weights as our DiT's params (numpy float32).
+def load(abstract: PyTree, folder: str) -> PyTree:
+    """A DiTTransformer2DModel folder's weights as our DiT's params, shaped as `abstract`.
+
+    numpy float32; `abstract` is `abstract_dit_params` of the DiT built for them.
 
     Raises:
       FolderError: tensors missing, left over or misshapen (`convert_params`).
     """
-    transformer = os.path.join(imported.record["source"], "transformer")
-    abstract = abstract_dit_params(imported.model, imported.data_shape, imported.num_classes)
     return convert_params(
-        read_safetensors(transformer), abstract, transformer, name_of=diffusers_name, what="a DiT"
+        read_safetensors(folder), abstract, folder, name_of=diffusers_name, what="a DiT"
+    )
+
+
+def read_dit_weights(imported: ImportedTeacher) -> PyTree:
+    """The imported folder's transformer weights as our DiT's params (numpy float32)."""
+    transformer = os.path.join(imported.record["source"], "transformer")
+    return load(
+        abstract_dit_params(imported.model, imported.data_shape, imported.num_classes),
+        transformer,
     )
 
 

@@ -211,7 +211,7 @@ def abstract_sd_params(imported: ImportedTeacher):
 def read_sd_weights(imported: ImportedTeacher):
     """The imported pipeline's U-Net weights as SDUNet params (numpy float32)."""
     unet_dir = os.path.join(imported.record["source"], "unet")
-    return unet_reader.read_unet(unet_dir, abstract_sd_params(imported))
+    return unet_reader.load(abstract_sd_params(imported), unet_dir)
 
 
 def is_pipeline_folder(folder: str) -> bool:

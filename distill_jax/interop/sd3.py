@@ -12,7 +12,7 @@ holds `config.json` and `diffusion_pytorch_model.safetensors` (or shards listed 
   kernel' -> 'transformer_blocks.0.attn.to_q.weight'): our modules carry diffusers' names, with
   '_' in place of '.' before a list index (transformer_blocks_N, to_out_0, net_0_proj, net_2).
 - `match_transformer` maps a folder's {name: shape} onto the module by name and shape, every
-  tensor used; `read_transformer` reads the weights through it.
+  tensor used; `load(abstract, folder)` reads the weights through it.
 
 The positional table `pos_embed.pos_embed` (a persistent buffer of diffusers' PatchEmbed when
 pos_embed_max_size is set, [1, max^2, width]) is not a parameter here: MMDiT recomputes it.
@@ -203,20 +203,29 @@ def check_positional_table(table: np.ndarray, module: MMDiT, where: str) -> None
         )
 
 
-def read_transformer(folder: str, module: MMDiT) -> PyTree:
-    """The folder's weights as `module`'s teacher params (numpy float32; no guidance branch).
+def _config_module(folder: str) -> MMDiT:
+    """The MMDiT a transformer folder's config.json describes."""
+    where = os.path.join(folder, "config.json")
+    return mmdit_module(transformer_config(read_json(where, "the transformer config"), where))
 
-    The layer count, then every name and shape, are checked against the files' headers before
-    any tensor is read.
+
+def load(abstract: PyTree, folder: str) -> PyTree:
+    """A transformer folder's weights as MMDiT teacher params, shaped as `abstract`.
+
+    numpy float32, no guidance branch; `abstract` is `teacher_params_shape` of the MMDiT built
+    for them.
+
+    The layer count of its config.json, then every name and shape, are checked against the
+    files' headers before any tensor is read.
 
     Raises:
       FolderError: the first thing that does not fit, naming the file and the key or tensor.
     """
     folder = os.fspath(folder)
+    module = _config_module(folder)
     shapes = read_safetensors_shapes(folder)
     where = os.path.join(folder, "config.json")
     check_layer_count(shapes, "transformer_blocks.", module.num_layers, "num_layers", where)
-    abstract = teacher_params_shape(module)
     match_transformer(shapes, module, folder, abstract)
     tensors = read_safetensors(folder)
     table = tensors.pop(POS_EMBED, None)
@@ -227,7 +236,5 @@ def read_transformer(folder: str, module: MMDiT) -> PyTree:
 
 def read_transformer_folder(folder: str, **extra) -> tuple[MMDiT, PyTree]:
     """(MMDiT, teacher params) of a transformer folder; `extra` as `mmdit_module` takes it."""
-    where = os.path.join(os.fspath(folder), "config.json")
-    fields = transformer_config(read_json(where, "the transformer config"), where)
-    module = mmdit_module(fields, **extra)
-    return module, read_transformer(folder, module)
+    module = _config_module(os.fspath(folder)).clone(**extra)
+    return module, load(teacher_params_shape(module), folder)

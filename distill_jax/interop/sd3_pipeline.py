@@ -191,7 +191,7 @@ def read_sd3_weights(imported: ImportedTeacher):
     transformer_dir = os.path.join(imported.record["source"], "transformer")
     where = os.path.join(transformer_dir, "config.json")
     fields = sd3.transformer_config(read_json(where, "the transformer config"), where)
-    return sd3.read_transformer(transformer_dir, sd3.mmdit_module(fields))
+    return sd3.load(sd3.teacher_params_shape(sd3.mmdit_module(fields)), transformer_dir)
 
 
 def text_encoder(

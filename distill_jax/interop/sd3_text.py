@@ -50,8 +50,11 @@ import numpy as np
 from distill_jax import trees
 from distill_jax.interop.core import (
     FolderError,
+    PyTree,
+    abstract_params,
     check_layer_count,
     integer,
+    loaded_like,
     match_named_tensors,
     number,
     read_json,
@@ -171,8 +174,18 @@ def read_weights(folder: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def clip_params(folder: str, config: dict, part: ClipPart) -> dict:
-    """ClipTextWithProjection params: the CLIPTextModel tensors and text_projection.weight."""
+def load_clip(abstract: PyTree, folder: str) -> PyTree:
+    """A CLIPTextModelWithProjection folder's weights as params shaped as `abstract`.
+
+    numpy float32: the CLIPTextModel tensors and text_projection.weight, for a
+    ClipTextWithProjection.
+
+    Raises:
+      SD3TextFolderError: a file, tensor or size that does not fit, in one line.
+    """
+    where = os.path.join(folder, "config.json")
+    config = read_json(where, "a CLIPTextModelWithProjection config")
+    part = clip_part(config, where)
     tensors = read_weights(folder)
     projection = tensors.pop(PROJECTION, None)
     match_named_tensors(
@@ -183,7 +196,8 @@ def clip_params(folder: str, config: dict, part: ClipPart) -> dict:
         error=SD3TextFolderError,
     )
     params = encoder_params(tensors, folder, config, "clip_text_model", part.sizes)
-    return params | {"text_projection": {"kernel": np.asarray(projection.T, np.float32)}}
+    params = params | {"text_projection": {"kernel": np.asarray(projection.T, np.float32)}}
+    return loaded_like(params, abstract, folder, "CLIPTextModelWithProjection", SD3TextFolderError)
 
 
 def t5_expected_tensors(sizes: T5Sizes) -> dict[str, tuple[int, ...]]:
@@ -200,8 +214,16 @@ def t5_expected_tensors(sizes: T5Sizes) -> dict[str, tuple[int, ...]]:
     return {t: flat[f][::-1] if f.endswith("/kernel") else flat[f] for t, f in names.items()}
 
 
-def t5_params(folder: str, sizes: T5Sizes) -> dict:
-    """T5Encoder params from a T5EncoderModel folder, every tensor used (tied embedding once)."""
+def load_t5(abstract: PyTree, folder: str) -> PyTree:
+    """A T5EncoderModel folder's weights as T5Encoder params, shaped as `abstract`.
+
+    numpy float32, every tensor used (the tied embedding once).
+
+    Raises:
+      SD3TextFolderError: a file, tensor or size that does not fit, in one line.
+    """
+    config_path = os.path.join(folder, "config.json")
+    sizes = t5_sizes(read_json(config_path, "a T5EncoderModel config"), config_path)
     tensors = read_weights(folder)
     where = os.path.join(folder, "model.safetensors")
     if T5_TIED in tensors:
@@ -222,7 +244,8 @@ def t5_params(folder: str, sizes: T5Sizes) -> dict:
         hint=f"the embedding may be named {T5_EMBEDDING} or {T5_TIED} (tied)",
         error=SD3TextFolderError,
     )
-    return params_from_tensors(tensors, t5_tensor_names(sizes))
+    params = params_from_tensors(tensors, t5_tensor_names(sizes))
+    return loaded_like(params, abstract, folder, "T5EncoderModel", SD3TextFolderError)
 
 
 class SD3TextEncoder(TextConditioner):
@@ -317,12 +340,10 @@ class SD3TextEncoder(TextConditioner):
                     f"num_hidden_layers - 1 = {part.sizes.layers - 1})"
                 )
             self.clip_tokenizers.append((tokenizer, pad_id))
-            clip_modules.append(
-                ClipTextWithProjection(
-                    part.sizes, part.projection, part.eos_token_id, clip_skip or 0
-                )
-            )
-            self.clip_params.append(clip_params(encoder_dir, config, part))
+            module = ClipTextWithProjection(part.sizes, part.projection, part.eos_token_id)
+            clip_modules.append(module.clone(skip=clip_skip or 0))
+            ids = jnp.zeros((1, 2), jnp.int32)
+            self.clip_params.append(load_clip(abstract_params(module, ids, ids), encoder_dir))
         return clip_modules
 
     def _read_t5(self, folder: str, use_t5: bool, joint_attention_dim: int | None):
@@ -337,7 +358,8 @@ class SD3TextEncoder(TextConditioner):
         tokenizer_dir = os.path.join(folder, "tokenizer_3")
         self.t5_tokenizer, _, self.t5_pad_id = load_tokenizer(tokenizer_dir)
         check_vocabulary(self.t5_tokenizer, tokenizer_dir, sizes.vocab)
-        self.t5_params = t5_params(t5_dir, sizes)
+        ids = jnp.zeros((1, 2), jnp.int32)
+        self.t5_params = load_t5(abstract_params(T5Encoder(sizes), ids), t5_dir)
         if joint_attention_dim is not None and joint_attention_dim != sizes.width:
             raise SD3TextFolderError(
                 f"joint_attention_dim={joint_attention_dim} is not {where}'s d_model {sizes.width}"

@@ -36,8 +36,11 @@ import numpy as np
 from distill_jax import trees
 from distill_jax.interop.core import (
     FolderError,
+    PyTree,
+    abstract_params,
     check_layer_count,
     integer,
+    loaded_like,
     match_named_tensors,
     number,
 )
@@ -375,7 +378,8 @@ class PipelineTextEncoder(TextConditioner):
                 f"clip_skip={clip_skip} must count layers of a CLIP text encoder (0 to its "
                 f"num_hidden_layers); {text_encoder_dir} is a {kind} model with {sizes.layers}"
             )
-        params = _read_params(text_encoder_dir, config, kind, sizes)
+        ids = jnp.zeros((1, 2), jnp.int32)
+        params = load(abstract_params(_module(kind, sizes), ids, ids), text_encoder_dir)
         self.params = trees.cast_floating(params, dtype)
         self.use_attention_mask = bool(config.get("use_attention_mask", False))
         self._apply = jax.jit(_module(kind, sizes, clip_skip or 0).apply)
@@ -436,5 +440,17 @@ def encoder_params(
     return params_from_tensors(renamed, _names(kind, sizes))
 
 
-def _read_params(folder: str, config: dict, kind: str, sizes: EncoderSizes) -> dict:
-    return encoder_params(read_text_tensors(folder), folder, config, kind, sizes)
+def load(abstract: PyTree, folder: str) -> PyTree:
+    """A text encoder folder's weights as our module's params, shaped as `abstract`.
+
+    A CLIPTextModel or a BERT-family model; numpy float32; `abstract` is
+    `core.abstract_params` of the module its config.json describes.
+
+    Raises:
+      TextFolderError: a file, tensor or size that does not fit, in one line.
+    """
+    where = os.path.join(folder, "config.json")
+    config = _read_json(where)
+    kind, sizes = encoder_sizes(config, where)
+    params = encoder_params(read_text_tensors(folder), folder, config, kind, sizes)
+    return loaded_like(params, abstract, folder, f"{kind} text encoder", TextFolderError)

@@ -23,6 +23,7 @@ import numpy as np
 
 from distill_jax.interop.core import (
     FolderError,
+    PyTree,
     check_layer_count,
     convert_params,
     integer,
@@ -185,16 +186,19 @@ def check_unet_sizes(model: dict, unet_dir: str) -> None:
     check_layer_count(shapes, "down_blocks.0.resnets.", layers, "layers_per_block", where)
 
 
-def read_unet(unet_dir: str, abstract) -> dict:
-    """The U-Net's weights as `SDUNet` params (numpy float32), all tensors used.
+def load(abstract: PyTree, folder: str) -> PyTree:
+    """A UNet2DConditionModel folder's weights as `SDUNet` params, shaped as `abstract`.
+
+    numpy float32, every tensor used; `abstract` is the parameter shapes of the SDUNet built
+    for them.
 
     Raises:
       FolderError: tensors missing, left over or misshapen.
     """
     return convert_params(
-        read_safetensors(unet_dir),
+        read_safetensors(folder),
         abstract,
-        unet_dir,
+        folder,
         name_of=diffusers_unet_name,
         layout=to_sd_layout,
         what="a U-Net",
@@ -212,7 +216,7 @@ def read_unet_config(unet_dir: str) -> tuple[dict, dict]:
 __all__ = [
     "diffusers_unet_name",
     "model_config",
-    "read_unet",
+    "load",
     "read_unet_config",
     "to_sd_layout",
     "unet_model_config",

@@ -285,6 +285,17 @@ def check_vae_sizes(model: kl_vae.AutoencoderKL, vae_dir: str) -> None:
     check_layer_count(shapes, "encoder.down_blocks.0.resnets.", layers, "layers_per_block", where)
 
 
+def load(abstract: PyTree, folder: str) -> PyTree:
+    """An AutoencoderKL folder's weights as our KL VAE's params, shaped as `abstract`.
+
+    numpy float32; `abstract` is `abstract_vae_params` of the model built for them.
+
+    Raises:
+      FolderError: tensors missing, left over or misshapen (`match_tensors`).
+    """
+    return convert_vae_params(read_safetensors(folder), abstract, folder)
+
+
 def read_vae_folder(vae_dir: str) -> tuple[kl_vae.AutoencoderKL, PyTree, dict]:
     """(model, params, record) of a diffusers AutoencoderKL folder (a pipeline's vae/).
 
@@ -304,7 +315,7 @@ def read_vae_folder(vae_dir: str) -> tuple[kl_vae.AutoencoderKL, PyTree, dict]:
     cfg = read_json(config_path, "the VAE config")
     model = vae_model(cfg, config_path)
     check_vae_sizes(model, folder)
-    params = convert_vae_params(read_safetensors(folder), abstract_vae_params(model), folder)
+    params = load(abstract_vae_params(model), folder)
     return model, params, vae_record(cfg, folder, weights_checksum(folder))
 
 
