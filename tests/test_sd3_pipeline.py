@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 
 import jax
@@ -134,6 +135,27 @@ def _edit(path: str, **changes) -> None:
         (
             lambda f: _edit(os.path.join(f, "scheduler", "scheduler_config.json"), shift="3"),
             "shift='3'",
+        ),
+        (  # diffusers refuses it even where no dynamic shifting uses it
+            lambda f: _edit(
+                os.path.join(f, "scheduler", "scheduler_config.json"), time_shift_type="cubic"
+            ),
+            "time_shift_type='cubic': accepted 'exponential', 'linear'",
+        ),
+        (
+            lambda f: _edit(os.path.join(f, "model_index.json"), controlnet=["x", "ControlNet"]),
+            "has parts distill_jax cannot read: controlnet",
+        ),
+        (
+            lambda f: pathlib.Path(f, "model_index.json").write_text("[]"),
+            "model_index.json holds no JSON object",
+        ),
+        (
+            lambda f: _edit(
+                os.path.join(f, "transformer", "config.json"), _class_name="FluxTransformer2DModel"
+            ),
+            r"accepted 'DiTTransformer2DModel', 'Transformer2DModel' \(a DiT pipeline\) or "
+            "'SD3Transformer2DModel'",
         ),
     ],
 )

@@ -176,6 +176,23 @@ def test_the_tied_t5_embedding_may_have_either_name_or_both(tmp_path, names):
         _refused(folder.parent, "shared.weight and encoder.embed_tokens.weight differ")
 
 
+@pytest.mark.parametrize(
+    "shard, match",
+    [
+        ("../text_encoder/model.safetensors", "which is not a file beside it"),
+        ("model-00009-of-00009.safetensors", "which"),
+    ],
+)
+def test_an_index_naming_a_shard_outside_its_folder_or_absent_is_refused(tmp_path, shard, match):
+    folder = _copy(tmp_path) / "text_encoder_3"
+    names = sorted(_t5_tensors(folder))
+    os.rename(folder / "model.safetensors", folder / "model-00001-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in names} | {names[0]: shard}
+    (folder / sd3_text.SHARDS_INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    message = _refused(folder.parent, match)
+    assert shard in message and "does not hold" in message or "beside" in message
+
+
 def test_sharded_t5_weights_read_through_their_index(tmp_path):
     folder = _copy(tmp_path) / "text_encoder_3"
     tensors = _t5_tensors(folder)

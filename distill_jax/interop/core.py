@@ -114,6 +114,30 @@ def existing_folder(path) -> str:
     return folder
 
 
+NOT_READ = ("safety_checker", "feature_extractor", "image_encoder")  # not needed to distil
+
+
+def named_parts(folder: str) -> tuple[str, ...]:
+    """The parts a pipeline folder's model_index.json names, () without one.
+
+    Its entries [library, class] that are not null, less the parts distillation does not read
+    (NOT_READ). An index that is not a JSON object is refused in one line.
+    """
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        return ()
+    index = read_json(index_path, "the pipeline index")
+    return tuple(
+        k
+        for k, v in index.items()
+        if not k.startswith("_")
+        and isinstance(v, list)
+        and v
+        and v[0] is not None
+        and k not in NOT_READ
+    )
+
+
 def read_json(path: str, what: str) -> dict:
     """The JSON object in `path`; FolderError naming `what` when it is missing or malformed."""
     if not os.path.isfile(path):
@@ -186,11 +210,52 @@ def check_layer_count(shapes: dict, prefix: str, claimed: int, key: str, where: 
         )
 
 
+def _shards(index: str, error=FolderError) -> tuple[list[str], dict]:
+    """(shard paths, weight_map) of a weights index: each shard a file beside the index."""
+    weight_map = read_json(index, "the weights index").get("weight_map")
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(v, str) for v in weight_map.values())
+    ):
+        raise error(
+            f"{index} has no weight_map of tensor names to shard files: accepted the index "
+            "diffusers or transformers writes"
+        )
+    folder, paths = os.path.dirname(index), []
+    for name in sorted(set(weight_map.values())):
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise error(
+                f"{index} names the shard {name!r}, which is not a file beside it: accepted "
+                f"file names in {folder}"
+            )
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise error(f"{index} names the shard {name}, which {folder} does not hold")
+        paths.append(os.path.join(folder, name))
+    return paths, weight_map
+
+
+def read_sharded(index: str, read_file, error=FolderError) -> dict:
+    """read_file(path) of every shard a weights index names, merged; a refusal names the file.
+
+    Every tensor the index names must be in its shard's file.
+    """
+    paths, weight_map = _shards(index, error)
+    merged = {}
+    for path in paths:
+        try:
+            merged.update(read_file(path))
+        except (OSError, ValueError) as failure:
+            raise error(f"{path}: {failure}") from None
+    if missing := sorted(set(weight_map) - set(merged)):
+        raise error(f"{index} names tensors its shards lack ({', '.join(missing[:3])})")
+    return merged
+
+
 def _weight_files(folder: str) -> list[str]:
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
-        shards = sorted(set(read_json(index, "the weights index").get("weight_map", {}).values()))
-        return [os.path.join(folder, name) for name in shards]
+        return _shards(index)[0]
     single = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(single):
         raise FolderError(f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE})")
@@ -199,13 +264,14 @@ def _weight_files(folder: str) -> list[str]:
 
 def _read_each_weight_file(folder: str, read_file) -> dict:
     """read_file(path) of every weight file of a model folder, merged; a refusal names it."""
-    merged = {}
-    for path in _weight_files(folder):
-        try:
-            merged.update(read_file(path))
-        except (OSError, ValueError) as error:
-            raise FolderError(f"{path}: {error}") from None
-    return merged
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+        return read_sharded(index, read_file)
+    (single,) = _weight_files(folder)
+    try:
+        return read_file(single)
+    except (OSError, ValueError) as error:
+        raise FolderError(f"{single}: {error}") from None
 
 
 def read_safetensors_shapes(folder: str) -> dict[str, tuple[int, ...]]:

@@ -42,6 +42,7 @@ from distill_jax.interop.core import (
     weights_checksum,
 )
 from distill_jax.interop.scheduler import read_schedule
+from distill_jax.interop.sd3 import CLASS_NAME as SD3_CLASS
 from distill_jax.models import denoiser
 
 DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -53,7 +54,12 @@ def dit_model_config(cfg: dict, where: str = "transformer/config.json") -> dict:
     Raises:
       FolderError: a class, norm or activation this DiT does not implement.
     """
-    require(cfg, "_class_name", DIT_CLASSES, where)
+    if cfg.get("_class_name") not in DIT_CLASSES:
+        raise FolderError(
+            f"{where} has _class_name={cfg.get('_class_name')!r}: accepted "
+            f"{', '.join(map(repr, DIT_CLASSES))} (a DiT pipeline) or {SD3_CLASS!r} (an SD3 / "
+            "SD3.5 pipeline)"
+        )
     require(cfg, "norm_type", ("ada_norm_zero",), where)
     require(cfg, "activation_fn", ("gelu-approximate",), where)
     if cfg.get("norm_elementwise_affine", False):
@@ -215,7 +221,7 @@ def read_dit_folder(
             "writes)"
         )
     cfg = read_json(os.path.join(transformer, "config.json"), "the transformer config")
-    model = dit_model_config(cfg)
+    model = dit_model_config(cfg, os.path.join(transformer, "config.json"))
     schedule_keys, schedule_record = read_schedule(folder)
     model.update(schedule_keys)
     size, channels = int(cfg["sample_size"]), int(cfg["in_channels"])

@@ -39,6 +39,7 @@ from distill_jax.interop.core import (
     existing_folder,
     integer,
     model_config,
+    named_parts,
     read_json,
     text_to_image_teacher,
 )
@@ -47,7 +48,6 @@ from distill_jax.interop.scheduler import read_schedule
 from distill_jax.models import denoiser
 
 REQUIRED = ("unet", "scheduler", "text_encoder", "tokenizer")
-NOT_READ = ("safety_checker", "feature_extractor", "image_encoder")
 TEXT_ENCODER_FILES = ("config.json", "model.safetensors")
 SHARDS_INDEX = "model.safetensors.index.json"
 # What a run reads of a folder after its import, by part: names or fnmatch patterns (None:
@@ -72,16 +72,7 @@ KEPT = {
 
 def _parts(folder: str) -> tuple[str, ...]:
     """The parts the pipeline has; refuses one that is named or required but missing."""
-    index_path = os.path.join(folder, "model_index.json")
-    named = ()
-    if os.path.isfile(index_path):
-        index = read_json(index_path, "the pipeline index")
-        named = tuple(
-            k
-            for k, v in index.items()
-            if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None
-        )
-    wanted = tuple(dict.fromkeys(REQUIRED + tuple(p for p in named if p not in NOT_READ)))
+    wanted = tuple(dict.fromkeys(REQUIRED + named_parts(folder)))
     missing = [p for p in wanted if not os.path.isdir(os.path.join(folder, p))]
     if missing:
         raise FolderError(

@@ -101,9 +101,9 @@ def flow_schedule_config(cfg: dict, where: str) -> dict:
         shift=number(cfg, "shift", where, 1.0, positive=True),
         use_dynamic_shifting=bool(cfg.get("use_dynamic_shifting", False)),
     )
+    if "time_shift_type" in cfg:  # diffusers refuses another even where it is unused
+        require(cfg, "time_shift_type", flow.TIME_SHIFT_TYPES, where)
     if schedule["use_dynamic_shifting"]:
-        if "time_shift_type" in cfg:
-            require(cfg, "time_shift_type", flow.TIME_SHIFT_TYPES, where)
         schedule.update(
             base_shift=number(cfg, "base_shift", where, 0.5),
             max_shift=number(cfg, "max_shift", where, 1.15),

@@ -58,6 +58,7 @@ from distill_jax.interop.core import (
     match_named_tensors,
     number,
     read_json,
+    read_sharded,
 )
 from distill_jax.interop.text_encoder import (
     TextFolderError,
@@ -157,21 +158,7 @@ def read_weights(folder: str) -> dict[str, np.ndarray]:
     index = os.path.join(folder, SHARDS_INDEX)
     if not os.path.isfile(index):
         return read_text_tensors(folder)
-    weight_map = read_json(index, "the weights index").get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise SD3TextFolderError(f"{index} has no weight_map: accepted transformers' index")
-    tensors: dict[str, np.ndarray] = {}
-    for name in sorted(set(map(str, weight_map.values()))):
-        path = os.path.join(folder, name)
-        try:
-            tensors.update(read_safetensors_file(path))
-        except (OSError, ValueError) as error:
-            raise SD3TextFolderError(f"{path}: {error}") from None
-    if missing := sorted(set(weight_map) - set(tensors)):
-        raise SD3TextFolderError(
-            f"{index} names tensors its shards lack ({', '.join(missing[:3])})"
-        )
-    return tensors
+    return read_sharded(index, read_safetensors_file, SD3TextFolderError)
 
 
 def load_clip(abstract: PyTree, folder: str) -> PyTree:
