@@ -229,7 +229,7 @@ def test_process_batches_are_contiguous_blocks_of_the_single_process_batch():
     for _ in range(50):
         full = next(single)
         parts = [next(s) for s in shards]
-        for key in ("x", "label"):
+        for key in ("x", "condition"):
             # Concatenated in process order, exactly the batch one process would load.
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
 

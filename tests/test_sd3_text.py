@@ -224,6 +224,13 @@ def test_sharded_t5_weights_read_through_their_index(tmp_path):
         ("text_encoder_3", {"model_type": "mt5x"}, "model_type='mt5x'"),
         ("text_encoder_3", {"is_decoder": True}, "is_decoder=True"),
         ("text_encoder_3", {"num_layers": 3}, "has num_layers=3 but the weights hold 2"),
+        # Refused from the headers before a module that deep is traced (it would not finish).
+        ("text_encoder_3", {"num_layers": 1_000_000}, "num_layers=1000000 but the weights hold"),
+        (
+            "text_encoder_2",
+            {"num_hidden_layers": 1_000_000},
+            "num_hidden_layers=1000000 but the weights hold",
+        ),
         ("text_encoder_3", {"layer_norm_epsilon": -1}, "layer_norm_epsilon=-1"),
         ("text_encoder", {"projection_dim": 0}, "text_encoder/config.json has projection_dim=0"),
         ("text_encoder_2", {"eos_token_id": [2, 3]}, "eos_token_id=[2, 3]"),

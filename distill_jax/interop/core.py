@@ -18,7 +18,9 @@ What each part's reader (`interop.dit`, `interop.unet`, `interop.vae`, `interop.
   directory (unet/, vae/, transformer/, text_encoder/, ...); the result has `abstract`'s
   names and shapes, or the folder is refused. Each part's key mapping sits beside its `load`
   (`dit.load`, `unet.load`, `vae.load`, `sd3.load`, `text_encoder.load`, `sd3_text.load_clip`,
-  `sd3_text.load_t5`);
+  `sd3_text.load_t5`). A caller checks a config's depth against the weights' headers
+  (`check_layer_count`) before it traces the module's shapes, so a config claiming a million
+  layers is refused, not traced;
 - `model_config`: the schema's config.model with an import's keys.
 No PyTorch: JSON and safetensors only.
 """

@@ -209,6 +209,14 @@ def _config_module(folder: str) -> MMDiT:
     return mmdit_module(transformer_config(read_json(where, "the transformer config"), where))
 
 
+def _check_depth(module: MMDiT, folder: str) -> dict:
+    """The weights' {name: shape} (headers alone), refused unless they hold num_layers blocks."""
+    shapes = read_safetensors_shapes(folder)
+    where = os.path.join(folder, "config.json")
+    check_layer_count(shapes, "transformer_blocks.", module.num_layers, "num_layers", where)
+    return shapes
+
+
 def load(abstract: PyTree, folder: str) -> PyTree:
     """A transformer folder's weights as MMDiT teacher params, shaped as `abstract`.
 
@@ -223,9 +231,7 @@ def load(abstract: PyTree, folder: str) -> PyTree:
     """
     folder = os.fspath(folder)
     module = _config_module(folder)
-    shapes = read_safetensors_shapes(folder)
-    where = os.path.join(folder, "config.json")
-    check_layer_count(shapes, "transformer_blocks.", module.num_layers, "num_layers", where)
+    shapes = _check_depth(module, folder)
     match_transformer(shapes, module, folder, abstract)
     tensors = read_safetensors(folder)
     table = tensors.pop(POS_EMBED, None)
@@ -236,5 +242,7 @@ def load(abstract: PyTree, folder: str) -> PyTree:
 
 def read_transformer_folder(folder: str, **extra) -> tuple[MMDiT, PyTree]:
     """(MMDiT, teacher params) of a transformer folder; `extra` as `mmdit_module` takes it."""
-    module = _config_module(os.fspath(folder)).clone(**extra)
+    folder = os.fspath(folder)
+    module = _config_module(folder).clone(**extra)
+    _check_depth(module, folder)  # before the module's shapes are traced
     return module, load(teacher_params_shape(module), folder)

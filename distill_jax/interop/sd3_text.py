@@ -62,16 +62,18 @@ from distill_jax.interop.core import (
 )
 from distill_jax.interop.text_encoder import (
     TextFolderError,
+    check_depth,
     check_vocabulary,
     encoder_params,
     encoder_sizes,
     load_tokenizer,
+    read_text_shapes,
     read_text_tensors,
 )
 from distill_jax.models.clip_text import ClipTextWithProjection
 from distill_jax.models.mmdit import condition_width, pack_condition
 from distill_jax.models.t5_encoder import T5Encoder, T5Sizes, feed_forward, t5_tensor_names
-from distill_jax.safetensors_file import read_safetensors_file
+from distill_jax.safetensors_file import read_safetensors_file, read_safetensors_shapes
 from distill_jax.text_encoder import EncoderSizes, TextConditioner, params_from_tensors, tokenize
 
 PROJECTION = "text_projection.weight"
@@ -151,6 +153,14 @@ def t5_sizes(config: dict, where: str) -> T5Sizes:
         activation=form[0],
         gated=form[1],
     )
+
+
+def read_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a transformers model folder's weights, from the headers alone."""
+    index = os.path.join(folder, SHARDS_INDEX)
+    if not os.path.isfile(index):
+        return read_text_shapes(folder)
+    return read_sharded(index, read_safetensors_shapes, SD3TextFolderError)
 
 
 def read_weights(folder: str) -> dict[str, np.ndarray]:
@@ -329,7 +339,8 @@ class SD3TextEncoder(TextConditioner):
             self.clip_tokenizers.append((tokenizer, pad_id))
             module = ClipTextWithProjection(part.sizes, part.projection, part.eos_token_id)
             clip_modules.append(module.clone(skip=clip_skip or 0))
-            ids = jnp.zeros((1, 2), jnp.int32)
+            check_depth(encoder_dir, "clip_text_model", part.sizes, read_shapes(encoder_dir))
+            ids = jnp.zeros((1, 2), jnp.int32)  # the module is built once its depth is checked
             self.clip_params.append(load_clip(abstract_params(module, ids, ids), encoder_dir))
         return clip_modules
 
@@ -345,7 +356,8 @@ class SD3TextEncoder(TextConditioner):
         tokenizer_dir = os.path.join(folder, "tokenizer_3")
         self.t5_tokenizer, _, self.t5_pad_id = load_tokenizer(tokenizer_dir)
         check_vocabulary(self.t5_tokenizer, tokenizer_dir, sizes.vocab)
-        ids = jnp.zeros((1, 2), jnp.int32)
+        check_layer_count(read_shapes(t5_dir), "encoder.block.", sizes.layers, "num_layers", where)
+        ids = jnp.zeros((1, 2), jnp.int32)  # the module is built once its depth is checked
         self.t5_params = load_t5(abstract_params(T5Encoder(sizes), ids), t5_dir)
         if joint_attention_dim is not None and joint_attention_dim != sizes.width:
             raise SD3TextFolderError(

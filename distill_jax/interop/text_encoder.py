@@ -45,7 +45,7 @@ from distill_jax.interop.core import (
     number,
 )
 from distill_jax.models.clip_text import ClipText
-from distill_jax.safetensors_file import read_safetensors_file
+from distill_jax.safetensors_file import read_safetensors_file, read_safetensors_shapes
 from distill_jax.text_encoder import (
     ACTIVATIONS,
     EncoderSizes,
@@ -378,7 +378,8 @@ class PipelineTextEncoder(TextConditioner):
                 f"clip_skip={clip_skip} must count layers of a CLIP text encoder (0 to its "
                 f"num_hidden_layers); {text_encoder_dir} is a {kind} model with {sizes.layers}"
             )
-        ids = jnp.zeros((1, 2), jnp.int32)
+        check_depth(text_encoder_dir, kind, sizes, read_text_shapes(text_encoder_dir))
+        ids = jnp.zeros((1, 2), jnp.int32)  # the module is built once its depth is checked
         params = load(abstract_params(_module(kind, sizes), ids, ids), text_encoder_dir)
         self.params = trees.cast_floating(params, dtype)
         self.use_attention_mask = bool(config.get("use_attention_mask", False))
@@ -409,16 +410,35 @@ def check_vocabulary(tokenizer: Tokenizer, tokenizer_dir, vocab_size: int) -> No
         )
 
 
+def read_text_shapes(folder: str) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a text encoder folder's model.safetensors, from its header alone."""
+    return _read_text_file(folder, read_safetensors_shapes)
+
+
+def check_depth(folder: str, kind: str, sizes: EncoderSizes, shapes: dict) -> None:
+    """The config's num_hidden_layers against the weights' `shapes`, before a module is built.
+
+    A config claiming a million layers is refused here, not traced.
+    """
+    shapes = {k.removeprefix(CLIP_PREFIX): v for k, v in shapes.items()}
+    prefix = "encoder.layers." if kind == "clip_text_model" else "encoder.layer."
+    check_layer_count(shapes, prefix, sizes.layers, "num_hidden_layers", f"{folder}/config.json")
+
+
 def read_text_tensors(folder: str) -> dict[str, np.ndarray]:
     """Every tensor of a text encoder folder's model.safetensors, float32 numpy (checked first).
 
     TextFolderError (one line) when the file is absent or not a valid safetensors file.
     """
+    return _read_text_file(folder, read_safetensors_file)
+
+
+def _read_text_file(folder: str, read_file):
     path = os.path.join(folder, "model.safetensors")
     if not os.path.isfile(path):
         raise TextFolderError(f"{folder} has no model.safetensors (only safetensors is read)")
     try:
-        return read_safetensors_file(path)
+        return read_file(path)
     except (OSError, ValueError) as error:
         raise TextFolderError(f"{path}: {error}") from None
 
@@ -432,9 +452,7 @@ def encoder_params(
     parameter present (`match_tensors`), or TextFolderError names them.
     """
     path = os.path.join(folder, "model.safetensors")
-    shapes = {k.removeprefix(CLIP_PREFIX): v.shape for k, v in tensors.items()}
-    prefix = "encoder.layers." if kind == "clip_text_model" else "encoder.layer."
-    check_layer_count(shapes, prefix, sizes.layers, "num_hidden_layers", f"{folder}/config.json")
+    check_depth(folder, kind, sizes, {k: v.shape for k, v in tensors.items()})
     names = match_tensors(config, {k: v.shape for k, v in tensors.items()}, path)
     renamed = {name: tensors[file_name] for file_name, name in names.items()}
     return params_from_tensors(renamed, _names(kind, sizes))
