@@ -19,6 +19,8 @@ import runpy
 import sys
 import traceback
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
+
 import jax._src.xla_bridge as xla_bridge
 
 from distill_jax import cli, export, sampling  # noqa: F401 - the commands' heavy imports, once
