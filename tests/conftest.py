@@ -176,14 +176,33 @@ SMOKE_RUNS = {
 _SMOKES: list[_SmokeRuns] = []
 
 
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+def _smoke_runs_of(item) -> list[str]:
+    """The smoke runs a test uses: as fixtures, or named by its parameters (getfixturevalue)."""
+    params = getattr(item, "callspec", None)
+    named = [v for v in (params.params.values() if params else ()) if isinstance(v, str)]
+    return [name for name in [*item.fixturenames, *named] if name in SMOKE_RUNS]
+
+
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(session, config, items):
-    """Start the smoke runs the selected tests use, in the order they first use them."""
+    """Start the smoke runs the selected tests use, in the order they first use them.
+
+    The test files that use none of them run first (each file's tests stay together and in
+    order), so that the smoke runs are made while those run instead of being waited for.
+    """
+    uses = {}
+    for item in items:
+        uses[_module(item)] = uses.get(_module(item), False) or bool(_smoke_runs_of(item))
+    items[:] = sorted(items, key=lambda item: uses[_module(item)])  # stable: order kept within
     root = pathlib.Path(tempfile.mkdtemp(prefix="distill_jax_smokes_"))
     config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
     runs = _SmokeRuns(root)
     _SMOKES.append(runs)
-    used = [name for item in items for name in item.fixturenames if name in SMOKE_RUNS]
+    used = [name for item in items for name in _smoke_runs_of(item)]
     runs.start(list(dict.fromkeys(used)))
 
 

@@ -5,7 +5,8 @@ What each part's reader (`interop.dit`, `interop.unet`, `interop.vae`, `interop.
 - `FolderError`, the one-line refusal every reader raises, and `ImportedTeacher`, what a
   teacher folder gives;
 - `read_json`, `require`, `integer`, `integers`, `number`: a config file and its accepted
-  values, refused by file and key;
+  values, refused by file and key; `pipeline_parts`: the parts a pipeline folder has and its
+  model_index.json names;
 - `check_layer_count`: a config's depth against the weights' headers, before anything is built;
 - `read_safetensors`, `read_safetensors_shapes`, `weights_checksum`: a model folder's weight
   files (one file, or shards listed by an index), each checked by `safetensors_file`;
@@ -138,6 +139,31 @@ def named_parts(folder: str) -> tuple[str, ...]:
         and v[0] is not None
         and k not in NOT_READ
     )
+
+
+def pipeline_parts(
+    folder: str, required: tuple[str, ...], optional: tuple[str, ...], pipeline_class: str
+) -> tuple[str, ...]:
+    """The parts of a pipeline folder: `required`, then the `optional` ones it has.
+
+    Refused in one line: a part its model_index.json names that is neither (this reader cannot
+    read it), and a required or named part whose folder is missing.
+    """
+    named = named_parts(folder)
+    if unknown := [p for p in named if p not in required + optional]:
+        raise FolderError(
+            f"{folder} has parts distill_jax cannot read: {', '.join(unknown)} (named by its "
+            f"model_index.json; accepted a {pipeline_class}'s {', '.join(required + optional)})"
+        )
+    wanted = tuple(dict.fromkeys(required + named))
+    if missing := [p for p in wanted if not os.path.isdir(os.path.join(folder, p))]:
+        raise FolderError(
+            f"{folder} is not a complete {pipeline_class} folder: "
+            f"{', '.join(p + '/' for p in missing)} missing (accepted: {', '.join(required)}, "
+            f"and optionally {', '.join(optional)}, as {pipeline_class}.save_pretrained writes "
+            "them)"
+        )
+    return required + tuple(p for p in optional if os.path.isdir(os.path.join(folder, p)))
 
 
 def read_json(path: str, what: str) -> dict:

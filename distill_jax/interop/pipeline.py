@@ -39,7 +39,7 @@ from distill_jax.interop.core import (
     existing_folder,
     integer,
     model_config,
-    named_parts,
+    pipeline_parts,
     read_json,
     text_to_image_teacher,
 )
@@ -68,26 +68,6 @@ KEPT = {
     "text_encoder_3": TEXT_ENCODER_FILES + (SHARDS_INDEX, "model-*.safetensors"),
     "tokenizer_3": None,
 }
-
-
-def _parts(folder: str) -> tuple[str, ...]:
-    """The parts the pipeline has; refuses one that is named or required but missing."""
-    wanted = tuple(dict.fromkeys(REQUIRED + named_parts(folder)))
-    missing = [p for p in wanted if not os.path.isdir(os.path.join(folder, p))]
-    if missing:
-        raise FolderError(
-            f"{folder} is not a complete text-to-image pipeline folder: {', '.join(missing)}/ "
-            f"missing (accepted: unet/, scheduler/, text_encoder/, tokenizer/ and, for a latent "
-            "model, vae/, as StableDiffusionPipeline.save_pretrained writes them)"
-        )
-    unknown = [p for p in wanted if p not in REQUIRED + ("vae",)]
-    if unknown:
-        raise FolderError(
-            f"{folder} has parts distill_jax cannot read: {', '.join(unknown)} (accepted a "
-            "StableDiffusionPipeline's unet, text_encoder, tokenizer, vae and scheduler)"
-        )
-    has_vae = os.path.isdir(os.path.join(folder, "vae"))
-    return wanted + (("vae",) if has_vae and "vae" not in wanted else ())
 
 
 def text_encoder(
@@ -136,7 +116,7 @@ def read_sd_folder(
       FolderError: the first thing that is missing, unsupported or mismatched, in one line.
     """
     folder = existing_folder(folder)
-    parts = _parts(folder)
+    parts = pipeline_parts(folder, REQUIRED, ("vae",), "StableDiffusionPipeline")
     model, unet_cfg = unet_reader.read_unet_config(os.path.join(folder, "unet"))
     schedule_keys, schedule_record = read_schedule(folder)
     model.update(schedule_keys)

@@ -33,7 +33,7 @@ from distill_jax.interop.core import (
     check_layer_count,
     existing_folder,
     integer,
-    named_parts,
+    pipeline_parts,
     read_json,
     read_safetensors_shapes,
     text_to_image_teacher,
@@ -77,22 +77,7 @@ def _parts(folder: str) -> tuple[str, ...]:
             f"{folder} has {'text_encoder_3' if t5[0] else 'tokenizer_3'}/ without "
             f"{'tokenizer_3' if t5[0] else 'text_encoder_3'}/: accepted both (T5) or neither"
         )
-    named = named_parts(folder)
-    unknown = [p for p in named if p not in REQUIRED + OPTIONAL]
-    if unknown:
-        raise FolderError(
-            f"{folder} has parts distill_jax cannot read: {', '.join(unknown)} (model_index.json; "
-            f"accepted a StableDiffusion3Pipeline's {', '.join(REQUIRED + OPTIONAL)})"
-        )
-    wanted = tuple(dict.fromkeys(REQUIRED + named))
-    missing = [p for p in wanted if not os.path.isdir(os.path.join(folder, p))]
-    if missing:
-        raise FolderError(
-            f"{folder} is not a complete SD3 pipeline folder: {', '.join(missing)}/ missing "
-            f"(accepted: {', '.join(REQUIRED)}, and optionally text_encoder_3/ with "
-            "tokenizer_3/ and vae/, as StableDiffusion3Pipeline.save_pretrained writes them)"
-        )
-    return REQUIRED + tuple(p for p in OPTIONAL if os.path.isdir(os.path.join(folder, p)))
+    return pipeline_parts(folder, REQUIRED, OPTIONAL, PIPELINE_CLASS)
 
 
 def _clip_tokens(folder: str) -> int:
