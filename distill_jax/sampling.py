@@ -234,13 +234,9 @@ def sample(
     fn, sampler, weights = _guided_call(
         run, model, steps, w, schedule, t_start, stochastic, fn, null
     )
-    conditions = np.asarray(conditions).astype(np.float32 if run.text else np.int32)
-    num = len(conditions)
-    mask = _check_inputs(run, num, init, t_start, mask)
+    conditions, init, mask, batch_size = _start(run, conditions, init, mask, t_start, batch_size)
     times = _time_grid(run, grid, model, sampler, init, steps)
-    batch_size = min(batch_size, num)
-    if init is not None:
-        init = apply_in_batches(run.codec()[0], np.asarray(init, np.float32), batch_size)
+    num = len(conditions)
     bar = tqdm(total=num, unit="sample", desc=f"{model} N={steps}", disable=not progress)
     chunk_args = dict(steps=steps, t_start=t_start, times=times)
     out = _sample_batches(
@@ -256,6 +252,16 @@ def sample(
     )
     bar.close()
     return out
+
+
+def _start(run, conditions, init, mask, t_start: float, batch_size: int) -> tuple:
+    """`sample`'s inputs checked: (conditions, init encoded (or None), mask, batch size)."""
+    conditions = np.asarray(conditions).astype(np.float32 if run.text else np.int32)
+    mask = _check_inputs(run, len(conditions), init, t_start, mask)
+    batch_size = min(batch_size, len(conditions))
+    if init is not None:
+        init = apply_in_batches(run.codec()[0], np.asarray(init, np.float32), batch_size)
+    return conditions, init, mask, batch_size
 
 
 def _guided_call(run, model, steps, w, schedule, t_start, stochastic, fn, null):
